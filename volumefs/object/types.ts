@@ -1,0 +1,53 @@
+/**
+ * The `ObjectStore` seam: a flat key space of immutable-ish byte objects (S3, a local directory).
+ *
+ * Contracts every implementation keeps (the conformance suite `describeObjectStore` checks them):
+ * - Keys are non-empty strings of `/`-separated segments, no segment empty, `.` or `..`.
+ * - Every method is idempotent: putting the same bytes twice, deleting a missing key, are fine.
+ * - A put is atomic: a reader sees the whole old object, the whole new one, or none; never a part.
+ * - Missing objects: `get` throws VolumeError NOT_FOUND; `head` returns undefined.
+ * - Failures are VolumeErrors: STORE_UNREACHABLE (retryable) for network and 5xx trouble,
+ *   ACCESS_DENIED for credentials, PRECONDITION_FAILED for a failed conditional put,
+ *   IO for local file-system failures. Transient ones carry `retryable: true`.
+ */
+
+/** Options of a put. */
+export interface PutOptions {
+  /** Create only: fail with PRECONDITION_FAILED if the key already exists (If-None-Match: *). */
+  ifNoneMatch?: "*";
+}
+
+/** A byte range of an object. */
+export interface ByteRange {
+  /** First byte, from 0. */
+  offset: number;
+  /** Number of bytes; the result is shorter only when the object ends first. */
+  length: number;
+}
+
+/** One listed object. */
+export interface ObjectInfo {
+  key: string;
+  /** Size in bytes. */
+  size: number;
+}
+
+export interface ObjectStore {
+  /** Stores `body` under `key`, replacing any object there (unless `ifNoneMatch`). */
+  put(key: string, body: Uint8Array, opts?: PutOptions): Promise<void>;
+  /**
+   * Stores the contents of a local file under `key`; large files go up in parts
+   * (multipart on S3). The file must not change while this runs.
+   */
+  putFile(key: string, path: string, opts?: PutOptions): Promise<void>;
+  /** The whole object, or the given range of it. Throws NOT_FOUND when missing. */
+  get(key: string, range?: ByteRange): Promise<Uint8Array>;
+  /** Size of the object, or undefined when missing. */
+  head(key: string): Promise<{ size: number } | undefined>;
+  /** Objects whose keys start with `prefix`, in ascending key order, paged internally. */
+  list(prefix: string): AsyncIterable<ObjectInfo>;
+  /** Removes the objects; missing keys are ignored. */
+  delete(keys: readonly string[]): Promise<void>;
+  /** A description for messages, e.g. "s3://bucket/prefix" or "file:///path". */
+  readonly url: string;
+}
