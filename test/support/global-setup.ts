@@ -1,0 +1,2 @@
+/** Placeholder: replaced by the RGW-starting global setup. */
+export default async function setup(): Promise<void> {}
