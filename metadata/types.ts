@@ -116,6 +116,8 @@ export interface MetadataStore {
   putVersion(v: VersionRecord): Promise<void>;
   /** The version, or undefined. */
   getVersion(id: string): Promise<VersionRecord | undefined>;
+  /** Every version, sorted by id, parents in order (for fsck). */
+  listVersions(): Promise<VersionRecord[]>;
   /** Ids of all versions whose id starts with `prefix` (at most `limit`, default 10). */
   findVersions(prefix: string, limit?: number): Promise<string[]>;
 
