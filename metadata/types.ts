@@ -92,8 +92,11 @@ export type CommitResult =
   | { ok: false; head: string | null };
 
 export interface MetadataStore {
-  /** Creates a volume; throws MetadataError ALREADY_EXISTS if the name is taken in `env`. */
-  createVolume(v: Omit<VolumeRecord, "seq">): Promise<VolumeRecord>;
+  /**
+   * Creates a volume; throws MetadataError ALREADY_EXISTS if the name is taken in `env`.
+   * `seq` defaults to 0; a rebuild from the bucket passes the seq it found there.
+   */
+  createVolume(v: Omit<VolumeRecord, "seq"> & { seq?: number }): Promise<VolumeRecord>;
   /** The volume, or undefined when there is none of that name. */
   getVolume(env: string, name: string): Promise<VolumeRecord | undefined>;
   /** All volumes of an environment, sorted by name. */
