@@ -78,7 +78,7 @@ function prepareAll(db: Database.Database) {
     insertEnv: db.prepare("INSERT OR IGNORE INTO environments (name, created_at) VALUES (?, ?)"),
     insertVolume: db.prepare(
       `INSERT OR IGNORE INTO volumes (env, name, head, forked_from_volume, forked_from_version, created_at, seq)
-       VALUES (@env, @name, @head, @forkedFromVolume, @forkedFromVersion, @createdAt, 0)`,
+       VALUES (@env, @name, @head, @forkedFromVolume, @forkedFromVersion, @createdAt, @seq)`,
     ),
     getVolume: db.prepare("SELECT * FROM volumes WHERE env = ? AND name = ?"),
     listVolumes: db.prepare("SELECT * FROM volumes WHERE env = ? ORDER BY name"),
@@ -272,7 +272,7 @@ export class SqliteMetadataStore implements MetadataStore {
   }
 
   /** Creates a volume (and its environment on first use); throws ALREADY_EXISTS if the name is taken in `env`. */
-  async createVolume(v: Omit<VolumeRecord, "seq">): Promise<VolumeRecord> {
+  async createVolume(v: Omit<VolumeRecord, "seq"> & { seq?: number }): Promise<VolumeRecord> {
     const op = `create volume "${v.env}/${v.name}"`;
     return this.#write(op, () => {
       this.#st.insertEnv.run(v.env, v.createdAt);
@@ -283,6 +283,7 @@ export class SqliteMetadataStore implements MetadataStore {
         forkedFromVolume: v.forkedFrom?.volume ?? null,
         forkedFromVersion: v.forkedFrom?.version ?? null,
         createdAt: v.createdAt,
+        seq: v.seq ?? 0,
       });
       if (res.changes === 0) {
         throw MetadataError.ALREADY_EXISTS(`volume "${v.env}/${v.name}"`, { op, volume: v.name });
