@@ -1,5 +1,8 @@
 import { describe, it, expect } from "vitest";
+import { describeObjectStore } from "./conformance.js";
 import { MemoryObjectStore } from "./memory-object-store.js";
+
+describeObjectStore("MemoryObjectStore", async () => ({ store: new MemoryObjectStore(), cleanup: async () => {} }));
 
 describe("MemoryObjectStore", () => {
   it("copies bytes in and out", async () => {
