@@ -9,7 +9,8 @@
  */
 import { Agent as HttpAgent } from "node:http";
 import { Agent as HttpsAgent } from "node:https";
-import { open } from "node:fs/promises";
+import { open, type FileHandle } from "node:fs/promises";
+
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -28,6 +29,8 @@ import {
 import { VolumeError } from "../errors.js";
 import { checkKey, checkRange } from "./keys.js";
 import type { ByteRange, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
+
+const MAX_SINGLE_PUT = 5 * 2 ** 30;
 
 /** Options of `S3ObjectStore.fromUrl`. */
 export interface S3ObjectStoreOptions {
@@ -129,6 +132,17 @@ export function translateS3Error(err: unknown, op: string, key: string | undefin
   return VolumeError.IO(`${op} ${what}`, err, { path: key });
 }
 
+const quietLogger = {
+  trace: () => undefined,
+  debug: () => undefined,
+  info: () => undefined,
+  warn: (...args: unknown[]) => {
+    if (typeof args[0] === "string" && args[0].includes("non-retryable streaming request")) return;
+    console.warn(...args);
+  },
+  error: (...args: unknown[]) => console.error(...args),
+};
+
 /** An `ObjectStore` on an S3 bucket (and optional key prefix). Create with `S3ObjectStore.fromUrl`. */
 export class S3ObjectStore implements ObjectStore {
   readonly url: string;
@@ -161,6 +175,7 @@ export class S3ObjectStore implements ObjectStore {
       credentials,
       forcePathStyle: true,
       maxAttempts: 1,
+      logger: quietLogger,
       requestChecksumCalculation: "WHEN_REQUIRED",
       responseChecksumValidation: "WHEN_REQUIRED",
       requestHandler: {
@@ -232,7 +247,10 @@ export class S3ObjectStore implements ObjectStore {
 
   /**
    * A plain put up to the multipart threshold; above it a multipart upload of `partSize` parts,
-   * `partConcurrency` in flight, aborted on failure. `ifNoneMatch` goes on the completion.
+   * `partConcurrency` in flight, aborted on failure. Create-only puts (`ifNoneMatch`) of up to
+   * 5 GiB go as one streamed PutObject instead, because servers such as Ceph RGW 16 ignore
+   * If-None-Match on CompleteMultipartUpload; above 5 GiB the condition rides on the completion
+   * (honoured by AWS S3, not by every server).
    */
   async putFile(key: string, path: string, opts: PutOptions = {}): Promise<void> {
     checkKey(key, "put object");
@@ -250,6 +268,10 @@ export class S3ObjectStore implements ObjectStore {
         await this.put(key, buf, opts);
         return;
       }
+      if (opts.ifNoneMatch !== undefined && size <= MAX_SINGLE_PUT) {
+        await this.putStream(key, fh, size, opts);
+        return;
+      }
       await this.multipart(key, fh, size, opts);
     } catch (err) {
       if (err instanceof VolumeError) throw err;
@@ -259,7 +281,20 @@ export class S3ObjectStore implements ObjectStore {
     }
   }
 
-  private async multipart(key: string, fh: import("node:fs/promises").FileHandle, size: number, opts: PutOptions): Promise<void> {
+  private async putStream(key: string, fh: FileHandle, size: number, opts: PutOptions): Promise<void> {
+    const body = fh.createReadStream({ start: 0, end: size - 1, autoClose: false });
+    try {
+      await this.client.send(
+        new PutObjectCommand({ Bucket: this.bucket, Key: this.prefix + key, Body: body, ContentLength: size, IfNoneMatch: opts.ifNoneMatch }),
+      );
+    } catch (err) {
+      throw translateS3Error(err, "put object", key, this.url);
+    } finally {
+      body.destroy();
+    }
+  }
+
+  private async multipart(key: string, fh: FileHandle, size: number, opts: PutOptions): Promise<void> {
     const Key = this.prefix + key;
     let uploadId: string | undefined;
     try {
@@ -415,7 +450,7 @@ export class S3ObjectStore implements ObjectStore {
   }
 }
 
-async function readFully(fh: import("node:fs/promises").FileHandle, buf: Buffer, position: number): Promise<void> {
+async function readFully(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
   let done = 0;
   while (done < buf.length) {
     const { bytesRead } = await fh.read(buf, done, buf.length - done, position + done);
