@@ -1,0 +1,84 @@
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { SqliteMetadataStore } from "../metadata/index.js";
+import {
+  blake3Hex,
+  DiskChunkCache,
+  FileObjectStore,
+  Repository,
+  S3ObjectStore,
+  withRetry,
+  type ObjectStore,
+} from "../volumefs/index.js";
+import { loadConfig, type StrataConfig } from "./config.js";
+
+/**
+ * A connection to one Strata store: the metadata database, the object store and the host-wide
+ * chunk cache, per the configuration. Construction is explicit; `Strata.default()` is the one
+ * built from the environment, shared by `Volume.open` and friends.
+ */
+export class Strata {
+  private static shared: Strata | undefined;
+
+  private constructor(
+    readonly config: StrataConfig,
+    readonly repo: Repository,
+    private readonly cache: DiskChunkCache,
+  ) {}
+
+  /** Opens the store described by `config` (default: from the environment). */
+  static connect(config: StrataConfig = loadConfig(), opts: { labels?: Record<string, string> } = {}): Strata {
+    mkdirSync(config.home, { recursive: true });
+    const objects = openObjectStore(config);
+    const meta = SqliteMetadataStore.open({ path: metadataPath(config) });
+    const cache = new DiskChunkCache({ dir: config.cacheDir, maxBytes: config.cacheBytes });
+    const repo = new Repository({ meta, objects, cache, env: config.env, labels: opts.labels });
+    return new Strata(config, repo, cache);
+  }
+
+  /** The client configured from the environment, made on first use. */
+  static default(): Strata {
+    Strata.shared ??= Strata.connect();
+    return Strata.shared;
+  }
+
+  /** Closes the default client, if one was made. */
+  static async closeDefault(): Promise<void> {
+    const s = Strata.shared;
+    Strata.shared = undefined;
+    await s?.close();
+  }
+
+  /** Closes the metadata database and the cache; idempotent. */
+  async close(): Promise<void> {
+    await this.repo.close();
+    await this.cache.close();
+  }
+}
+
+/**
+ * The metadata database of a store: `<home>/meta.db` for the default local store, and one file
+ * per other store URL (`<home>/meta-<hash>.db`), so that pointing STRATA_STORE elsewhere never
+ * mixes two stores' metadata.
+ */
+export function metadataPath(config: StrataConfig): string {
+  const local = `file://${join(config.home, "objects")}`;
+  if (config.store === local) return join(config.home, "meta.db");
+  return join(config.home, `meta-${blake3Hex(Buffer.from(config.store)).slice(0, 16)}.db`);
+}
+
+/** The object store a configuration names, with retries on transient failures. */
+export function openObjectStore(config: StrataConfig): ObjectStore {
+  if (config.store.startsWith("s3://")) {
+    return withRetry(
+      S3ObjectStore.fromUrl(config.store, {
+        endpoint: config.s3.endpoint,
+        region: config.s3.region,
+        accessKeyId: config.s3.accessKeyId,
+        secretAccessKey: config.s3.secretAccessKey,
+      }),
+    );
+  }
+  return new FileObjectStore(fileURLToPath(config.store));
+}

@@ -1,0 +1,294 @@
+import { describe, expect, it } from "vitest";
+import { SqliteMetadataStore } from "../../metadata/index.js";
+import { MemoryObjectStore, withFaults, transientError, type ObjectStore } from "../object/index.js";
+import { VolumeError } from "../errors.js";
+import { Repository } from "./repo.js";
+import { fsck, rebuildMetadata } from "./fsck.js";
+import { splitWritablePath as w } from "./paths.js";
+import type { Overlay } from "./overlay.js";
+
+function makeRepo(objects: ObjectStore = new MemoryObjectStore()): Repository {
+  return new Repository({ meta: SqliteMetadataStore.open({ path: ":memory:" }), objects });
+}
+
+async function put(o: Overlay, path: string, text: string): Promise<void> {
+  const data = Buffer.from(text);
+  const segs = w(path);
+  await o.put(segs, { kind: "file", name: segs.at(-1)!, mode: 0o644, mtime: 1000, size: data.length, pending: { kind: "bytes", data } });
+}
+
+async function commit(repo: Repository, vol: string, fn: (o: Overlay) => Promise<void>, opts = {}) {
+  const base = await repo.resolve(vol);
+  const o = repo.stage(base);
+  await fn(o);
+  return repo.sync(vol, base, o, opts);
+}
+
+async function text(repo: Repository, vol: string, path: string, at?: string): Promise<string> {
+  return Buffer.from(await repo.snapshot(await repo.resolve(vol, at)).readFile(path)).toString();
+}
+
+describe("Repository", () => {
+  it("commits a batch as one version and reads it back", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    const r = await commit(repo, "v", async (o) => {
+      await put(o, "a/b/c.txt", "hello");
+      await put(o, "top.txt", "top");
+      await o.mkdir(w("empty"));
+    });
+    expect(r.changed).toBe(true);
+    expect(r.version!.files).toBe(2);
+    expect(r.version!.bytes).toBe(8);
+    expect(await text(repo, "v", "a/b/c.txt")).toBe("hello");
+    const snap = repo.snapshot(r.version);
+    expect((await snap.readdir("")).map((e) => e.name)).toEqual(["a", "empty", "top.txt"]);
+    expect((await repo.volume("v")).head).toBe(r.version!.id);
+  });
+
+  it("makes no version when nothing changed", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    const r1 = await commit(repo, "v", (o) => put(o, "x", "1"));
+    const r2 = await commit(repo, "v", (o) => put(o, "x", "1").then(() => o.setAttr(w("x"), { mtime: 1000 })));
+    expect(r2.changed).toBe(false);
+    expect(r2.version!.id).toBe(r1.version!.id);
+  });
+
+  it("renames directories, removes, symlinks, chmods", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    await commit(repo, "v", async (o) => {
+      for (let i = 0; i < 50; i++) await put(o, `src/f${i}.txt`, `file ${i}`);
+      await put(o, "keep.txt", "k");
+    });
+    const r = await commit(repo, "v", async (o) => {
+      await o.rename(w("src"), w("dst/moved"));
+      await put(o, "dst/moved/new.txt", "new");
+      await o.remove(w("keep.txt"));
+      await o.put(w("link"), { kind: "symlink", name: "link", mode: 0o777, mtime: 1, target: "../../etc" });
+      await o.setAttr(w("dst/moved/f1.txt"), { mode: 0o600 });
+    });
+    const snap = repo.snapshot(r.version);
+    expect(await snap.lookup("src")).toBeUndefined();
+    expect(await snap.lookup("keep.txt")).toBeUndefined();
+    expect(Buffer.from(await snap.readFile("dst/moved/f7.txt")).toString()).toBe("file 7");
+    expect(Buffer.from(await snap.readFile("dst/moved/new.txt")).toString()).toBe("new");
+    expect((await snap.stat("dst/moved/f1.txt")).mode).toBe(0o600);
+    expect(await snap.stat("link")).toMatchObject({ kind: "symlink", target: "../../etc" });
+    expect(r.version!.files).toBe(52);
+  });
+
+  it("refuses what POSIX refuses", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    await commit(repo, "v", async (o) => {
+      await put(o, "file", "x");
+      await put(o, "dir/a", "a");
+    });
+    const o = repo.stage(await repo.resolve("v"));
+    await expect(put(o, "file/child", "x")).rejects.toMatchObject({ code: "NOT_A_DIRECTORY" });
+    await expect(o.remove(w("dir"))).rejects.toMatchObject({ code: "NOT_EMPTY" });
+    await expect(o.remove(w("nope"))).rejects.toMatchObject({ code: "NOT_FOUND" });
+    await expect(o.rename(w("dir"), w("dir/sub"))).rejects.toMatchObject({ code: "INVALID_ARGUMENT" });
+    await expect(put(o, "dir", "x")).rejects.toMatchObject({ code: "IS_A_DIRECTORY" });
+    expect(() => w("../escape")).toThrow(VolumeError);
+    expect(() => w(".strata/x")).toThrow(/reserved/);
+  });
+
+  it("forks in constant time and keeps forks isolated", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("base");
+    const r = await commit(repo, "base", (o) => put(o, "shared.txt", "shared"));
+    const f = await repo.fork("base", "fork");
+    expect(f.head).toBe(r.version!.id);
+    expect(f.forkedFrom).toEqual({ volume: "base", version: r.version!.id });
+    await commit(repo, "fork", (o) => put(o, "shared.txt", "changed in fork"));
+    expect(await text(repo, "base", "shared.txt")).toBe("shared");
+    expect(await text(repo, "fork", "shared.txt")).toBe("changed in fork");
+    await expect(repo.fork("base", "fork")).rejects.toMatchObject({ code: "ALREADY_EXISTS" });
+    await expect(repo.fork("nope", "x")).rejects.toMatchObject({ code: "UNKNOWN_VOLUME" });
+  });
+
+  it("stores identical content once across versions and forks", async () => {
+    const objects = new MemoryObjectStore();
+    const repo = makeRepo(objects);
+    await repo.createVolume("a");
+    const big = Buffer.alloc(1 << 20);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 2654435761) >>> 24;
+    const r1 = await commit(repo, "a", async (o) => {
+      const segs = w("big.bin");
+      await o.put(segs, { kind: "file", name: "big.bin", mode: 0o644, mtime: 1, size: big.length, pending: { kind: "bytes", data: big } });
+    });
+    expect(r1.stats.newBytes).toBeGreaterThanOrEqual(big.length);
+    await repo.fork("a", "b");
+    const r2 = await commit(repo, "b", async (o) => {
+      const segs = w("copy.bin");
+      await o.put(segs, { kind: "file", name: "copy.bin", mode: 0o644, mtime: 1, size: big.length, pending: { kind: "bytes", data: big } });
+    });
+    expect(r2.stats.newBytes).toBeLessThan(4096);
+    expect(r2.stats.dedupedBytes).toBeGreaterThanOrEqual(big.length);
+  });
+
+  it("rebases onto a moved head when paths do not collide", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    await commit(repo, "v", (o) => put(o, "base.txt", "base"));
+    const base = await repo.resolve("v");
+    const mine = repo.stage(base);
+    await put(mine, "out/mine.txt", "mine");
+    await commit(repo, "v", (o) => put(o, "out/theirs.txt", "theirs"));
+    const r = await repo.sync("v", base, mine);
+    expect(r.rebased).toBe(true);
+    expect(r.conflicts).toEqual([]);
+    expect(await text(repo, "v", "out/mine.txt")).toBe("mine");
+    expect(await text(repo, "v", "out/theirs.txt")).toBe("theirs");
+    expect(await text(repo, "v", "base.txt")).toBe("base");
+  });
+
+  it("settles a path changed on both sides by policy", async () => {
+    for (const policy of ["fail", "ours", "theirs"] as const) {
+      const repo = makeRepo();
+      await repo.createVolume("v");
+      await commit(repo, "v", (o) => put(o, "f.txt", "base"));
+      const base = await repo.resolve("v");
+      const mine = repo.stage(base);
+      await put(mine, "f.txt", "mine");
+      await put(mine, "other.txt", "other");
+      await commit(repo, "v", (o) => put(o, "f.txt", "theirs"));
+      const headBefore = (await repo.volume("v")).head;
+      if (policy === "fail") {
+        const err = await repo.sync("v", base, mine, { onConflict: policy }).catch((e) => e);
+        expect(err).toBeInstanceOf(VolumeError);
+        expect(err.code).toBe("CONFLICT");
+        expect((err.details as { paths: string[] }).paths).toEqual(["f.txt"]);
+        expect((await repo.volume("v")).head).toBe(headBefore);
+        continue;
+      }
+      const r = await repo.sync("v", base, mine, { onConflict: policy });
+      expect(r.conflicts).toEqual(["f.txt"]);
+      expect(await text(repo, "v", "f.txt")).toBe(policy === "ours" ? "mine" : "theirs");
+      expect(await text(repo, "v", "other.txt")).toBe("other");
+    }
+  });
+
+  it("sees a write under a directory removed by the other side as a conflict", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    await commit(repo, "v", (o) => put(o, "d/a.txt", "a"));
+    const base = await repo.resolve("v");
+    const mine = repo.stage(base);
+    await put(mine, "d/b.txt", "b");
+    await commit(repo, "v", (o) => o.remove(w("d"), { recursive: true }));
+    await expect(repo.sync("v", base, mine)).rejects.toMatchObject({ code: "CONFLICT" });
+  });
+
+  it("resolves version references", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    const r1 = await commit(repo, "v", (o) => put(o, "x", "1"));
+    const r2 = await commit(repo, "v", (o) => put(o, "x", "2"));
+    expect((await repo.resolve("v"))!.id).toBe(r2.version!.id);
+    expect((await repo.resolve("v", "head~1"))!.id).toBe(r1.version!.id);
+    expect((await repo.resolve("v", r1.version!.id.slice(0, 10)))!.id).toBe(r1.version!.id);
+    await expect(repo.resolve("v", "ffffffffff")).rejects.toMatchObject({ code: "UNKNOWN_VERSION" });
+    await expect(repo.resolve("v", "not-a-version")).rejects.toMatchObject({ code: "UNKNOWN_VERSION" });
+    await expect(repo.resolve("v", "head~9")).rejects.toMatchObject({ code: "UNKNOWN_VERSION" });
+    const log = await repo.log("v");
+    expect(log.map((v) => v.id)).toEqual([r2.version!.id, r1.version!.id]);
+    const rv = await repo.revert("v", r1.version!.id);
+    expect(rv.root).toBe(r1.version!.root);
+    expect(rv.parents).toEqual([r2.version!.id]);
+    expect(await text(repo, "v", "x")).toBe("1");
+    expect(await repo.diff("v", r1.version!.id, r2.version!.id)).toEqual({ added: [], modified: ["x"], removed: [] });
+  });
+
+  it("leaves the head intact when the store fails at any step of a sync", async () => {
+    // Fail the n-th object-store call of a sync, for every n until the sync gets through.
+    const inner = new MemoryObjectStore();
+    let failAt = 0;
+    let calls = 0;
+    const faulty = withFaults(inner, (op) => (op === "put" || op === "putFile") && ++calls === failAt ? transientError("injected") : undefined);
+    const repo = makeRepo(faulty);
+    await repo.createVolume("v");
+    const first = await commit(repo, "v", (o) => put(o, "keep.txt", "committed"));
+    let succeeded = false;
+    for (failAt = 1; failAt < 20 && !succeeded; failAt++) {
+      calls = 0;
+      const base = await repo.resolve("v");
+      const o = repo.stage(base);
+      await put(o, "new.txt", "new");
+      await put(o, "keep.txt", "overwritten");
+      try {
+        await repo.sync("v", base, o);
+        succeeded = true;
+      } catch (err) {
+        expect((err as VolumeError).code).toBeDefined();
+        const head = await repo.resolve("v");
+        // Either the old version, or (a failure after the commit point, writing the ref) the new one whole.
+        if (head!.id === first.version!.id) {
+          expect(await text(repo, "v", "keep.txt")).toBe("committed");
+        } else {
+          expect(await text(repo, "v", "keep.txt")).toBe("overwritten");
+          expect(await text(repo, "v", "new.txt")).toBe("new");
+          succeeded = true;
+        }
+      }
+    }
+    expect(succeeded).toBe(true);
+    expect(failAt).toBeGreaterThan(2);
+    const report = await fsck(repo);
+    expect(report.problems).toEqual([]);
+  });
+
+  it("rebuilds the metadata from the bucket alone", async () => {
+    const objects = new MemoryObjectStore();
+    const repo = makeRepo(objects);
+    await repo.createVolume("a");
+    await commit(repo, "a", async (o) => {
+      await put(o, "dir/one.txt", "one");
+      await put(o, "two.txt", "two");
+    });
+    await repo.fork("a", "b");
+    const rb = await commit(repo, "b", (o) => put(o, "dir/three.txt", "three"));
+    await repo.createVolume("gone");
+    await repo.deleteVolume("gone");
+
+    const meta2 = SqliteMetadataStore.open({ path: ":memory:" });
+    const report = await rebuildMetadata(meta2, objects);
+    expect(report.volumes).toBe(2);
+    const repo2 = new Repository({ meta: meta2, objects });
+    expect((await repo2.listVolumes()).map((v) => v.name)).toEqual(["a", "b"]);
+    expect((await repo2.volume("b")).head).toBe(rb.version!.id);
+    expect(await text(repo2, "b", "dir/three.txt")).toBe("three");
+    expect(await text(repo2, "a", "dir/one.txt")).toBe("one");
+    expect((await repo2.log("b")).length).toBe(2);
+    const r = await fsck(repo2);
+    expect(r.problems).toEqual([]);
+    // Commits continue where the bucket left off.
+    await commit(repo2, "b", (o) => put(o, "four.txt", "4"));
+    const meta3 = SqliteMetadataStore.open({ path: ":memory:" });
+    await rebuildMetadata(meta3, objects);
+    expect(await text(new Repository({ meta: meta3, objects }), "b", "four.txt")).toBe("4");
+  });
+
+  it("fsck finds a corrupted chunk and a missing pack", async () => {
+    const objects = new MemoryObjectStore();
+    const repo = makeRepo(objects);
+    await repo.createVolume("v");
+    await commit(repo, "v", (o) => put(o, "f.txt", "some content that will be damaged"));
+    expect((await fsck(repo)).problems).toEqual([]);
+    const packs: string[] = [];
+    for await (const o of objects.list("packs/")) packs.push(o.key);
+    const bytes = Buffer.from(await objects.get(packs[0]!));
+    bytes[0] = bytes[0]! ^ 0xff;
+    await objects.put(packs[0]!, bytes);
+    const report = await fsck(repo);
+    expect(report.problems.map((p) => p.kind)).toContain("corrupt-chunk");
+    const fresh = makeRepo(objects);
+    await expect(rebuildMetadata((fresh as unknown as { meta: SqliteMetadataStore }).meta, objects)).resolves.toBeDefined();
+    await objects.delete(packs);
+    const report2 = await fsck(repo);
+    expect(report2.problems.map((p) => p.kind)).toContain("missing-pack");
+  });
+});
