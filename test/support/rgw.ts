@@ -150,9 +150,9 @@ async function answersWithOurKeys(port: number): Promise<boolean> {
   }
 }
 
-async function logTail(dir: string, name: string, lines = 25): Promise<string> {
+async function logTail(dir: string, name: string, lines = 25, ext = ".log"): Promise<string> {
   try {
-    const text = await readFile(join(dir, "log", `${name}.log`), "utf8");
+    const text = await readFile(join(dir, "log", name + ext), "utf8");
     return text.split("\n").filter((l) => l.trim() !== "").slice(-lines).join("\n");
   } catch {
     return "(no log)";
@@ -161,9 +161,11 @@ async function logTail(dir: string, name: string, lines = 25): Promise<string> {
 
 async function stepFailed(dir: string, step: string, log: string, cause: unknown): Promise<Error> {
   const why = cause instanceof Error ? cause.message : String(cause);
-  return new Error(`start rgw: ${step}: ${why}\n--- tail of ${join(dir, "log", log + ".log")} ---\n${await logTail(dir, log)}`, {
-    cause,
-  });
+  const stderr = await logTail(dir, log, 10, ".stderr");
+  return new Error(
+    `start rgw: ${step}: ${why}\n--- tail of ${log}.log ---\n${await logTail(dir, log)}\n--- tail of ${log}.stderr ---\n${stderr}`,
+    { cause },
+  );
 }
 
 function run(cmd: string, args: string[], timeoutMs: number): Promise<string> {
@@ -336,6 +338,7 @@ export async function startRgw(opts: RgwOptions = {}): Promise<RgwHandle> {
       await bringUp(dir, port, opts.memstoreBytes ?? 8 * 2 ** 30, stepMs, pids);
     } catch (err) {
       killAll(pids);
+      if (opts.dir === undefined) await rm(dir, { recursive: true, force: true });
       throw err;
     }
     const next: RgwState = { port, dir, pids, persistent: opts.persistent ?? false, users: [process.pid] };

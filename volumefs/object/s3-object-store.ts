@@ -10,7 +10,6 @@
 import { Agent as HttpAgent } from "node:http";
 import { Agent as HttpsAgent } from "node:https";
 import { open, type FileHandle } from "node:fs/promises";
-
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -140,7 +139,7 @@ const quietLogger = {
     if (typeof args[0] === "string" && args[0].includes("non-retryable streaming request")) return;
     console.warn(...args);
   },
-  error: (...args: unknown[]) => console.error(...args),
+  error: () => undefined,
 };
 
 /** An `ObjectStore` on an S3 bucket (and optional key prefix). Create with `S3ObjectStore.fromUrl`. */
