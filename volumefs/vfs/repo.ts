@@ -149,18 +149,20 @@ export class Repository {
     }
   }
 
+  /** The ref goes to the bucket first, so that a volume never exists only in the metadata. */
   private async insertVolume(v: Omit<VolumeRecord, "seq">): Promise<VolumeRecord> {
-    let rec: VolumeRecord;
+    const exists = (): VolumeError =>
+      VolumeError.ALREADY_EXISTS(`volume ${JSON.stringify(v.name)}`, { volume: v.name, hint: "pick another name or remove it with `strata volume rm`" });
+    if (await this.meta.getVolume(v.env, v.name)) throw exists();
+    const rec: VolumeRecord = { ...v, seq: 0 };
+    await this.writeRef(rec);
     try {
-      rec = await this.meta.createVolume(v);
+      return await this.meta.createVolume(v);
     } catch (err) {
-      if (isCode(err, "ALREADY_EXISTS")) {
-        throw VolumeError.ALREADY_EXISTS(`volume ${JSON.stringify(v.name)}`, { volume: v.name, hint: "pick another name or remove it with `strata volume rm`" });
-      }
+      await this.objects.delete([refKey(this.env, rec)]).catch(() => undefined);
+      if (isCode(err, "ALREADY_EXISTS")) throw exists();
       throw err;
     }
-    await this.writeRef(rec);
-    return rec;
   }
 
   /** All volumes of the environment, by name. */
@@ -171,8 +173,8 @@ export class Repository {
   /** Removes a volume's name; its versions stay (other volumes may share them). */
   async deleteVolume(name: string): Promise<void> {
     const v = await this.volume(name);
-    await this.meta.deleteVolume(this.env, name);
     await this.writeRef({ ...v, seq: v.seq + 1 }, true);
+    await this.meta.deleteVolume(this.env, name);
   }
 
   /** Forks `src` (at its head or `at`) into a new volume `dst`, in constant time. */
@@ -193,6 +195,7 @@ export class Repository {
     try {
       await this.objects.put(refKey(this.env, v), Buffer.from(JSON.stringify(body)));
     } catch (err) {
+      if (deleted || v.seq === 0) throw err;
       throw new VolumeError("IO", `write ref of volume ${JSON.stringify(v.name)}: ${(err as Error).message}`, {
         volume: v.name,
         cause: err,
