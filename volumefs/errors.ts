@@ -18,6 +18,10 @@ export type VolumeErrorCode =
   | "STORE_UNREACHABLE"
   | "ACCESS_DENIED"
   | "PRECONDITION_FAILED"
+  | "NO_ATTRIBUTE"
+  | "NOT_SUPPORTED"
+  | "PERMISSION"
+  | "BAD_HANDLE"
   | "IO";
 
 /** Errors of the volumefs layer: object stores, chunks, trees, sync, the mount. */

@@ -8,3 +8,4 @@ export * from "./overlay.js";
 export * from "./build.js";
 export * from "./repo.js";
 export * from "./fsck.js";
+export * from "./mount-types.js";

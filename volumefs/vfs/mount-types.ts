@@ -1,0 +1,97 @@
+/**
+ * The seam between a mounted volume (vfs) and the FUSE adapter (fuse): a path-based POSIX file
+ * system over one volume at a base version plus a durable local staging layer.
+ *
+ * Paths are absolute inside the mount ("/", "/a/b"). Every method is async and fails with a
+ * VolumeError whose code the adapter maps to an errno in one place (`toErrno` in fuse/):
+ * NOT_FOUND→ENOENT, ALREADY_EXISTS→EEXIST, NOT_A_DIRECTORY→ENOTDIR, IS_A_DIRECTORY→EISDIR,
+ * NOT_EMPTY→ENOTEMPTY, READ_ONLY→EROFS, INVALID_PATH→EINVAL (ENAMETOOLONG when `details` says
+ * "name-too-long"), INVALID_ARGUMENT→EINVAL, NO_ATTRIBUTE→ENODATA, NOT_SUPPORTED→ENOTSUP,
+ * PERMISSION→EPERM, CORRUPT/IO/STORE_UNREACHABLE→EIO, BAD_HANDLE→EBADF.
+ */
+import type { ConflictPolicy } from "./build.js";
+
+/** Attributes of one file, as stat(2) wants them. Times are ms since the epoch. */
+export interface FileAttr {
+  kind: "file" | "dir" | "symlink";
+  /** Permission bits (0o7777), without the file type. */
+  mode: number;
+  size: number;
+  mtime: number;
+  atime: number;
+  ctime: number;
+  nlink: number;
+  uid: number;
+  gid: number;
+  /** True when the file's bytes and attributes come from the immutable base version. */
+  immutable: boolean;
+}
+
+/** What `status` reports. */
+export interface MountStatus {
+  volume: string;
+  /** The base version id (null for an empty volume). */
+  base: string | null;
+  readOnly: boolean;
+  staged: { added: string[]; modified: string[]; removed: string[] };
+}
+
+/** Options of a sync from the mount. */
+export interface MountSyncOptions {
+  message?: string;
+  onConflict?: ConflictPolicy;
+  labels?: Record<string, string>;
+}
+
+/** Result of a sync from the mount. */
+export interface MountSyncResult {
+  /** The new base (and head) version id. */
+  version: string | null;
+  changed: boolean;
+  conflicts: string[];
+}
+
+/** A POSIX file system over a volume; what the FUSE adapter calls. */
+export interface MountFs {
+  getattr(path: string): Promise<FileAttr>;
+  /** Names in a directory (without "." and ".."). */
+  readdir(path: string): Promise<string[]>;
+  readlink(path: string): Promise<string>;
+  /** Opens an existing file; returns a handle. `flags` are open(2) flags (O_TRUNC, O_APPEND, O_WRONLY…). */
+  open(path: string, flags: number): Promise<number>;
+  /** Creates and opens a file (EEXIST with O_EXCL when it exists). */
+  create(path: string, mode: number, flags: number): Promise<number>;
+  /** Up to `length` bytes at `position`; fewer at end of file. */
+  read(fh: number, length: number, position: number): Promise<Uint8Array>;
+  /** Writes `data` at `position` (at the end with O_APPEND); returns bytes written. */
+  write(fh: number, data: Uint8Array, position: number): Promise<number>;
+  truncate(path: string, size: number): Promise<void>;
+  ftruncate(fh: number, size: number): Promise<void>;
+  flush(fh: number): Promise<void>;
+  fsync(fh: number, datasync: boolean): Promise<void>;
+  release(fh: number): Promise<void>;
+  unlink(path: string): Promise<void>;
+  mkdir(path: string, mode: number): Promise<void>;
+  rmdir(path: string): Promise<void>;
+  /** rename(2): atomic, replaces a file or an empty directory at `dst`. */
+  rename(src: string, dst: string): Promise<void>;
+  symlink(target: string, path: string): Promise<void>;
+  /** A hard link: a second name for the same content. */
+  link(src: string, dst: string): Promise<void>;
+  chmod(path: string, mode: number): Promise<void>;
+  chown(path: string, uid: number, gid: number): Promise<void>;
+  utimens(path: string, atime: number, mtime: number): Promise<void>;
+  setxattr(path: string, name: string, value: Uint8Array, flags: number): Promise<void>;
+  getxattr(path: string, name: string): Promise<Uint8Array>;
+  listxattr(path: string): Promise<string[]>;
+  removexattr(path: string, name: string): Promise<void>;
+  statfs(): Promise<{ blocks: number; bfree: number; bavail: number; files: number; ffree: number; bsize: number; namemax: number }>;
+
+  /** Commits the staged changes as one version (CAS + rebase) and moves the base to it. */
+  sync(opts?: MountSyncOptions): Promise<MountSyncResult>;
+  /** Moves the base to the volume's newest head; refuses (CONFLICT-free error) while changes are staged unless `discard`. */
+  reload(opts?: { discard?: boolean }): Promise<string | null>;
+  status(): Promise<MountStatus>;
+  /** Flushes staging to disk and releases resources; idempotent. */
+  close(): Promise<void>;
+}
