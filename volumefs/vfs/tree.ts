@@ -3,10 +3,11 @@
  *
  * Encoding (format 1), UTF-8 JSON with no white space:
  *   {"v":1,"e":[ENTRY,...]}   entries sorted by name, compared as UTF-8 bytes
- *   file:    [name, "f", mode, mtimeMs, size, [[chunkId, length], ...], xattrs?]
- *   symlink: [name, "l", mode, mtimeMs, target, xattrs?]
- *   dir:     [name, "d", mode, mtimeMs, treeId, files, bytes, xattrs?]
- * xattrs, when present, is an object of name → base64 value with sorted keys.
+ *   file:    [name, "f", mode, mtimeMs, size, [[chunkId, length], ...], extras?]
+ *   symlink: [name, "l", mode, mtimeMs, target, extras?]
+ *   dir:     [name, "d", mode, mtimeMs, treeId, files, bytes, extras?]
+ * extras, present only when something is in it: {"g":gid,"u":uid,"x":{name: base64 value}}
+ * with keys sorted (uid/gid only when not 0, xattrs only when there are some).
  * `files` and `bytes` of a dir entry are the totals of its subtree (files and symlinks counted),
  * so a version knows its size without walking. Equal directories encode to equal bytes, so an
  * unchanged subtree keeps its id and a change rewrites only the trees on its path to the root.
@@ -29,6 +30,10 @@ interface EntryBase {
   mtime: number;
   /** Extended attributes: name → value. */
   xattrs?: Record<string, Uint8Array>;
+  /** Owner user id; absent means 0. */
+  uid?: number;
+  /** Owner group id; absent means 0. */
+  gid?: number;
 }
 
 /** A regular file: its bytes are the concatenation of its chunks. */
@@ -99,8 +104,27 @@ function decodeXattrs(x: unknown): Record<string, Uint8Array> | undefined {
   return out;
 }
 
-function encodeEntry(e: Entry): unknown[] {
+function encodeExtras(e: Entry): Record<string, unknown> | undefined {
+  const out: Record<string, unknown> = {};
+  if (e.gid) out.g = e.gid;
+  if (e.uid) out.u = e.uid;
   const x = encodeXattrs(e.xattrs);
+  if (x) out.x = x;
+  return Object.keys(out).length > 0 ? out : undefined;
+}
+
+function applyExtras<T extends Entry>(e: T, extras: unknown): T {
+  if (extras === undefined || extras === null) return e;
+  const o = extras as { g?: number; u?: number; x?: unknown };
+  if (o.g) e.gid = o.g;
+  if (o.u) e.uid = o.u;
+  const x = decodeXattrs(o.x);
+  if (x) e.xattrs = x;
+  return e;
+}
+
+function encodeEntry(e: Entry): unknown[] {
+  const x = encodeExtras(e);
   let row: unknown[];
   switch (e.kind) {
     case "file":
@@ -156,24 +180,12 @@ export function decodeTree(data: Uint8Array, id?: string): Tree {
   const entries: Entry[] = doc.e.map((r) => {
     const [name, k, mode, mtime] = r as [string, string, number, number];
     switch (k) {
-      case "f": {
-        const e: FileEntry = { kind: "file", name, mode, mtime, size: r[4] as number, chunks: (r[5] as [string, number][]).map(([cid, length]) => ({ id: cid, length })) };
-        const x = decodeXattrs(r[6]);
-        if (x) e.xattrs = x;
-        return e;
-      }
-      case "l": {
-        const e: SymlinkEntry = { kind: "symlink", name, mode, mtime, target: r[4] as string };
-        const x = decodeXattrs(r[5]);
-        if (x) e.xattrs = x;
-        return e;
-      }
-      case "d": {
-        const e: DirEntry = { kind: "dir", name, mode, mtime, tree: r[4] as string, files: r[5] as number, bytes: r[6] as number };
-        const x = decodeXattrs(r[7]);
-        if (x) e.xattrs = x;
-        return e;
-      }
+      case "f":
+        return applyExtras<FileEntry>({ kind: "file", name, mode, mtime, size: r[4] as number, chunks: (r[5] as [string, number][]).map(([cid, length]) => ({ id: cid, length })) }, r[6]);
+      case "l":
+        return applyExtras<SymlinkEntry>({ kind: "symlink", name, mode, mtime, target: r[4] as string }, r[5]);
+      case "d":
+        return applyExtras<DirEntry>({ kind: "dir", name, mode, mtime, tree: r[4] as string, files: r[5] as number, bytes: r[6] as number }, r[7]);
       default:
         throw VolumeError.CORRUPT(`tree ${actual}`, { details: `unknown entry kind ${String(k)}` });
     }
