@@ -9,13 +9,23 @@
  * below them (mkdir -p); they are not changes of their own and never conflict.
  */
 import { VolumeError } from "../errors.js";
+import type { ChunkStore } from "../chunk/index.js";
 import type { Snapshot } from "./snapshot.js";
-import { EMPTY_TREE, findEntry, type DirEntry, type Entry, type FileEntry } from "./tree.js";
+import { EMPTY_TREE, findEntry, type ChunkRef, type DirEntry, type Entry, type FileEntry } from "./tree.js";
 
-/** Where the bytes of a staged file come from until sync chunks and uploads them. */
+/** The chunk writer of one sync, as `ChunkStore.writer()` returns it. */
+export type PendingWriter = ReturnType<ChunkStore["writer"]>;
+
+/**
+ * Where the bytes of a staged file come from until sync chunks and uploads them.
+ * "upload": the owner of the bytes chunks and uploads them itself through the sync's writer
+ * (a mount re-chunks only around the ranges it changed); `upload` may be called again after a
+ * failed sync and must then give the same result.
+ */
 export type PendingContent =
   | { kind: "bytes"; data: Uint8Array }
-  | { kind: "file"; path: string; size: number };
+  | { kind: "file"; path: string; size: number }
+  | { kind: "upload"; size: number; upload(writer: PendingWriter): Promise<{ chunks: ChunkRef[]; size: number }> };
 
 /** A regular file whose content is not yet chunked. */
 export interface PendingFileEntry extends Omit<FileEntry, "chunks"> {
@@ -190,7 +200,7 @@ export class Overlay {
   }
 
   /** Changes attributes of the entry at a path. Throws NOT_FOUND. */
-  async setAttr(segs: readonly string[], patch: { mode?: number; mtime?: number; xattrs?: Record<string, Uint8Array> | undefined }): Promise<void> {
+  async setAttr(segs: readonly string[], patch: { mode?: number; mtime?: number; uid?: number; gid?: number; xattrs?: Record<string, Uint8Array> | undefined }): Promise<void> {
     const { entry } = await this.resolve(segs);
     if (!entry) throw VolumeError.NOT_FOUND(JSON.stringify(segs.join("/")), { op: "set attributes", path: segs.join("/") });
     if (segs.length === 0) throw VolumeError.INVALID_PATH("/", "the root's attributes are fixed");
@@ -198,6 +208,14 @@ export class Overlay {
     const next = { ...entry } as StagedEntry;
     if (patch.mode !== undefined) next.mode = patch.mode & 0o7777;
     if (patch.mtime !== undefined) next.mtime = patch.mtime;
+    if (patch.uid !== undefined) {
+      if (patch.uid) next.uid = patch.uid;
+      else delete next.uid;
+    }
+    if (patch.gid !== undefined) {
+      if (patch.gid) next.gid = patch.gid;
+      else delete next.gid;
+    }
     if ("xattrs" in patch) {
       if (patch.xattrs && Object.keys(patch.xattrs).length > 0) next.xattrs = patch.xattrs;
       else delete next.xattrs;

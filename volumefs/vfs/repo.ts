@@ -389,6 +389,7 @@ export class Repository {
         const p = node.replace;
         let res: { chunks: FileEntry["chunks"]; size: number };
         if (p.pending.kind === "bytes") res = await writer.writeBuffer(p.pending.data);
+        else if (p.pending.kind === "upload") res = await p.pending.upload(writer);
         else {
           const local = p.pending.path;
           try {
