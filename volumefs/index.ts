@@ -17,3 +17,4 @@ export * from "./errors.js";
 export * from "./object/index.js";
 export * from "./chunk/index.js";
 export * from "./vfs/index.js";
+export * from "./fuse/index.js";

@@ -1,0 +1,125 @@
+/**
+ * The adapter over a real kernel mount of `PassthroughFs`. This process serves the mount, so it
+ * touches it only with asynchronous calls, one at a time (the pass-through needs the thread pool
+ * too), or through child processes.
+ */
+import { execFile } from "node:child_process";
+import { appendFile, chmod, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rename, rm, rmdir, stat, symlink, truncate, unlink, writeFile, open } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { VolumeError } from "../errors.js";
+import { forceUnmount, isFuseMountPoint, mountFs, PassthroughFs, toErrno, type FuseMount } from "./index.js";
+
+const run = promisify(execFile);
+
+describe("toErrno", () => {
+  it("maps volume error codes and node error codes, EIO otherwise", () => {
+    expect(toErrno(VolumeError.NOT_FOUND("x"))).toBe(-2);
+    expect(toErrno(new VolumeError("NOT_EMPTY", "rmdir x: not empty"))).toBe(-39);
+    expect(toErrno(VolumeError.READ_ONLY("x"))).toBe(-30);
+    expect(toErrno(VolumeError.INVALID_PATH("x", "nul"))).toBe(-22);
+    expect(toErrno(new VolumeError("INVALID_PATH", "x", { details: "name-too-long" }))).toBe(-36);
+    expect(toErrno(new VolumeError("NO_ATTRIBUTE", "x"))).toBe(-61);
+    expect(toErrno(new VolumeError("BAD_HANDLE", "x"))).toBe(-9);
+    expect(toErrno(new VolumeError("STORE_UNREACHABLE", "x"))).toBe(-5);
+    expect(toErrno(Object.assign(new Error("x"), { code: "EXDEV" }))).toBe(-18);
+    expect(toErrno(new Error("plain"))).toBe(-5);
+  });
+});
+
+describe("mountFs over a pass-through", () => {
+  let base: string;
+  let src: string;
+  let mnt: string;
+  let m: FuseMount | undefined;
+
+  beforeAll(async () => {
+    base = await mkdtemp(join(tmpdir(), "strata-fuse-"));
+    src = join(base, "src");
+    mnt = join(base, "mnt");
+    await mkdir(src);
+    await writeFile(join(src, "hello.txt"), "hello\n");
+    m = await mountFs(new PassthroughFs(src), mnt);
+  });
+  afterAll(async () => {
+    await m?.unmount().catch(() => undefined);
+    await forceUnmount(mnt).catch(() => undefined);
+    await rm(base, { recursive: true, force: true });
+  });
+
+  it("is a fuse mount point that shows the directory", async () => {
+    expect(await isFuseMountPoint(mnt)).toBe(true);
+    expect(await readdir(mnt)).toEqual(["hello.txt"]);
+    expect(await readFile(join(mnt, "hello.txt"), "utf8")).toBe("hello\n");
+    const { stdout } = await run("cat", [join(mnt, "hello.txt")]);
+    expect(stdout).toBe("hello\n");
+  });
+
+  it("passes changes through to the directory", async () => {
+    await mkdir(join(mnt, "d"));
+    await writeFile(join(mnt, "d/a"), "abc");
+    await appendFile(join(mnt, "d/a"), "def");
+    const fh = await open(join(mnt, "d/a"), "r+");
+    await fh.write(Buffer.from("XY"), 0, 2, 1);
+    await fh.close();
+    expect(await readFile(join(src, "d/a"), "utf8")).toBe("aXYdef");
+    await truncate(join(mnt, "d/a"), 2);
+    expect(await readFile(join(src, "d/a"), "utf8")).toBe("aX");
+    await rename(join(mnt, "d/a"), join(mnt, "d/b"));
+    await symlink("b", join(mnt, "d/l"));
+    expect(await readlink(join(mnt, "d/l"))).toBe("b");
+    expect(await readFile(join(mnt, "d/l"), "utf8")).toBe("aX");
+    await chmod(join(mnt, "d/b"), 0o600);
+    expect((await stat(join(src, "d/b"))).mode & 0o777).toBe(0o600);
+    expect((await lstat(join(mnt, "d/l"))).isSymbolicLink()).toBe(true);
+    await unlink(join(mnt, "d/l"));
+    await unlink(join(mnt, "d/b"));
+    await rmdir(join(mnt, "d"));
+    expect(await readdir(src)).toEqual(["hello.txt"]);
+  });
+
+  it("turns errors into errno values", async () => {
+    await expect(readFile(join(mnt, "missing"))).rejects.toMatchObject({ code: "ENOENT" });
+    await expect(mkdir(join(mnt, "hello.txt"))).rejects.toMatchObject({ code: "EEXIST" });
+    await expect(writeFile(join(mnt, "x".repeat(300)), "")).rejects.toMatchObject({ code: "ENAMETOOLONG" });
+    await mkdir(join(mnt, "full"));
+    await writeFile(join(mnt, "full/f"), "");
+    await expect(rmdir(join(mnt, "full"))).rejects.toMatchObject({ code: "ENOTEMPTY" });
+    await rm(join(mnt, "full"), { recursive: true });
+  });
+
+  it("moves large files in big requests, byte for byte", async () => {
+    const data = Buffer.alloc(8 << 20);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+    await writeFile(join(mnt, "big"), data);
+    expect((await readFile(join(src, "big"))).equals(data)).toBe(true);
+    expect((await readFile(join(mnt, "big"))).equals(data)).toBe(true);
+    const { stdout } = await run("sh", ["-c", `grep -E '^[^ ]+ ${mnt} ' /proc/mounts`]);
+    expect(stdout).toMatch(/^strata /);
+    await unlink(join(mnt, "big"));
+  });
+
+  it("refuses a second mount on a live mount point, and detaches a dead one", async () => {
+    await expect(mountFs(new PassthroughFs(src), mnt)).rejects.toMatchObject({ code: "ALREADY_EXISTS" });
+    await m!.unmount();
+    expect(await isFuseMountPoint(mnt)).toBe(false);
+    m = await mountFs(new PassthroughFs(src), mnt);
+    expect(await readdir(mnt)).toEqual(["hello.txt"]);
+  });
+
+  it("makes writes fail with EROFS on a read-only mount", async () => {
+    const ro = join(base, "ro");
+    const r = await mountFs(new PassthroughFs(src), ro, { readOnly: true });
+    try {
+      expect(await readFile(join(ro, "hello.txt"), "utf8")).toBe("hello\n");
+      await expect(writeFile(join(ro, "new"), "x")).rejects.toMatchObject({ code: "EROFS" });
+      await expect(writeFile(join(ro, "hello.txt"), "x")).rejects.toMatchObject({ code: "EROFS" });
+      await expect(mkdir(join(ro, "d"))).rejects.toMatchObject({ code: "EROFS" });
+      await expect(unlink(join(ro, "hello.txt"))).rejects.toMatchObject({ code: "EROFS" });
+    } finally {
+      await r.unmount();
+    }
+  });
+});

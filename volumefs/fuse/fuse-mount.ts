@@ -1,0 +1,297 @@
+/**
+ * The FUSE adapter: a thin layer over fuse-native 2.2.6 that serves a `MountFs` at a directory.
+ * Every callback calls one MountFs method and turns its error into an errno through `toErrno`.
+ *
+ * fuse-native runs callbacks on Node's main thread; this process must never touch the mount with
+ * synchronous calls (that deadlocks). Kernel caching, given the high-level libfuse 2.9 API has
+ * only mount-wide timeouts:
+ * - a mount whose content never changes (`immutable`: read-only at a pinned version) uses
+ *   kernel_cache and long attribute and entry timeouts;
+ * - any other mount keeps entries 1 s, attributes 0 s (sizes of staged files, control files and
+ *   files after a reload are always fresh) and `auto_cache` (page cache kept across opens while
+ *   a file's size and mtime are unchanged).
+ * Large requests: big_writes and max_write/max_read of 128 KiB, passed through `fsname` since
+ * fuse-native has no option for them.
+ */
+import { execFile } from "node:child_process";
+import { constants as fsConstants } from "node:fs";
+import { constants } from "node:os";
+import { mkdir, readFile, stat } from "node:fs/promises";
+import { resolve } from "node:path";
+import { promisify } from "node:util";
+import Fuse from "fuse-native";
+import { VolumeError } from "../errors.js";
+import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
+import type { FileAttr, MountFs } from "../vfs/mount-types.js";
+import { NAME_TOO_LONG, toErrno } from "./errno.js";
+
+const run = promisify(execFile);
+const E = constants.errno;
+const O = fsConstants;
+const S_IFREG = 0o100000;
+const S_IFDIR = 0o040000;
+const S_IFLNK = 0o120000;
+/** Largest read and write request, in bytes. */
+export const FUSE_MAX_IO = 128 * 1024;
+/** What utimens receives for UTIME_NOW and UTIME_OMIT (0 s and about 2^30 ns, in ms). */
+const UTIME_SPECIAL_MS = Math.floor(((1 << 30) - 2) / 1e6);
+
+/** Options of `mountFs`. */
+export interface FuseMountOptions {
+  /** Refuse every change (EROFS) except writes to the control files under `/.strata/`. Default false. */
+  readOnly?: boolean;
+  /** The content never changes while mounted (read-only at a pinned version): cache it in the kernel without bound. Default false. */
+  immutable?: boolean;
+  /** libfuse's request trace on stderr, and each failed call logged. Default false. */
+  debug?: boolean;
+  /** Name shown as the mount's source in /proc/mounts. Default "strata". */
+  name?: string;
+}
+
+/** A live mount. */
+export interface FuseMount {
+  /** The absolute mount directory. */
+  readonly dir: string;
+  /** Unmounts (lazily, so open files do not block it), then closes the MountFs. Idempotent. */
+  unmount(): Promise<void>;
+}
+
+type Cb = (...args: unknown[]) => void;
+
+function typeBits(kind: FileAttr["kind"]): number {
+  return kind === "dir" ? S_IFDIR : kind === "symlink" ? S_IFLNK : S_IFREG;
+}
+
+function toStat(a: FileAttr): Record<string, number> {
+  return {
+    mode: typeBits(a.kind) | (a.mode & 0o7777),
+    uid: a.uid,
+    gid: a.gid,
+    size: a.size,
+    nlink: a.nlink,
+    blksize: FUSE_MAX_IO,
+    blocks: Math.ceil(a.size / 512),
+    atime: a.atime,
+    mtime: a.mtime,
+    ctime: a.ctime,
+  };
+}
+
+function checkNames(path: string): void {
+  for (const seg of path.split("/")) {
+    if (Buffer.byteLength(seg) > NAME_MAX) {
+      throw new VolumeError("INVALID_PATH", `check path ${JSON.stringify(path)}: a name is longer than ${NAME_MAX} bytes`, { path, details: NAME_TOO_LONG });
+    }
+  }
+}
+
+function isControl(path: string): boolean {
+  return path === `/${RESERVED_NAME}` || path.startsWith(`/${RESERVED_NAME}/`);
+}
+
+/** Lines of /proc/self/mountinfo as [mount point, fs type, source]. */
+async function mountTable(): Promise<[string, string, string][]> {
+  const text = await readFile("/proc/self/mountinfo", "utf8");
+  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
+  return text
+    .split("\n")
+    .filter(Boolean)
+    .map((line) => {
+      const [left, right = ""] = line.split(" - ");
+      const f = left!.split(" ");
+      const r = right.split(" ");
+      return [unescape(f[4] ?? ""), r[0] ?? "", unescape(r[1] ?? "")];
+    });
+}
+
+/** True when `dir` is a mount point of a FUSE file system (live or with a dead server). */
+export async function isFuseMountPoint(dir: string): Promise<boolean> {
+  const abs = resolve(dir);
+  return (await mountTable()).some(([mp, type]) => mp === abs && type.startsWith("fuse"));
+}
+
+/**
+ * Detaches the FUSE mount at `dir` even when its server died ("Transport endpoint is not
+ * connected"): `fusermount -uz`, then `umount -l`. Resolves false when nothing was mounted there.
+ */
+export async function forceUnmount(dir: string): Promise<boolean> {
+  const abs = resolve(dir);
+  if (!(await isFuseMountPoint(abs))) return false;
+  const tries: [string, string[]][] = [
+    ["fusermount", ["-uz", abs]],
+    ["fusermount3", ["-uz", abs]],
+    ["umount", ["-l", abs]],
+  ];
+  let last: unknown;
+  for (const [cmd, args] of tries) {
+    try {
+      await run(cmd, args);
+      if (!(await isFuseMountPoint(abs))) return true;
+    } catch (err) {
+      last = err;
+    }
+  }
+  throw VolumeError.IO(`unmount ${abs}`, last ?? new Error("still mounted"), { hint: "close programs using the mount and retry" });
+}
+
+async function prepareDir(dir: string): Promise<void> {
+  try {
+    const st = await stat(dir);
+    if (!st.isDirectory()) throw VolumeError.NOT_A_DIRECTORY(dir, { op: "mount" });
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") {
+      await mkdir(dir, { recursive: true });
+      return;
+    }
+    if (code === "ENOTCONN" || code === "ECONNABORTED") {
+      await forceUnmount(dir);
+      return;
+    }
+    throw err;
+  }
+  if (await isFuseMountPoint(dir)) {
+    throw new VolumeError("ALREADY_EXISTS", `mount ${dir}: already a mount point`, { hint: `unmount it first with \`strata unmount ${dir}\`` });
+  }
+}
+
+function fuseOptions(opts: FuseMountOptions): ConstructorParameters<typeof Fuse>[2] {
+  const raw = [opts.name ?? "strata", "big_writes", `max_write=${FUSE_MAX_IO}`, "subtype=strata"];
+  if (opts.immutable) raw.push("kernel_cache", "attr_timeout=86400", "entry_timeout=86400", "negative_timeout=86400");
+  else raw.push("auto_cache", "attr_timeout=0", "entry_timeout=1", "negative_timeout=0");
+  return { fsname: raw.join(","), maxRead: FUSE_MAX_IO, timeout: false, debug: opts.debug === true, force: false, mkdir: true };
+}
+
+/**
+ * Serves `fs` at `dir` (created when missing; a stale mount left by a dead server is detached
+ * first) and resolves once the kernel mount is live. The caller must not touch `dir` with
+ * synchronous calls from this process. Fails ALREADY_EXISTS when `dir` is a live mount point.
+ */
+export async function mountFs(fs: MountFs, dir: string, opts: FuseMountOptions = {}): Promise<FuseMount> {
+  const abs = resolve(dir);
+  await prepareDir(abs);
+  const debug = opts.debug === true;
+  const readOnly = opts.readOnly === true;
+
+  const fail = (cb: Cb, op: string, path: string, err: unknown): void => {
+    const errno = toErrno(err);
+    if (debug) process.stderr.write(`strata fuse: ${op} ${path}: ${(err as Error)?.message ?? String(err)} (${errno})\n`);
+    cb(errno);
+  };
+  const guard = (path: string): void => {
+    checkNames(path);
+    if (readOnly && !isControl(path)) throw VolumeError.READ_ONLY(JSON.stringify(path), { op: "change" });
+  };
+  /** Runs a call that answers with a status only. */
+  const status = (op: string, path: string, cb: Cb, mutates: boolean, fn: () => Promise<unknown>): void => {
+    (async () => {
+      if (mutates) guard(path);
+      else checkNames(path);
+      await fn();
+    })().then(
+      () => cb(0),
+      (err) => fail(cb, op, path, err),
+    );
+  };
+  /** Runs a call that answers with a value. */
+  const value = <T>(op: string, path: string, cb: Cb, fn: () => Promise<T>, map: (v: T) => unknown = (v) => v): void => {
+    (async () => {
+      checkNames(path);
+      return await fn();
+    })().then(
+      (v) => cb(0, map(v)),
+      (err) => fail(cb, op, path, err),
+    );
+  };
+
+  const ops: Record<string, Cb> = {
+    init: (cb: Cb) => cb(0),
+    statfs: (path: string, cb: Cb) => value("statfs", path, cb, () => fs.statfs(), (s) => ({ ...s, frsize: s.bsize, favail: s.ffree })),
+    getattr: (path: string, cb: Cb) => value("getattr", path, cb, () => fs.getattr(path), toStat),
+    fgetattr: (path: string, _fd: number, cb: Cb) => value("getattr", path, cb, () => fs.getattr(path), toStat),
+    readdir: (path: string, cb: Cb) => value("readdir", path, cb, () => fs.readdir(path), (names) => [".", "..", ...names]),
+    readlink: (path: string, cb: Cb) => value("readlink", path, cb, () => fs.readlink(path)),
+    open: (path: string, flags: number, cb: Cb) => {
+      const writes = (flags & 3) !== O.O_RDONLY || (flags & O.O_TRUNC) !== 0;
+      (async () => {
+        if (writes) guard(path);
+        else checkNames(path);
+        return fs.open(path, flags);
+      })().then(
+        (fh) => cb(0, fh),
+        (err) => fail(cb, "open", path, err),
+      );
+    },
+    create: (path: string, mode: number, cb: Cb) => {
+      (async () => {
+        guard(path);
+        return fs.create(path, mode & 0o7777, O.O_CREAT | O.O_RDWR);
+      })().then(
+        (fh) => cb(0, fh),
+        (err) => fail(cb, "create", path, err),
+      );
+    },
+    read: (path: string, fh: number, buf: Buffer, len: number, pos: number, cb: Cb) => {
+      fs.read(fh, len, pos).then(
+        (data) => {
+          const n = Math.min(data.length, len);
+          buf.set(n === data.length ? data : data.subarray(0, n));
+          cb(n);
+        },
+        (err) => fail(cb, "read", path, err),
+      );
+    },
+    write: (path: string, fh: number, buf: Buffer, len: number, pos: number, cb: Cb) => {
+      if (readOnly && !isControl(path)) return cb(-E.EROFS);
+      fs.write(fh, Buffer.from(buf.subarray(0, len)), pos).then(
+        (n) => cb(n),
+        (err) => fail(cb, "write", path, err),
+      );
+    },
+    truncate: (path: string, size: number, cb: Cb) => status("truncate", path, cb, true, () => fs.truncate(path, size)),
+    ftruncate: (path: string, fh: number, size: number, cb: Cb) => status("ftruncate", path, cb, true, () => fs.ftruncate(fh, size)),
+    flush: (path: string, fh: number, cb: Cb) => status("flush", path, cb, false, () => fs.flush(fh)),
+    fsync: (path: string, datasync: number, fh: number, cb: Cb) => status("fsync", path, cb, false, () => fs.fsync(fh, datasync !== 0)),
+    release: (path: string, fh: number, cb: Cb) => status("release", path, cb, false, () => fs.release(fh)),
+    unlink: (path: string, cb: Cb) => status("unlink", path, cb, true, () => fs.unlink(path)),
+    mkdir: (path: string, mode: number, cb: Cb) => status("mkdir", path, cb, true, () => fs.mkdir(path, mode & 0o7777)),
+    rmdir: (path: string, cb: Cb) => status("rmdir", path, cb, true, () => fs.rmdir(path)),
+    rename: (src: string, dst: string, cb: Cb) => status("rename", src, cb, true, async () => {
+      guard(dst);
+      await fs.rename(src, dst);
+    }),
+    symlink: (target: string, path: string, cb: Cb) => status("symlink", path, cb, true, () => fs.symlink(target, path)),
+    link: (src: string, dst: string, cb: Cb) => status("link", dst, cb, true, () => fs.link(src, dst)),
+    chmod: (path: string, mode: number, cb: Cb) => status("chmod", path, cb, true, () => fs.chmod(path, mode & 0o7777)),
+    chown: (path: string, uid: number, gid: number, cb: Cb) => status("chown", path, cb, true, () => fs.chown(path, uid, gid)),
+    utimens: (path: string, atime: number, mtime: number, cb: Cb) => {
+      const now = Date.now();
+      const a = atime === UTIME_SPECIAL_MS ? now : atime;
+      const m = mtime === UTIME_SPECIAL_MS ? now : mtime;
+      status("utimens", path, cb, true, () => fs.utimens(path, a, m));
+    },
+    setxattr: (path: string, name: string, val: Buffer, _position: number, flags: number, cb: Cb) =>
+      status("setxattr", path, cb, true, () => fs.setxattr(path, name, Buffer.from(val), flags)),
+    getxattr: (path: string, name: string, _position: number, cb: Cb) => value("getxattr", path, cb, () => fs.getxattr(path, name), (v) => Buffer.from(v.buffer, v.byteOffset, v.byteLength)),
+    listxattr: (path: string, cb: Cb) => value("listxattr", path, cb, () => fs.listxattr(path)),
+    removexattr: (path: string, name: string, cb: Cb) => status("removexattr", path, cb, true, () => fs.removexattr(path, name)),
+  };
+
+  const fuse = new Fuse(abs, ops, fuseOptions(opts));
+  await new Promise<void>((res, rej) =>
+    fuse.mount((err) => (err ? rej(VolumeError.IO(`mount ${abs}`, err, { hint: "check that /dev/fuse exists and the directory is not in use" })) : res())),
+  );
+
+  let closing: Promise<void> | undefined;
+  return {
+    dir: abs,
+    unmount() {
+      closing ??= (async () => {
+        await new Promise<void>((res) => fuse.unmount(() => res()));
+        await forceUnmount(abs).catch(() => undefined);
+        await fs.close();
+      })();
+      return closing;
+    },
+  };
+}
