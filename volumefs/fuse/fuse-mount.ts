@@ -56,7 +56,8 @@ export interface FuseMount {
   unmount(): Promise<void>;
 }
 
-type Cb = (...args: unknown[]) => void;
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Cb = (...args: any[]) => void;
 
 function typeBits(kind: FileAttr["kind"]): number {
   return kind === "dir" ? S_IFDIR : kind === "symlink" ? S_IFLNK : S_IFREG;
