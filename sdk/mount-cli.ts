@@ -121,18 +121,23 @@ async function readControl(path: string): Promise<string> {
   }
 }
 
-/** Writes a request to a control file and reads back its answer (one JSON object). */
+/**
+ * Writes one command to a control file with one write(2) (the write returns when the command is
+ * done), then reads the file back for its answer. A failed command fails the write; the answer
+ * then carries the error, when the file records one.
+ */
 async function askControl(path: string, request: string): Promise<Record<string, unknown>> {
   const fh = await open(path, "r+");
-  let text: string;
   try {
     await fh.write(request, 0, "utf8");
-    await fh.sync().catch(() => undefined);
+  } catch (err) {
+    const answer = await readControl(path).catch(() => "");
+    if (answer.includes('"error"')) parseAnswer(answer, path);
+    throw err;
   } finally {
-    await fh.close();
+    await fh.close().catch(() => undefined);
   }
-  text = await readControl(path);
-  return parseAnswer(text, path);
+  return parseAnswer(await readControl(path), path);
 }
 
 function parseAnswer(text: string, path: string): Record<string, unknown> {
@@ -267,13 +272,21 @@ async function cmdReload(args: Parsed, io: MountCliIO): Promise<void> {
   const [dir] = args.positionals;
   if (!dir) throw usage("reload: missing DIR", commands.reload.usage);
   await checkMount(dir, "reload");
-  let res: Record<string, unknown>;
+  const discard = args.values.discard === true;
+  const fh = await open(controlPath(dir, "reload"), "r+").catch((err) => controlError(err, "reload", dir));
   try {
-    res = await askControl(controlPath(dir, "reload"), JSON.stringify({ discard: args.values.discard === true }));
+    await fh.write(discard ? "discard" : "1", 0, "utf8");
   } catch (err) {
+    const status = await readControl(controlPath(dir, "status")).then((t) => JSON.parse(t) as { staged?: Record<string, string[]> }, () => undefined);
+    const staged = Object.values(status?.staged ?? {}).reduce((n, l) => n + l.length, 0);
+    if (!discard && staged > 0) {
+      throw new VolumeError("CONFLICT", `reload ${resolve(dir)}: ${staged} staged change(s) would be lost`, { cause: err, hint: `sync them with \`strata sync ${dir}\`, or drop them with \`strata reload ${dir} --discard\`` });
+    }
     controlError(err, "reload", dir);
+  } finally {
+    await fh.close().catch(() => undefined);
   }
-  io.stdout.write(`${res.version ?? res.base ?? ""}\n`);
+  io.stdout.write(`${(await readControl(controlPath(dir, "version"))).trim()}\n`);
 }
 
 async function cmdStatus(args: Parsed, io: MountCliIO): Promise<void> {

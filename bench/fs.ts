@@ -1,0 +1,521 @@
+/**
+ * fs: the mounted file system side by side with its peers, in one run, on the same Ceph RGW.
+ *
+ * Targets: raw local disk; a minimal JS FUSE pass-through to local disk (the ceiling of any
+ * fuse-native file system here); the Strata mount on S3; `rclone mount --vfs-cache-mode writes`;
+ * `s3fs`. Scenarios, each as time and ratio to raw disk: a sequential write of one big file then
+ * sync (until it is durable in the store), a cold read (page cache dropped, caches emptied, peers
+ * remounted) and a warm read of it, small-file creates/s and stats/s, and a developer workload
+ * (untar a source tree of 20k+ files built from this repo's node_modules, `git init && git add -A
+ * && git commit`, then sync). Raw S3 PUT and GET of the same bytes are measured in the same run.
+ *
+ * Sizes: FS_BENCH_FILE_MB (1024), FS_BENCH_FILES (10000), FS_BENCH_DEV_COPIES (4),
+ * FS_BENCH_TARGETS (all: raw,passthrough,strata,rclone,s3fs), FS_BENCH_STEP_TIMEOUT_S (300).
+ * Needs root (drop_caches, mounts), rclone and s3fs (scripts/install-peers.sh).
+ *
+ * Run: `npm run bench -- fs`, or `node --import tsx bench/fs.ts`.
+ */
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { CreateBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
+import { report, type Row } from "./report.js";
+import { startRgw, type RgwHandle } from "../test/support/rgw.js";
+
+const exec = promisify(execFile);
+const ROOT = resolve(fileURLToPath(new URL("..", import.meta.url)));
+const MB = 1024 * 1024;
+const env = process.env;
+const FILE_MB = Number(env.FS_BENCH_FILE_MB ?? 1024);
+const FILES = Number(env.FS_BENCH_FILES ?? 10_000);
+const DEV_COPIES = Number(env.FS_BENCH_DEV_COPIES ?? 4);
+const STEP_TIMEOUT_MS = Number(env.FS_BENCH_STEP_TIMEOUT_S ?? 300) * 1000;
+const ALL = ["raw", "passthrough", "strata", "rclone", "s3fs"];
+const TARGETS = (env.FS_BENCH_TARGETS ?? ALL.join(",")).split(",").filter((t) => ALL.includes(t));
+
+/** One file system under test. */
+interface Target {
+  name: string;
+  /** The directory benchmarks write into. */
+  dir: string;
+  /** Mounts (or prepares) `dir`; called again after `unmount` for a cold start. */
+  mount(): Promise<void>;
+  unmount(): Promise<void>;
+  /** Makes everything written so far durable in the target's store. */
+  sync(): Promise<void>;
+  /** Empties the target's own caches (called while unmounted). */
+  dropOwnCache(): Promise<void>;
+}
+
+interface Measure {
+  seconds?: number;
+  error?: string;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+async function sh(cmd: string, opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<string> {
+  const { stdout } = await exec("sh", ["-c", cmd], { cwd: opts.cwd, env: opts.env ?? env, timeout: opts.timeoutMs ?? STEP_TIMEOUT_MS, maxBuffer: 64 * MB });
+  return stdout;
+}
+
+async function timed(fn: () => Promise<unknown>): Promise<Measure> {
+  const t0 = performance.now();
+  try {
+    await fn();
+    return { seconds: (performance.now() - t0) / 1000 };
+  } catch (err) {
+    const e = err as Error & { killed?: boolean };
+    return { error: e.killed ? `timeout (> ${STEP_TIMEOUT_MS / 1000} s)` : (e.message ?? String(err)).split("\n")[0]!.slice(0, 120) };
+  }
+}
+
+async function dropPageCache(): Promise<void> {
+  await sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+}
+
+async function waitFor(check: () => boolean | Promise<boolean>, what: string, ms = 60_000): Promise<void> {
+  const t0 = Date.now();
+  while (!(await check())) {
+    if (Date.now() - t0 > ms) throw new Error(`wait for ${what}: timed out`);
+    await sleep(50);
+  }
+}
+
+function isMounted(dir: string): boolean {
+  return readFileSync("/proc/self/mountinfo", "utf8").split("\n").some((l) => l.split(" ")[4] === dir);
+}
+
+async function fuseUnmount(dir: string): Promise<void> {
+  if (!isMounted(dir)) return;
+  await sh(`fusermount -u ${JSON.stringify(dir)} || fusermount -uz ${JSON.stringify(dir)} || umount -l ${JSON.stringify(dir)}`).catch(() => undefined);
+  await waitFor(() => !isMounted(dir), `unmount ${dir}`, 30_000).catch(() => undefined);
+}
+
+// ---- targets ----
+
+function rawTarget(base: string): Target {
+  const dir = join(base, "raw");
+  return {
+    name: "raw disk",
+    dir,
+    async mount() {
+      mkdirSync(dir, { recursive: true });
+    },
+    async unmount() {},
+    async sync() {
+      await sh("sync");
+    },
+    async dropOwnCache() {},
+  };
+}
+
+function serveChild(args: string[], log: string, childEnv: NodeJS.ProcessEnv = env): ChildProcess {
+  const fd = openSync(log, "a");
+  const child = spawn(process.execPath, ["--import", "tsx", ...args], { cwd: ROOT, stdio: ["ignore", fd, fd], env: childEnv });
+  closeSync(fd);
+  return child;
+}
+
+function passthroughTarget(base: string): Target {
+  const dir = join(base, "passthrough");
+  const src = join(base, "passthrough-src");
+  let child: ChildProcess | undefined;
+  return {
+    name: "JS FUSE pass-through",
+    dir,
+    async mount() {
+      mkdirSync(src, { recursive: true });
+      mkdirSync(dir, { recursive: true });
+      child = serveChild([fileURLToPath(import.meta.url), "serve-passthrough", src, dir], join(base, "passthrough.log"));
+      await waitFor(() => isMounted(dir), "pass-through mount");
+    },
+    async unmount() {
+      await fuseUnmount(dir);
+      child?.kill("SIGTERM");
+      child = undefined;
+    },
+    async sync() {
+      await sh("sync");
+    },
+    async dropOwnCache() {},
+  };
+}
+
+function strataTarget(base: string, s3: S3Info): Target {
+  const dir = join(base, "strata");
+  const home = join(base, "strata-home");
+  const cache = join(home, "cache");
+  const strataEnv: NodeJS.ProcessEnv = {
+    ...env,
+    STRATA_HOME: home,
+    STRATA_STORE: `s3://${s3.bucket("strata")}/vol`,
+    STRATA_S3_ENDPOINT: s3.endpoint,
+    STRATA_CACHE_DIR: cache,
+    AWS_ACCESS_KEY_ID: s3.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: s3.secretAccessKey,
+    AWS_REGION: s3.region,
+  };
+  const strata = (args: string) => sh(`node ${join(ROOT, "bin/strata")} ${args}`, { env: strataEnv });
+  let created = false;
+  return {
+    name: "Strata (S3)",
+    dir,
+    async mount() {
+      if (!created) {
+        await strata("volume create bench");
+        created = true;
+      }
+      await strata(`mount bench ${JSON.stringify(dir)} --daemon`);
+    },
+    async unmount() {
+      await strata(`unmount ${JSON.stringify(dir)}`).catch(() => undefined);
+      await waitFor(() => !isMounted(dir), "strata unmount", 30_000).catch(() => undefined);
+      await sleep(500);
+    },
+    async sync() {
+      await strata(`sync ${JSON.stringify(dir)} -m bench`);
+    },
+    async dropOwnCache() {
+      rmSync(cache, { recursive: true, force: true });
+    },
+  };
+}
+
+function rcloneTarget(base: string, s3: S3Info): Target {
+  const dir = join(base, "rclone");
+  const cache = join(base, "rclone-cache");
+  const rcPort = 5572 + Math.floor(Math.random() * 1000);
+  const rEnv: NodeJS.ProcessEnv = {
+    ...env,
+    RCLONE_CONFIG_RGW_TYPE: "s3",
+    RCLONE_CONFIG_RGW_PROVIDER: "Ceph",
+    RCLONE_CONFIG_RGW_ENDPOINT: s3.endpoint,
+    RCLONE_CONFIG_RGW_ACCESS_KEY_ID: s3.accessKeyId,
+    RCLONE_CONFIG_RGW_SECRET_ACCESS_KEY: s3.secretAccessKey,
+    RCLONE_CONFIG_RGW_REGION: s3.region,
+    RCLONE_CONFIG_RGW_FORCE_PATH_STYLE: "true",
+  };
+  delete rEnv.AWS_CA_BUNDLE;
+  let child: ChildProcess | undefined;
+  return {
+    name: "rclone mount (vfs writes)",
+    dir,
+    async mount() {
+      mkdirSync(dir, { recursive: true });
+      const fd = openSync(join(base, "rclone.log"), "a");
+      child = spawn(
+        "rclone",
+        ["mount", `rgw:${s3.bucket("rclone")}`, dir, "--vfs-cache-mode", "writes", "--cache-dir", cache, "--vfs-write-back", "0s", "--rc", "--rc-addr", `127.0.0.1:${rcPort}`, "--rc-no-auth"],
+        { stdio: ["ignore", fd, fd], env: rEnv },
+      );
+      closeSync(fd);
+      await waitFor(() => isMounted(dir), "rclone mount");
+    },
+    async unmount() {
+      await this.sync().catch(() => undefined);
+      await fuseUnmount(dir);
+      child?.kill("SIGTERM");
+      child = undefined;
+      await sleep(300);
+    },
+    async sync() {
+      await sh("sync");
+      for (;;) {
+        const out = await sh(`rclone rc --url http://127.0.0.1:${rcPort}/ vfs/stats`, { env: rEnv });
+        const d = (JSON.parse(out) as { diskCache?: { uploadsInProgress?: number; uploadsQueued?: number } }).diskCache;
+        if (!d || ((d.uploadsInProgress ?? 0) === 0 && (d.uploadsQueued ?? 0) === 0)) return;
+        await sleep(100);
+      }
+    },
+    async dropOwnCache() {
+      rmSync(cache, { recursive: true, force: true });
+    },
+  };
+}
+
+function s3fsTarget(base: string, s3: S3Info): Target {
+  const dir = join(base, "s3fs");
+  const passwd = join(base, "s3fs.passwd");
+  return {
+    name: "s3fs",
+    dir,
+    async mount() {
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(passwd, `${s3.accessKeyId}:${s3.secretAccessKey}\n`, { mode: 0o600 });
+      const e = { ...env };
+      delete e.AWS_CA_BUNDLE;
+      await sh(`s3fs ${s3.bucket("s3fs")} ${JSON.stringify(dir)} -o url=${s3.endpoint} -o use_path_request_style -o passwd_file=${passwd} -o endpoint=${s3.region} -o logfile=${join(base, "s3fs.log")}`, { env: e });
+      await waitFor(() => isMounted(dir), "s3fs mount");
+    },
+    async unmount() {
+      await fuseUnmount(dir);
+    },
+    async sync() {
+      await sh("sync");
+    },
+    async dropOwnCache() {},
+  };
+}
+
+// ---- S3 ----
+
+interface S3Info {
+  endpoint: string;
+  accessKeyId: string;
+  secretAccessKey: string;
+  region: string;
+  client: S3Client;
+  bucket(name: string): string;
+}
+
+async function s3Setup(rgw: RgwHandle): Promise<S3Info> {
+  const client = new S3Client({
+    endpoint: rgw.endpoint,
+    region: rgw.region,
+    forcePathStyle: true,
+    credentials: { accessKeyId: rgw.accessKeyId, secretAccessKey: rgw.secretAccessKey },
+    requestChecksumCalculation: "WHEN_REQUIRED",
+    responseChecksumValidation: "WHEN_REQUIRED",
+  });
+  const run = Date.now().toString(36);
+  const made = new Set<string>();
+  const info: S3Info = { endpoint: rgw.endpoint, accessKeyId: rgw.accessKeyId, secretAccessKey: rgw.secretAccessKey, region: rgw.region, client, bucket: (n) => `fsbench-${run}-${n}` };
+  for (const n of ["strata", "rclone", "s3fs", "raw"]) {
+    const b = info.bucket(n);
+    if (!made.has(b)) await client.send(new CreateBucketCommand({ Bucket: b }));
+    made.add(b);
+  }
+  return info;
+}
+
+/** Raw PUT and GET of `src` as 16 MiB objects, 4 at a time: seconds each. */
+async function rawS3(s3: S3Info, src: string): Promise<{ put: Measure; get: Measure }> {
+  const PART = 16 * MB;
+  const { open } = await import("node:fs/promises");
+  const fh = await open(src, "r");
+  const n = Math.ceil(statSync(src).size / PART);
+  const bucket = s3.bucket("raw");
+  const pool = async (fn: (i: number) => Promise<void>) => {
+    let next = 0;
+    await Promise.all(Array.from({ length: 4 }, async () => {
+      for (let i = next++; i < n; i = next++) await fn(i);
+    }));
+  };
+  const put = await timed(() =>
+    pool(async (i) => {
+      const buf = Buffer.alloc(PART);
+      const { bytesRead } = await fh.read(buf, 0, PART, i * PART);
+      await s3.client.send(new PutObjectCommand({ Bucket: bucket, Key: `part-${i}`, Body: buf.subarray(0, bytesRead) }));
+    }),
+  );
+  await fh.close();
+  const get = await timed(() =>
+    pool(async (i) => {
+      const r = await s3.client.send(new GetObjectCommand({ Bucket: bucket, Key: `part-${i}` }));
+      for await (const _ of r.Body as AsyncIterable<Uint8Array>) void _;
+    }),
+  );
+  return { put, get };
+}
+
+// ---- workloads ----
+
+function makeRandomFile(path: string, mb: number): void {
+  const fd = openSync(path, "w");
+  const block = randomBytes(4 * MB);
+  for (let i = 0; i < mb / 4; i++) {
+    block.writeUInt32LE(i, 0);
+    block.writeUInt32LE(i * 7919, 4 * MB - 4);
+    for (let j = 0; j < 4 * MB; j += 64 * 1024) block.writeUInt32LE((i * 64 + j) >>> 0, j);
+    writeSync(fd, block);
+  }
+  closeSync(fd);
+}
+
+async function makeDevTarball(base: string): Promise<{ path: string; files: number }> {
+  const tree = join(base, "devtree");
+  mkdirSync(tree, { recursive: true });
+  for (let i = 0; i < DEV_COPIES; i++) {
+    await sh(`cd ${JSON.stringify(ROOT)} && find node_modules -type f -size -128k -print0 | tar --null -T - -cf - | (mkdir -p ${tree}/copy${i} && tar -xf - -C ${tree}/copy${i})`);
+  }
+  const files = Number((await sh(`find ${tree} -type f | wc -l`)).trim());
+  const path = join(base, "devtree.tar");
+  await sh(`tar -cf ${path} -C ${tree} .`);
+  rmSync(tree, { recursive: true, force: true });
+  return { path, files };
+}
+
+/** Runs a node script in a child process (the bench process itself never touches a mount it serves, but keeps its loop free). */
+async function nodeScript(code: string, args: string[]): Promise<string> {
+  const { stdout } = await exec(process.execPath, ["-e", code, ...args], { timeout: STEP_TIMEOUT_MS, maxBuffer: 16 * MB });
+  return stdout;
+}
+
+const CREATE_SCRIPT = `
+const fs = require("node:fs"); const [dir, n] = process.argv.slice(1);
+fs.mkdirSync(dir, { recursive: true });
+const body = Buffer.alloc(100, 120);
+const t0 = performance.now();
+for (let i = 0; i < Number(n); i++) fs.writeFileSync(dir + "/f" + i, body);
+const t1 = performance.now();
+for (let i = 0; i < Number(n); i++) fs.statSync(dir + "/f" + i);
+const t2 = performance.now();
+console.log(JSON.stringify({ create: (t1 - t0) / 1000, stat: (t2 - t1) / 1000 }));`;
+
+interface TargetResult {
+  name: string;
+  write?: Measure;
+  writeSync?: Measure;
+  cold?: Measure;
+  warm?: Measure;
+  creates?: Measure;
+  stats?: Measure;
+  untar?: Measure;
+  git?: Measure;
+  devSync?: Measure;
+  dev?: Measure;
+}
+
+async function benchTarget(t: Target, srcFile: string, tarball: string): Promise<TargetResult> {
+  const r: TargetResult = { name: t.name };
+  const log = (s: string) => process.stderr.write(`fs bench: ${t.name}: ${s}\n`);
+  try {
+    await t.mount();
+  } catch (err) {
+    r.write = { error: `mount: ${(err as Error).message.split("\n")[0]}` };
+    return r;
+  }
+  try {
+    const big = join(t.dir, "big.bin");
+    log("sequential write");
+    const w = await timed(() => sh(`dd if=${srcFile} of=${big} bs=1M conv=fsync status=none`));
+    const s = w.error ? w : await timed(() => t.sync());
+    r.write = w;
+    r.writeSync = w.error || s.error ? { error: w.error ?? s.error } : { seconds: w.seconds! + s.seconds! };
+
+    log("cold read");
+    await t.unmount();
+    await t.dropOwnCache();
+    await dropPageCache();
+    await t.mount();
+    r.cold = await timed(() => sh(`dd if=${big} of=/dev/null bs=1M status=none`));
+    log("warm read");
+    r.warm = await timed(() => sh(`dd if=${big} of=/dev/null bs=1M status=none`));
+    await timed(() => sh(`rm -f ${big}`));
+
+    log(`${FILES} creates and stats`);
+    const m = await timed(async () => {
+      const out = JSON.parse(await nodeScript(CREATE_SCRIPT, [join(t.dir, "small"), String(FILES)])) as { create: number; stat: number };
+      r.creates = { seconds: out.create };
+      r.stats = { seconds: out.stat };
+    });
+    if (m.error) r.creates = r.stats = m;
+
+    log("developer workload");
+    const work = join(t.dir, "dev");
+    r.untar = await timed(() => sh(`mkdir -p ${work} && tar -xf ${tarball} -C ${work}`));
+    r.git = r.untar.error ? { error: "skipped" } : await timed(() => sh(`git init -q && git add -A && git -c user.email=b@x -c user.name=b commit -q -m x`, { cwd: work }));
+    r.devSync = r.git.error ? { error: "skipped" } : await timed(() => t.sync());
+    r.dev = r.untar.error || r.git.error || r.devSync.error ? { error: r.untar.error ?? r.git.error ?? r.devSync.error } : { seconds: r.untar.seconds! + r.git.seconds! + r.devSync.seconds! };
+  } finally {
+    await t.unmount().catch(() => undefined);
+  }
+  return r;
+}
+
+function fmt(m: Measure | undefined, unit: (s: number) => string): string {
+  if (!m) return "-";
+  if (m.error) return `failed: ${m.error}`;
+  return unit(m.seconds!);
+}
+
+/** Runs the benchmark; prints the table, writes bench/results/fs.json and the "fs" section of bench/README.md. */
+export async function run(): Promise<unknown> {
+  const base = await mkdtemp(join("/var/tmp", "strata-fsbench-"));
+  const rgw = await startRgw({});
+  const results: TargetResult[] = [];
+  let raw: { put: Measure; get: Measure } = { put: {}, get: {} };
+  let devFiles = 0;
+  try {
+    const s3 = await s3Setup(rgw);
+    const srcFile = join(base, "source.bin");
+    process.stderr.write(`fs bench: making a ${FILE_MB} MiB source file and the developer tarball\n`);
+    makeRandomFile(srcFile, FILE_MB);
+    const tar = await makeDevTarball(base);
+    devFiles = tar.files;
+    raw = await rawS3(s3, srcFile);
+    const targets: Record<string, () => Target> = {
+      raw: () => rawTarget(base),
+      passthrough: () => passthroughTarget(base),
+      strata: () => strataTarget(base, s3),
+      rclone: () => rcloneTarget(base, s3),
+      s3fs: () => s3fsTarget(base, s3),
+    };
+    for (const name of TARGETS) results.push(await benchTarget(targets[name]!(), srcFile, tar.path));
+  } finally {
+    await rgw.stop().catch(() => undefined);
+    for (const d of readdirSync(base)) if (isMounted(join(base, d))) await fuseUnmount(join(base, d));
+    await rm(base, { recursive: true, force: true }).catch(() => undefined);
+  }
+
+  const rawDisk = results.find((r) => r.name === "raw disk");
+  const ratio = (m: Measure | undefined, ref: Measure | undefined, higherIsBetter: boolean): string => {
+    if (!m?.seconds || !ref?.seconds) return "";
+    return higherIsBetter ? ` (${((ref.seconds / m.seconds) * 100).toFixed(0)}%)` : ` (${(m.seconds / ref.seconds).toFixed(2)}×)`;
+  };
+  const mbps = (s: number) => `${(FILE_MB / s).toFixed(0)} MB/s`;
+  const perSec = (s: number) => `${Math.round(FILES / s)}/s`;
+  const secs = (s: number) => `${s.toFixed(1)} s`;
+  const rows: Row[] = results.map((r) => ({
+    target: r.name,
+    "write+sync": fmt(r.writeSync, mbps) + ratio(r.writeSync, rawDisk?.writeSync, true),
+    "cold read": fmt(r.cold, mbps) + ratio(r.cold, rawDisk?.cold, true),
+    "warm read": fmt(r.warm, mbps) + ratio(r.warm, rawDisk?.warm, true),
+    creates: fmt(r.creates, perSec) + ratio(r.creates, rawDisk?.creates, true),
+    stats: fmt(r.stats, perSec) + ratio(r.stats, rawDisk?.stats, true),
+    untar: fmt(r.untar, secs),
+    "git init+add+commit": fmt(r.git, secs),
+    sync: fmt(r.devSync, secs),
+    "dev total": fmt(r.dev, secs) + ratio(r.dev, rawDisk?.dev, false),
+  }));
+  rows.push({ target: "raw S3 (16 MiB objects ×4)", "write+sync": `PUT ${fmt(raw.put, mbps)}`, "cold read": `GET ${fmt(raw.get, mbps)}`, "warm read": "", creates: "", stats: "", untar: "", "git init+add+commit": "", sync: "", "dev total": "" });
+
+  const st = results.find((r) => r.name === "Strata (S3)");
+  const targets: string[] = [];
+  if (st && rawDisk) {
+    const pct = (a?: number, b?: number) => (a && b ? (b / a) * 100 : NaN);
+    const rawWriteUpload = rawDisk.writeSync?.seconds !== undefined && raw.put.seconds !== undefined ? rawDisk.writeSync.seconds + raw.put.seconds : undefined;
+    const peers = results.filter((r) => r.name.startsWith("rclone") || r.name === "s3fs");
+    targets.push(
+      `warm read ${pct(st.warm?.seconds, rawDisk.warm?.seconds).toFixed(0)}% of raw disk (target ≥ 50%)`,
+      `cold read ${pct(st.cold?.seconds, raw.get.seconds).toFixed(0)}% of raw GET (target ≥ 70%)`,
+      `write+sync ${pct(st.writeSync?.seconds, rawWriteUpload).toFixed(0)}% of raw disk write plus raw PUT (target ≥ 50%)`,
+      `${st.creates?.seconds ? Math.round(FILES / st.creates.seconds) : "n/a"} creates/s (target ≥ 1000)`,
+      `${st.stats?.seconds ? Math.round(FILES / st.stats.seconds) : "n/a"} stats/s (target ≥ 20000)`,
+      `developer workload ${st.dev?.seconds && rawDisk.dev?.seconds ? (st.dev.seconds / rawDisk.dev.seconds).toFixed(2) : "n/a"}× raw disk (target ≤ 3×), ` +
+        peers.map((p) => `${p.name} ${p.dev?.seconds ? `${p.dev.seconds.toFixed(1)} s` : fmt(p.dev, secs)}`).join(", "),
+    );
+  }
+  const note =
+    `One ${FILE_MB} MiB file of random bytes (dd bs=1M), ${FILES} files of 100 B, developer tree of ${devFiles} files (${DEV_COPIES} copies of node_modules files under 128 KiB). ` +
+    `Same Ceph RGW (memstore) on 127.0.0.1 for all S3 targets. Ratios: throughput as % of raw disk, dev total as × raw disk. ` +
+    `Cold read: unmount, empty the target's cache, drop the page cache, mount again.\n\nStrata against its targets: ${targets.join("; ")}.`;
+  await report("fs", rows, note, { fileMB: FILE_MB, files: FILES, devFiles, rawS3: raw, results });
+  return { rows, raw, results };
+}
+
+if (process.argv[2] === "serve-passthrough") {
+  const { mountFs, PassthroughFs } = await import("../volumefs/fuse/index.js");
+  const [src, dir] = process.argv.slice(3) as [string, string];
+  const m = await mountFs(new PassthroughFs(src), dir);
+  const stop = () => void m.unmount().then(() => process.exit(0));
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+} else if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url) && existsSync(ROOT)) {
+  await run();
+}
