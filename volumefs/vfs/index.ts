@@ -9,3 +9,6 @@ export * from "./build.js";
 export * from "./repo.js";
 export * from "./fsck.js";
 export * from "./mount-types.js";
+export * from "./staging.js";
+export * from "./control.js";
+export * from "./mount.js";

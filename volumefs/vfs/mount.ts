@@ -1,0 +1,1074 @@
+/**
+ * A mounted volume: the POSIX surface (MountFs) over a base version plus the durable staging
+ * layer (staging.ts), and sync without stalling the mount.
+ *
+ * State: `overlay` (the live staged tree over `base`), `contents` (the bytes of staged files,
+ * by id), open handles. Every change is applied to the overlay, then appended to the staging
+ * journal before it is answered; opening the mount replays the journal (so a killed mount loses
+ * nothing it answered). Changes run one at a time (`exclusive`); reads do not wait for them.
+ *
+ * Sync: under `exclusive`, the overlay is cloned and every staged content in it is frozen, and
+ * the journal moves to a new layer; then, without holding anything, the clone is uploaded and
+ * committed by `Repository.sync`. Writes meanwhile go on: a write to a frozen content makes a new
+ * content over it (copy-on-write of the content object, not of the bytes). After the commit, under
+ * `exclusive` again: the new version becomes the base and the overlay is rebuilt over it by
+ * replaying the journal layers written since the freeze (usually a handful of operations), which
+ * is all a sync ever holds the mount for.
+ *
+ * Files are never copied to be changed: a staged content keeps only the written ranges and reads
+ * the rest from the base chunks; sync re-chunks only around the written ranges.
+ */
+import { randomBytes } from "node:crypto";
+import { constants } from "node:fs";
+import { hostname } from "node:os";
+import { DEFAULT_CHUNK_PARAMS, type ChunkParams, type ChunkStore } from "../chunk/index.js";
+import { VolumeError } from "../errors.js";
+import type { VersionRecord } from "../../metadata/index.js";
+import { ControlDir, entryAttr, type ControlHandle, type VersionFileHandle } from "./control.js";
+import type { FileAttr, MountFs, MountStatus, MountSyncOptions, MountSyncResult } from "./mount-types.js";
+import { isPending, Overlay, type OverlayNode, type PendingContent, type PendingFileEntry, type StagedEntry } from "./overlay.js";
+import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
+import type { Repository } from "./repo.js";
+import { StagedContent, StagingDir, type JournalOp, type Lower } from "./staging.js";
+import { EMPTY_TREE, type ChunkRef, type FileEntry } from "./tree.js";
+
+/** Options of MountedVolume.open. */
+export interface MountedVolumeOptions {
+  /** The repository the volume lives in. */
+  repo: Repository;
+  /** The volume's name. */
+  volume: string;
+  /** A version to mount (read-only); default the head, writable. */
+  at?: string;
+  /** Refuse every write with READ_ONLY. Default false. */
+  readOnly?: boolean;
+  /** Where staging directories live (`<stagingRoot>/<env>/<volume>/`), e.g. $STRATA_HOME/staging. */
+  stagingRoot: string;
+  /** Provenance labels added to every version this mount syncs (e.g. a run id). */
+  labels?: Record<string, string>;
+  /** The mount point, for the `mount` provenance label (host:pid:mountpoint). */
+  mountpoint?: string;
+  /** Bytes of recently read chunks kept in memory. Default 64 MiB. */
+  cacheBytes?: number;
+  /** Most chunks a sequential reader prefetches ahead. Default 32 (about 2 MiB). */
+  readaheadChunks?: number;
+  /** Chunking parameters used to re-chunk around edits; default the store's. */
+  chunkParams?: ChunkParams;
+}
+
+type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
+
+interface FileHandle {
+  kind: "file";
+  /** The path the handle follows (renames move it); null once unlinked. */
+  segs: string[] | null;
+  /** What an unlinked handle still reads and writes. */
+  orphan?: StagedEntry;
+  flags: number;
+  /** Sequential-read detection. */
+  next: number;
+  seq: number;
+}
+
+type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
+
+/** Thrown for a name over NAME_MAX bytes (the adapter answers ENAMETOOLONG). */
+function nameTooLong(path: string): VolumeError {
+  return new VolumeError("INVALID_PATH", `check path ${JSON.stringify(path)}: a name is longer than ${NAME_MAX} bytes`, { path, details: "name-too-long" });
+}
+
+/** Path segments of an absolute mount path. */
+function segsOf(path: string): string[] {
+  for (const seg of path.split("/")) if (seg.length > NAME_MAX / 4 && Buffer.byteLength(seg) > NAME_MAX) throw nameTooLong(path);
+  return splitPath(path);
+}
+
+function contentOf(e: StagedEntry | null | undefined): StagedContent | undefined {
+  return isPending(e) && e.pending.kind === "upload" ? (e.pending as UploadPending).content : undefined;
+}
+
+const O_ACCMODE = 3;
+const XATTR_CREATE = 1;
+const XATTR_REPLACE = 2;
+
+/**
+ * A cache of recently read chunks with per-handle sequential readahead, over the chunk store
+ * (host chunk cache, then ranged GETs of packs).
+ */
+export class ChunkReader {
+  private readonly cache = new Map<string, { p: Promise<Uint8Array>; length: number }>();
+  private bytes = 0;
+  private readonly offsets = new WeakMap<readonly ChunkRef[], number[]>();
+
+  constructor(
+    private readonly store: ChunkStore,
+    private readonly maxBytes = 64 << 20,
+    private readonly maxAhead = 32,
+  ) {}
+
+  private starts(chunks: readonly ChunkRef[]): number[] {
+    let s = this.offsets.get(chunks);
+    if (!s) {
+      s = new Array<number>(chunks.length + 1);
+      let acc = 0;
+      for (let i = 0; i < chunks.length; i++) {
+        s[i] = acc;
+        acc += chunks[i]!.length;
+      }
+      s[chunks.length] = acc;
+      this.offsets.set(chunks, s);
+    }
+    return s;
+  }
+
+  private fetch(chunks: readonly ChunkRef[], from: number, to: number): void {
+    let i = from;
+    while (i < to) {
+      while (i < to && this.cache.has(chunks[i]!.id)) i++;
+      if (i >= to) break;
+      let j = i;
+      let total = 0;
+      while (j < to && !this.cache.has(chunks[j]!.id) && total < 8 << 20) total += chunks[j++]!.length;
+      const run = chunks.slice(i, j);
+      const all = this.store.readRange(run, 0, total);
+      let off = 0;
+      for (const c of run) {
+        const at = off;
+        const p = all.then((b) => b.subarray(at, at + c.length));
+        p.catch(() => this.drop(c.id, p));
+        this.put(c.id, p, c.length);
+        off += c.length;
+      }
+      i = j;
+    }
+  }
+
+  private put(id: string, p: Promise<Uint8Array>, length: number): void {
+    if (this.cache.has(id)) return;
+    this.cache.set(id, { p, length });
+    this.bytes += length;
+    while (this.bytes > this.maxBytes && this.cache.size > 1) {
+      const [oldest, old] = this.cache.entries().next().value as [string, { length: number }];
+      this.cache.delete(oldest);
+      this.bytes -= old.length;
+    }
+  }
+
+  /**
+   * Bytes [offset, offset+length) of a stored file (shorter at its end). With `ra`, a read that
+   * starts where the previous one ended counts as sequential and prefetches the next chunks in
+   * the background, up to `maxAhead` chunks.
+   */
+  async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array> {
+    const end = Math.min(size, offset + length);
+    if (end <= offset) return new Uint8Array(0);
+    const s = this.starts(chunks);
+    let lo = 0;
+    let hi = chunks.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >>> 1;
+      if (s[mid]! <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    let last = lo;
+    while (last + 1 < chunks.length && s[last + 1]! < end) last++;
+    this.fetch(chunks, lo, last + 1);
+    if (ra) {
+      ra.seq = offset === ra.next ? ra.seq + 1 : 0;
+      ra.next = end;
+      if (ra.seq >= 1) this.fetch(chunks, last + 1, Math.min(chunks.length, last + 1 + Math.min(this.maxAhead, 2 ** Math.min(ra.seq + 1, 10))));
+    }
+    if (lo === last) {
+      const b = await this.get(chunks[lo]!);
+      return b.subarray(offset - s[lo]!, end - s[lo]!);
+    }
+    const parts = await Promise.all(Array.from({ length: last - lo + 1 }, (_, k) => this.get(chunks[lo + k]!)));
+    const out = Buffer.alloc(end - offset);
+    for (let k = 0; k < parts.length; k++) {
+      const cs = s[lo + k]!;
+      const a = Math.max(offset, cs);
+      const b = Math.min(end, cs + chunks[lo + k]!.length);
+      out.set(parts[k]!.subarray(a - cs, b - cs), a - offset);
+    }
+    return out;
+  }
+
+  private get(c: ChunkRef): Promise<Uint8Array> {
+    const hit = this.cache.get(c.id);
+    if (hit) {
+      this.cache.delete(c.id);
+      this.cache.set(c.id, hit);
+      return hit.p;
+    }
+    const p = this.store.readRange([c], 0, c.length);
+    p.catch(() => this.drop(c.id, p));
+    this.put(c.id, p, c.length);
+    return p;
+  }
+
+  private drop(id: string, p: Promise<Uint8Array>): void {
+    const cur = this.cache.get(id);
+    if (cur && cur.p === p) {
+      this.cache.delete(id);
+      this.bytes -= cur.length;
+    }
+  }
+}
+
+/**
+ * A volume mounted at its head (writable, with a durable staging layer) or at any version
+ * (read-only). Implements MountFs for the FUSE adapter; usable directly in tests and tools.
+ */
+export class MountedVolume implements MountFs {
+  readonly repo: Repository;
+  readonly volume: string;
+  readonly readOnly: boolean;
+  /** The control directory (/.strata). */
+  readonly control: ControlDir;
+  private base: VersionRecord | null;
+  private overlay: Overlay;
+  private readonly staging: StagingDir | undefined;
+  private readonly contents = new Map<string, StagedContent>();
+  private readonly handles = new Map<number, Handle>();
+  private nextHandle = 1;
+  private lock: Promise<unknown> = Promise.resolve();
+  private syncing: Promise<MountSyncResult> | undefined;
+  private readonly reader: ChunkReader;
+  private readonly labels: Record<string, string>;
+  private readonly pinned: boolean;
+  private readonly params: ChunkParams;
+  private closed = false;
+
+  private constructor(opts: MountedVolumeOptions, base: VersionRecord | null, staging: StagingDir | undefined, mountName: string) {
+    this.repo = opts.repo;
+    this.volume = opts.volume;
+    this.readOnly = !!opts.readOnly || opts.at !== undefined;
+    this.pinned = opts.at !== undefined;
+    this.base = base;
+    this.overlay = opts.repo.stage(base);
+    this.staging = staging;
+    this.reader = new ChunkReader(opts.repo.chunks, opts.cacheBytes, opts.readaheadChunks);
+    this.labels = { mount: mountName, ...(opts.labels ?? {}) };
+    this.params = opts.chunkParams ?? (opts.repo.chunks as unknown as { params?: ChunkParams }).params ?? DEFAULT_CHUNK_PARAMS;
+    this.control = new ControlDir(this);
+  }
+
+  /**
+   * Mounts a volume. Writable mounts take the volume's staging directory on this host (throws
+   * ALREADY_EXISTS while another live process, or this one, has it mounted) and replay what it
+   * holds. Throws UNKNOWN_VOLUME, UNKNOWN_VERSION.
+   */
+  static async open(opts: MountedVolumeOptions): Promise<MountedVolume> {
+    const repo = opts.repo;
+    const mountName = `${hostname()}:${process.pid}:${opts.mountpoint ?? "-"}`;
+    if (opts.readOnly || opts.at !== undefined) {
+      const v = await repo.resolve(opts.volume, opts.at);
+      return new MountedVolume(opts, v, undefined, mountName);
+    }
+    const vol = await repo.volume(opts.volume);
+    const staging = StagingDir.open(opts.stagingRoot, repo.env, opts.volume, mountName, vol.head);
+    try {
+      const m = new MountedVolume(opts, null, staging, mountName);
+      await m.recover(vol.head);
+      return m;
+    } catch (err) {
+      staging.close();
+      throw err;
+    }
+  }
+
+  // ---- recovery and replay ----
+
+  private async recover(head: string | null): Promise<void> {
+    const staging = this.staging!;
+    let layers = staging.readLayers();
+    let m = staging.manifest;
+    if (!layers.some((l) => l.ops.length > 0) && !m.syncing) {
+      staging.dropLayers(staging.layer - 1);
+      staging.deleteData(staging.listData());
+      staging.writeManifest({ v: 1, base: head, first: staging.layer }, true);
+      this.setBase(head ? await this.repo.version(head) : null);
+      return;
+    }
+    let base = m.base ? await this.repo.version(m.base) : null;
+    if (m.syncing) {
+      const committed = await this.findSynced(m.syncing.token);
+      if (committed) {
+        const scratch = this.repo.stage(base);
+        for (const l of layers) if (l.layer <= m.syncing.upTo) for (const op of l.ops) await this.replayOp(scratch, op, "recover");
+        layers = layers.filter((l) => l.layer > m.syncing!.upTo);
+        staging.dropLayers(m.syncing.upTo);
+        base = committed;
+        m = { v: 1, base: committed.id, first: m.syncing.upTo + 1 };
+      } else m = { v: 1, base: m.base, first: m.first };
+      staging.writeManifest(m, true);
+    }
+    this.setBase(base);
+    for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
+    const live = this.reachable();
+    staging.deleteData(staging.listData().filter((id) => !live.has(id)));
+    for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
+  }
+
+  private async findSynced(token: string): Promise<VersionRecord | null> {
+    const vol = await this.repo.volume(this.volume);
+    let id = vol.head;
+    for (let n = 0; id && n < 200; n++) {
+      const v = await this.repo.version(id);
+      if (v.labels.syncId === token) return v;
+      id = v.parents[0] ?? null;
+    }
+    return null;
+  }
+
+  private setBase(v: VersionRecord | null): void {
+    this.base = v;
+    this.overlay = this.repo.stage(v);
+  }
+
+  /** Applies one journal operation; in "rebase" mode contents already hold their bytes. */
+  private async replayOp(ov: Overlay, op: JournalOp, mode: "recover" | "rebase"): Promise<void> {
+    try {
+      await this.apply(ov, op, mode);
+    } catch (err) {
+      if (!(err instanceof VolumeError)) throw err;
+    }
+  }
+
+  private pendingEntry(name: string, content: StagedContent, like?: StagedEntry): PendingFileEntry {
+    const read = this.readChunks;
+    const params = this.params;
+    const pending: UploadPending = {
+      kind: "upload",
+      get size() {
+        return content.size;
+      },
+      upload: (writer) => content.upload(writer, read, params),
+      content,
+    };
+    const e: PendingFileEntry = { kind: "file", name, mode: like?.mode ?? 0o644, mtime: content.mtime, size: content.size, pending };
+    if (like?.uid) e.uid = like.uid;
+    if (like?.gid) e.gid = like.gid;
+    if (like?.xattrs) e.xattrs = like.xattrs;
+    return e;
+  }
+
+  private readonly readChunks = (chunks: readonly ChunkRef[], size: number, offset: number, length: number): Promise<Uint8Array> =>
+    this.reader.read(chunks, size, offset, length);
+
+  private newContent(lower: Lower, size: number, mtime: number, id = randomBytes(8).toString("hex")): StagedContent {
+    const c = new StagedContent(this.staging!, id, lower, size, mtime);
+    this.contents.set(id, c);
+    return c;
+  }
+
+  /** A new content whose lower layer is what `e` shows now. */
+  private cowOf(e: StagedEntry, id?: string): StagedContent {
+    const old = contentOf(e);
+    if (old) return this.newContent({ kind: "content", content: old }, old.size, old.mtime, id);
+    if (e.kind !== "file" || isPending(e)) throw new VolumeError("INVALID_ARGUMENT", `write ${JSON.stringify(e.name)}: not a regular file`);
+    const f = e as FileEntry;
+    return this.newContent({ kind: "chunks", chunks: f.chunks, size: f.size }, f.size, f.mtime, id);
+  }
+
+  private async apply(ov: Overlay, op: JournalOp, mode: "live" | "recover" | "rebase"): Promise<void> {
+    switch (op.o) {
+      case "create": {
+        const segs = op.p.split("/");
+        const c = (mode === "rebase" && this.contents.get(op.c)) || this.newContent(null, 0, op.t, op.c);
+        const e = this.pendingEntry(segs.at(-1)!, c, { kind: "file", name: "", mode: op.m, mtime: op.t, size: 0, chunks: [], uid: op.u, gid: op.g });
+        await ov.put(segs, e);
+        return;
+      }
+      case "cow": {
+        const segs = op.p.split("/");
+        const cur = await ov.lookup(segs);
+        if (!cur) throw VolumeError.NOT_FOUND(op.p);
+        let c = mode === "rebase" ? this.contents.get(op.c) : undefined;
+        if (!c) {
+          const from = op.f ? this.contents.get(op.f) : undefined;
+          c = from ? this.newContent({ kind: "content", content: from }, from.size, from.mtime, op.c) : this.cowOf(cur, op.c);
+        }
+        await ov.put(segs, this.pendingEntry(segs.at(-1)!, c, cur));
+        return;
+      }
+      case "w":
+        if (mode === "recover") this.contents.get(op.c)?.noteWrite(op.at, op.n, op.t);
+        return;
+      case "tr":
+        if (mode === "recover") this.contents.get(op.c)?.noteTruncate(op.s, op.t);
+        return;
+      case "mkdir": {
+        const segs = op.p.split("/");
+        const e: StagedEntry = { kind: "dir", name: segs.at(-1)!, mode: op.m & 0o7777, mtime: op.t, tree: EMPTY_TREE.id, files: 0, bytes: 0 };
+        if (op.u) e.uid = op.u;
+        if (op.g) e.gid = op.g;
+        await ov.put(segs, e);
+        return;
+      }
+      case "rm":
+        await ov.remove(op.p.split("/"), { recursive: true });
+        return;
+      case "mv":
+        await ov.rename(op.p.split("/"), op.d.split("/"));
+        return;
+      case "sym": {
+        const segs = op.p.split("/");
+        const e: StagedEntry = { kind: "symlink", name: segs.at(-1)!, mode: 0o777, mtime: op.t, target: op.target };
+        if (op.u) e.uid = op.u;
+        if (op.g) e.gid = op.g;
+        await ov.put(segs, e);
+        return;
+      }
+      case "link": {
+        const e = await ov.lookup(op.p.split("/"));
+        if (!e) throw VolumeError.NOT_FOUND(op.p);
+        const d = op.d.split("/");
+        await ov.put(d, { ...e, name: d.at(-1)! });
+        return;
+      }
+      case "attr": {
+        const segs = op.p.split("/");
+        await ov.setAttr(segs, { mode: op.mode, mtime: op.mtime, uid: op.uid, gid: op.gid });
+        if (op.mtime !== undefined && mode !== "rebase") {
+          const c = contentOf(await ov.lookup(segs));
+          if (c && !c.frozen) c.mtime = op.mtime;
+        }
+        return;
+      }
+      case "xattr": {
+        const segs = op.p.split("/");
+        const e = await ov.lookup(segs);
+        if (!e) throw VolumeError.NOT_FOUND(op.p);
+        const x = { ...(e.xattrs ?? {}) };
+        if (op.v === null) delete x[op.k];
+        else x[op.k] = Buffer.from(op.v, "base64");
+        await ov.setAttr(segs, { xattrs: x });
+        return;
+      }
+    }
+  }
+
+  /** Content ids reachable from the overlay and the open handles (with their lower layers). */
+  private reachable(): Set<string> {
+    const out = new Set<string>();
+    const add = (c: StagedContent | undefined): void => {
+      while (c && !out.has(c.id)) {
+        out.add(c.id);
+        c = c.lower?.kind === "content" ? c.lower.content : undefined;
+      }
+    };
+    const walk = (n: OverlayNode): void => {
+      add(contentOf(n.replace));
+      for (const child of n.children?.values() ?? []) walk(child);
+    };
+    walk(this.overlay.root);
+    for (const h of this.handles.values()) if (h.kind === "file") add(contentOf(h.orphan));
+    return out;
+  }
+
+  // ---- helpers ----
+
+  /** Runs changes one at a time. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(fn, fn);
+    this.lock = run.catch(() => undefined);
+    return run;
+  }
+
+  private checkWritable(op: string, path: string): void {
+    if (this.closed) throw new VolumeError("BAD_HANDLE", `${op} ${JSON.stringify(path)}: the mount is closed`);
+    if (this.readOnly) {
+      throw VolumeError.READ_ONLY(JSON.stringify(path), { op, volume: this.volume, hint: this.pinned ? "this mount shows an old version; mount the head to write" : "the volume is mounted read-only" });
+    }
+  }
+
+  /** Segments of a path that may be changed (not the root, not /.strata). */
+  private writableSegs(op: string, path: string): string[] {
+    const segs = segsOf(path);
+    this.checkWritable(op, path);
+    if (segs.length === 0) throw new VolumeError("PERMISSION", `${op} "/": the root of the mount cannot be changed`, { path });
+    if (segs[0] === RESERVED_NAME) {
+      if (segs.length === 1 && op === "mkdir") throw VolumeError.ALREADY_EXISTS(JSON.stringify(path), { op });
+      throw new VolumeError("PERMISSION", `${op} ${JSON.stringify(path)}: ${RESERVED_NAME} is the mount's control directory`, { path });
+    }
+    return segs;
+  }
+
+  private async mustLookup(segs: string[], op: string): Promise<StagedEntry> {
+    const e = await this.overlay.lookup(segs);
+    if (!e) throw VolumeError.NOT_FOUND(JSON.stringify("/" + segs.join("/")), { op, path: "/" + segs.join("/") });
+    return e;
+  }
+
+  private async checkParent(segs: string[], op: string): Promise<void> {
+    if (segs.length <= 1) return;
+    const p = await this.mustLookup(segs.slice(0, -1), op);
+    if (p.kind !== "dir") throw VolumeError.NOT_A_DIRECTORY("/" + segs.slice(0, -1).join("/"), { op });
+  }
+
+  private journal(op: JournalOp): void {
+    this.staging!.append(op);
+  }
+
+  private async change(op: JournalOp): Promise<void> {
+    await this.apply(this.overlay, op, "live");
+    this.journal(op);
+  }
+
+  private attrOf(segs: string[], e: StagedEntry): FileAttr {
+    const c = contentOf(e);
+    if (c) {
+      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false };
+    }
+    return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
+  }
+
+  /** True when the overlay has a node on the path (the entry may differ from the base). */
+  private touched(segs: string[]): boolean {
+    let n: OverlayNode | undefined = this.overlay.root;
+    for (const s of segs) {
+      n = n.children?.get(s);
+      if (!n) return false;
+      if (n.replace !== undefined) return true;
+    }
+    return true;
+  }
+
+  private handle(fh: number): Handle {
+    const h = this.handles.get(fh);
+    if (!h) throw new VolumeError("BAD_HANDLE", `use file handle ${fh}: not open`);
+    return h;
+  }
+
+  private async entryOf(h: FileHandle): Promise<StagedEntry> {
+    if (!h.segs) return h.orphan!;
+    const e = await this.overlay.lookup(h.segs);
+    if (!e) throw new VolumeError("BAD_HANDLE", `use file handle: ${JSON.stringify("/" + h.segs.join("/"))} is gone`);
+    return e;
+  }
+
+  /** The content a write through `h` (or to `segs`) goes to, made (copy-on-write) if needed. Call inside exclusive. */
+  private async writable(target: { h?: FileHandle; segs?: string[] }): Promise<StagedContent> {
+    const segs = target.h ? target.h.segs : target.segs!;
+    const e = segs ? await this.mustLookup(segs, "write") : target.h!.orphan!;
+    if (e.kind === "dir") throw VolumeError.IS_A_DIRECTORY("/" + (segs ?? []).join("/"), { op: "write" });
+    if (e.kind === "symlink") throw new VolumeError("INVALID_ARGUMENT", `write ${JSON.stringify("/" + (segs ?? []).join("/"))}: a symbolic link`);
+    const cur = contentOf(e);
+    if (cur && !cur.frozen) return cur;
+    const id = randomBytes(8).toString("hex");
+    const c = this.cowOf(e, id);
+    if (segs) {
+      await this.overlay.put(segs, this.pendingEntry(segs.at(-1)!, c, e));
+      this.journal({ o: "cow", p: segs.join("/"), c: id, ...(cur ? { f: cur.id } : {}) });
+    } else target.h!.orphan = this.pendingEntry(e.name, c, e);
+    return c;
+  }
+
+  private orphanHandles(segs: string[], e: StagedEntry): void {
+    const key = segs.join("/");
+    for (const h of this.handles.values()) {
+      if (h.kind === "file" && h.segs && h.segs.join("/") === key) {
+        h.segs = null;
+        h.orphan = e;
+      }
+    }
+  }
+
+  // ---- MountFs: reading ----
+
+  /** Attributes of a path. Throws NOT_FOUND, NOT_A_DIRECTORY. */
+  async getattr(path: string): Promise<FileAttr> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME) return this.control.getattr(segs.slice(1));
+    if (segs.length === 0) {
+      const r = this.overlay.base.rootEntry;
+      return { ...entryAttr(r, false), mode: this.readOnly ? 0o555 : 0o755 };
+    }
+    return this.attrOf(segs, await this.mustLookup(segs, "stat"));
+  }
+
+  /** Names in a directory, sorted; "/" does not list `.strata`. */
+  async readdir(path: string): Promise<string[]> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME) return this.control.readdir(segs.slice(1));
+    const entries = await this.overlay.readdir(segs);
+    const names = entries.map((e) => e.name);
+    return segs.length === 0 ? names.filter((n) => n !== RESERVED_NAME) : names;
+  }
+
+  /** The target of a symbolic link; INVALID_ARGUMENT (EINVAL) for anything else. */
+  async readlink(path: string): Promise<string> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME) return this.control.readlink(segs.slice(1));
+    const e = await this.mustLookup(segs, "read link");
+    if (e.kind !== "symlink") throw new VolumeError("INVALID_ARGUMENT", `read link ${JSON.stringify(path)}: not a symbolic link`, { path });
+    return e.target;
+  }
+
+  /** Opens a file (O_TRUNC with write access truncates it). Directories open for reading only. */
+  async open(path: string, flags: number): Promise<number> {
+    const segs = segsOf(path);
+    const wantWrite = (flags & O_ACCMODE) !== constants.O_RDONLY;
+    if (segs[0] === RESERVED_NAME) return this.addHandle(await this.control.open(segs.slice(1), wantWrite));
+    const e = await this.mustLookup(segs, "open");
+    if (e.kind === "dir") {
+      if (wantWrite) throw VolumeError.IS_A_DIRECTORY(path, { op: "open" });
+      return this.addHandle({ kind: "dir" });
+    }
+    if (wantWrite) this.checkWritable("open", path);
+    const h: FileHandle = { kind: "file", segs, flags, next: 0, seq: 0 };
+    if (wantWrite && flags & constants.O_TRUNC) {
+      await this.exclusive(async () => {
+        const c = await this.writable({ segs });
+        if (c.size !== 0) {
+          const t = Date.now();
+          c.truncate(0, t);
+          this.journal({ o: "tr", c: c.id, s: 0, t });
+        }
+      });
+    }
+    return this.addHandle(h);
+  }
+
+  private addHandle(h: Handle): number {
+    const fh = this.nextHandle++;
+    this.handles.set(fh, h);
+    return fh;
+  }
+
+  /** Creates a regular file and opens it; EEXIST with O_EXCL, else opens what is there. */
+  async create(path: string, mode: number, flags: number): Promise<number> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME && segs.length > 1) {
+      const fh = await this.open(path, flags & ~(constants.O_CREAT | constants.O_EXCL));
+      return fh;
+    }
+    this.writableSegs("create", path);
+    return this.exclusive(async () => {
+      await this.checkParent(segs, "create");
+      const cur = await this.overlay.lookup(segs);
+      if (cur) {
+        if (flags & constants.O_EXCL) throw VolumeError.ALREADY_EXISTS(JSON.stringify(path), { op: "create", path });
+        if (cur.kind === "dir") throw VolumeError.IS_A_DIRECTORY(path, { op: "create" });
+      } else {
+        const id = randomBytes(8).toString("hex");
+        await this.change({ o: "create", p: segs.join("/"), c: id, m: mode & 0o7777, t: Date.now() });
+        return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
+      }
+      if (flags & constants.O_TRUNC && (flags & O_ACCMODE) !== constants.O_RDONLY) {
+        const c = await this.writable({ segs });
+        if (c.size !== 0) {
+          const t = Date.now();
+          c.truncate(0, t);
+          this.journal({ o: "tr", c: c.id, s: 0, t });
+        }
+      }
+      return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
+    });
+  }
+
+  /** Up to `length` bytes at `position` of an open file. */
+  async read(fh: number, length: number, position: number): Promise<Uint8Array> {
+    const h = this.handle(fh);
+    if (h.kind === "control" || h.kind === "version") return this.control.read(h, length, position);
+    if (h.kind === "dir") throw VolumeError.IS_A_DIRECTORY("a directory", { op: "read" });
+    const e = await this.entryOf(h);
+    const c = contentOf(e);
+    if (c) return c.read(position, length, this.readChunks);
+    if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
+    const f = e as FileEntry;
+    return this.reader.read(f.chunks, f.size, position, length, h);
+  }
+
+  // ---- MountFs: writing ----
+
+  /** Writes at `position` (at the end with O_APPEND); the bytes go to the staging layer. */
+  async write(fh: number, data: Uint8Array, position: number): Promise<number> {
+    const h = this.handle(fh);
+    if (h.kind === "control" || h.kind === "version") return this.control.write(h, data);
+    if (h.kind === "dir") throw new VolumeError("BAD_HANDLE", "write: a directory handle");
+    if ((h.flags & O_ACCMODE) === constants.O_RDONLY) throw new VolumeError("BAD_HANDLE", "write: the file is open for reading only");
+    this.checkWritable("write", h.segs ? "/" + h.segs.join("/") : "(unlinked)");
+    return this.exclusive(async () => {
+      const c = await this.writable({ h });
+      const at = h.flags & constants.O_APPEND ? c.size : position;
+      const t = Date.now();
+      c.write(data, at, t);
+      this.journal({ o: "w", c: c.id, at, n: data.length, t });
+      return data.length;
+    });
+  }
+
+  /** Sets a file's size (zeros when it grows). */
+  async truncate(path: string, size: number): Promise<void> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME) {
+      await this.control.getattr(segs.slice(1));
+      return;
+    }
+    this.writableSegs("truncate", path);
+    if (!Number.isSafeInteger(size) || size < 0) throw new VolumeError("INVALID_ARGUMENT", `truncate ${JSON.stringify(path)}: bad size ${size}`);
+    await this.exclusive(async () => {
+      const c = await this.writable({ segs });
+      const t = Date.now();
+      c.truncate(size, t);
+      this.journal({ o: "tr", c: c.id, s: size, t });
+    });
+  }
+
+  /** Sets an open file's size. */
+  async ftruncate(fh: number, size: number): Promise<void> {
+    const h = this.handle(fh);
+    if (h.kind !== "file") return;
+    if ((h.flags & O_ACCMODE) === constants.O_RDONLY) throw new VolumeError("BAD_HANDLE", "truncate: the file is open for reading only");
+    this.checkWritable("truncate", h.segs ? "/" + h.segs.join("/") : "(unlinked)");
+    if (!Number.isSafeInteger(size) || size < 0) throw new VolumeError("INVALID_ARGUMENT", `truncate: bad size ${size}`);
+    await this.exclusive(async () => {
+      const c = await this.writable({ h });
+      const t = Date.now();
+      c.truncate(size, t);
+      this.journal({ o: "tr", c: c.id, s: size, t });
+    });
+  }
+
+  /** Nothing to do: every write is in the staging layer's page cache when it is answered. */
+  async flush(fh: number): Promise<void> {
+    this.handle(fh);
+  }
+
+  /** Forces the file's staged bytes and the journal to the disk. */
+  async fsync(fh: number, _datasync: boolean): Promise<void> {
+    const h = this.handle(fh);
+    if (h.kind !== "file" || !this.staging) return;
+    const c = contentOf(await this.entryOf(h).catch(() => undefined));
+    this.staging.fsync(c && c.extents.bytes > 0 ? [c.id] : []);
+  }
+
+  /** Closes a handle; idempotent for unknown handles is not given: BAD_HANDLE. */
+  async release(fh: number): Promise<void> {
+    this.handle(fh);
+    this.handles.delete(fh);
+  }
+
+  /** Removes a file or symlink; open handles keep reading and writing it. */
+  async unlink(path: string): Promise<void> {
+    const segs = this.writableSegs("unlink", path);
+    await this.exclusive(async () => {
+      const e = await this.mustLookup(segs, "unlink");
+      if (e.kind === "dir") throw VolumeError.IS_A_DIRECTORY(path, { op: "unlink" });
+      this.orphanHandles(segs, e);
+      await this.change({ o: "rm", p: segs.join("/") });
+    });
+  }
+
+  /** Creates a directory; EEXIST when something is there. */
+  async mkdir(path: string, mode: number): Promise<void> {
+    const segs = this.writableSegs("mkdir", path);
+    await this.exclusive(async () => {
+      await this.checkParent(segs, "mkdir");
+      if (await this.overlay.lookup(segs)) throw VolumeError.ALREADY_EXISTS(JSON.stringify(path), { op: "mkdir", path });
+      await this.change({ o: "mkdir", p: segs.join("/"), m: mode & 0o7777, t: Date.now() });
+    });
+  }
+
+  /** Removes an empty directory. */
+  async rmdir(path: string): Promise<void> {
+    const segs = this.writableSegs("rmdir", path);
+    await this.exclusive(async () => {
+      const e = await this.mustLookup(segs, "rmdir");
+      if (e.kind !== "dir") throw VolumeError.NOT_A_DIRECTORY(path, { op: "rmdir" });
+      if ((await this.overlay.readdir(segs)).length > 0) throw new VolumeError("NOT_EMPTY", `rmdir ${JSON.stringify(path)}: directory not empty`, { path });
+      await this.change({ o: "rm", p: segs.join("/") });
+    });
+  }
+
+  /** rename(2), atomically: replaces a file, or an empty directory, at `dst`. */
+  async rename(src: string, dst: string): Promise<void> {
+    const s = this.writableSegs("rename", src);
+    const d = this.writableSegs("rename", dst);
+    await this.exclusive(async () => {
+      const e = await this.mustLookup(s, "rename");
+      await this.checkParent(d, "rename");
+      if (s.join("/") === d.join("/")) return;
+      const prefix = s.join("/") + "/";
+      if ((d.join("/") + "/").startsWith(prefix)) throw new VolumeError("INVALID_ARGUMENT", `rename ${JSON.stringify(src)}: target ${JSON.stringify(dst)} is inside it`, { path: src });
+      const target = await this.overlay.lookup(d);
+      if (target && target.kind !== "dir" && e.kind !== "dir") this.orphanHandles(d, target);
+      await this.change({ o: "mv", p: s.join("/"), d: d.join("/") });
+      const sk = s.join("/");
+      for (const h of this.handles.values()) {
+        if (h.kind !== "file" || !h.segs) continue;
+        const hk = h.segs.join("/");
+        if (hk === sk) h.segs = [...d];
+        else if (hk.startsWith(prefix)) h.segs = [...d, ...h.segs.slice(s.length)];
+      }
+    });
+  }
+
+  /** Creates a symbolic link at `path` pointing to `target` (stored as given). */
+  async symlink(target: string, path: string): Promise<void> {
+    const segs = this.writableSegs("symlink", path);
+    if (Buffer.byteLength(target) > 4096) throw new VolumeError("INVALID_PATH", `symlink ${JSON.stringify(path)}: target longer than 4096 bytes`, { path, details: "name-too-long" });
+    await this.exclusive(async () => {
+      await this.checkParent(segs, "symlink");
+      if (await this.overlay.lookup(segs)) throw VolumeError.ALREADY_EXISTS(JSON.stringify(path), { op: "symlink", path });
+      await this.change({ o: "sym", p: segs.join("/"), target, t: Date.now() });
+    });
+  }
+
+  /**
+   * A hard link. A tree has no inodes, so `dst` is a second entry with the same content: until
+   * the next sync both names share the staged bytes (a write through one shows in the other);
+   * after a sync they are two files with the same chunks, and the next write to one of them
+   * changes that name only. nlink stays 1.
+   */
+  async link(src: string, dst: string): Promise<void> {
+    const s = this.writableSegs("link", src);
+    const d = this.writableSegs("link", dst);
+    await this.exclusive(async () => {
+      const e = await this.mustLookup(s, "link");
+      if (e.kind === "dir") throw new VolumeError("PERMISSION", `link ${JSON.stringify(src)}: hard links to directories are not allowed`, { path: src });
+      await this.checkParent(d, "link");
+      if (await this.overlay.lookup(d)) throw VolumeError.ALREADY_EXISTS(JSON.stringify(dst), { op: "link", path: dst });
+      await this.change({ o: "link", p: s.join("/"), d: d.join("/") });
+    });
+  }
+
+  private async setAttr(op: string, path: string, patch: { mode?: number; mtime?: number; uid?: number; gid?: number }): Promise<void> {
+    const segs = segsOf(path);
+    if (segs.length === 0) {
+      this.checkWritable(op, path);
+      return;
+    }
+    this.writableSegs(op, path);
+    await this.exclusive(async () => {
+      await this.mustLookup(segs, op);
+      await this.change({ o: "attr", p: segs.join("/"), ...patch });
+    });
+  }
+
+  /** Sets permission bits. The root's attributes are fixed (accepted, not stored). */
+  async chmod(path: string, mode: number): Promise<void> {
+    await this.setAttr("chmod", path, { mode: mode & 0o7777 });
+  }
+
+  /** Sets owner and group (-1 keeps one); kept in the version's tree entries. */
+  async chown(path: string, uid: number, gid: number): Promise<void> {
+    const keep = (n: number): boolean => n === -1 || n === 0xffffffff;
+    const patch: { uid?: number; gid?: number } = {};
+    if (!keep(uid)) patch.uid = uid;
+    if (!keep(gid)) patch.gid = gid;
+    await this.setAttr("chown", path, patch);
+  }
+
+  /** Sets the modification time (ms); access times are not kept (atime reads as mtime). */
+  async utimens(path: string, _atime: number, mtime: number): Promise<void> {
+    await this.setAttr("utimens", path, { mtime: Math.floor(mtime) });
+  }
+
+  /** Sets an extended attribute (kept in the version). flags: XATTR_CREATE 1, XATTR_REPLACE 2. */
+  async setxattr(path: string, name: string, value: Uint8Array, flags: number): Promise<void> {
+    const segs = this.writableSegs("setxattr", path);
+    if (name.length === 0 || Buffer.byteLength(name) > 255) throw new VolumeError("INVALID_ARGUMENT", `setxattr ${JSON.stringify(path)}: bad attribute name`, { path });
+    await this.exclusive(async () => {
+      const e = await this.mustLookup(segs, "setxattr");
+      const has = e.xattrs !== undefined && Object.prototype.hasOwnProperty.call(e.xattrs, name);
+      if (flags & XATTR_CREATE && has) throw VolumeError.ALREADY_EXISTS(`attribute ${JSON.stringify(name)} of ${JSON.stringify(path)}`, { op: "setxattr" });
+      if (flags & XATTR_REPLACE && !has) throw new VolumeError("NO_ATTRIBUTE", `setxattr ${JSON.stringify(path)}: no attribute ${JSON.stringify(name)}`, { path });
+      await this.change({ o: "xattr", p: segs.join("/"), k: name, v: Buffer.from(value).toString("base64") });
+    });
+  }
+
+  /** An extended attribute's value; NO_ATTRIBUTE when it is not set. */
+  async getxattr(path: string, name: string): Promise<Uint8Array> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME || segs.length === 0) throw new VolumeError("NO_ATTRIBUTE", `getxattr ${JSON.stringify(path)}: no attribute ${JSON.stringify(name)}`, { path });
+    const e = await this.mustLookup(segs, "getxattr");
+    const v = e.xattrs && Object.prototype.hasOwnProperty.call(e.xattrs, name) ? e.xattrs[name] : undefined;
+    if (!v) throw new VolumeError("NO_ATTRIBUTE", `getxattr ${JSON.stringify(path)}: no attribute ${JSON.stringify(name)}`, { path });
+    return v;
+  }
+
+  /** Names of the extended attributes, sorted. */
+  async listxattr(path: string): Promise<string[]> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME || segs.length === 0) return [];
+    const e = await this.mustLookup(segs, "listxattr");
+    return Object.keys(e.xattrs ?? {}).sort();
+  }
+
+  /** Removes an extended attribute; NO_ATTRIBUTE when it is not set. */
+  async removexattr(path: string, name: string): Promise<void> {
+    const segs = this.writableSegs("removexattr", path);
+    await this.exclusive(async () => {
+      const e = await this.mustLookup(segs, "removexattr");
+      if (!e.xattrs || !Object.prototype.hasOwnProperty.call(e.xattrs, name)) throw new VolumeError("NO_ATTRIBUTE", `removexattr ${JSON.stringify(path)}: no attribute ${JSON.stringify(name)}`, { path });
+      await this.change({ o: "xattr", p: segs.join("/"), k: name, v: null });
+    });
+  }
+
+  /** Nominal figures: a volume has no fixed capacity. */
+  async statfs(): Promise<{ blocks: number; bfree: number; bavail: number; files: number; ffree: number; bsize: number; namemax: number }> {
+    const bsize = 4096;
+    const used = Math.ceil((this.overlay.base.rootEntry.bytes ?? 0) / bsize);
+    const blocks = 2 ** 40 / bsize;
+    return { blocks, bfree: blocks - used, bavail: blocks - used, files: 2 ** 32, ffree: 2 ** 32 - (this.overlay.base.rootEntry.files ?? 0), bsize, namemax: NAME_MAX };
+  }
+
+  // ---- sync, reload, status ----
+
+  /** The base version id. */
+  baseId(): string | null {
+    return this.base?.id ?? null;
+  }
+
+  /**
+   * Commits the staged changes as one version (upload, CAS, path-by-path rebase) and makes it
+   * the base. Reads and writes go on during the upload; changes made meanwhile stay staged on
+   * top of the new base. Syncs run one at a time. A failed sync leaves everything staged.
+   */
+  async sync(opts: MountSyncOptions = {}): Promise<MountSyncResult> {
+    this.checkWritable("sync", "/");
+    const prev = this.syncing;
+    const run = (async () => {
+      if (prev) await prev.catch(() => undefined);
+      return this.runSync(opts);
+    })();
+    this.syncing = run;
+    try {
+      const r = await run;
+      this.control.recordSync(r);
+      return r;
+    } catch (err) {
+      this.control.recordSync(err as Error);
+      throw err;
+    } finally {
+      if (this.syncing === run) this.syncing = undefined;
+    }
+  }
+
+  private async runSync(opts: MountSyncOptions): Promise<MountSyncResult> {
+    const staging = this.staging!;
+    const frozen = await this.exclusive(async () => {
+      if (this.overlay.isEmpty()) return undefined;
+      const upTo = staging.rotate();
+      const contents: StagedContent[] = [];
+      const clone = this.repo.stage(this.base);
+      clone.root = this.freezeNode(this.overlay.root, contents);
+      const token = randomBytes(12).toString("hex");
+      staging.writeManifest({ ...staging.manifest, syncing: { token, upTo } }, true);
+      return { upTo, clone, contents, token, base: this.base };
+    });
+    if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [] };
+    let res;
+    try {
+      res = await this.repo.sync(this.volume, frozen.base, frozen.clone, {
+        message: opts.message,
+        onConflict: opts.onConflict,
+        labels: { ...this.labels, ...(opts.labels ?? {}), syncId: frozen.token },
+      });
+    } catch (err) {
+      for (const c of frozen.contents) c.resetUpload();
+      const { syncing: _drop, ...rest } = staging.manifest;
+      staging.writeManifest(rest, true);
+      throw err;
+    }
+    await this.exclusive(async () => {
+      for (const c of this.contents.values()) {
+        if (c.lower?.kind === "content" && c.lower.content.uploaded) {
+          const up = c.lower.content.uploaded;
+          c.lower = { kind: "chunks", chunks: up.chunks, size: up.size };
+        }
+      }
+      const next = this.repo.stage(res.version);
+      for (const l of staging.readLayers()) if (l.layer > frozen.upTo) for (const op of l.ops) await this.replayOp(next, op, "rebase");
+      this.base = res.version;
+      this.overlay = next;
+      staging.writeManifest({ v: 1, base: res.version?.id ?? null, first: frozen.upTo + 1 }, true);
+      staging.dropLayers(frozen.upTo);
+      const live = this.reachable();
+      const dead = frozen.contents.filter((c) => !live.has(c.id)).map((c) => c.id);
+      staging.deleteData(dead);
+      for (const id of dead) this.contents.delete(id);
+    });
+    return { version: res.version?.id ?? null, changed: res.changed, conflicts: res.conflicts };
+  }
+
+  private freezeNode(n: OverlayNode, frozen: StagedContent[]): OverlayNode {
+    const out: OverlayNode = {};
+    if (n.replace === null) out.replace = null;
+    else if (n.replace !== undefined) {
+      const c = contentOf(n.replace);
+      if (c) {
+        if (!c.frozen) {
+          c.frozen = true;
+          frozen.push(c);
+        }
+        out.replace = { ...this.pendingEntry(n.replace.name, c, n.replace), mtime: c.mtime, size: c.size };
+      } else out.replace = { ...n.replace };
+    }
+    if (n.implicit) out.implicit = true;
+    if (n.children) {
+      out.children = new Map();
+      for (const [k, child] of n.children) out.children.set(k, this.freezeNode(child, frozen));
+    }
+    return out;
+  }
+
+  /**
+   * Moves the base to the volume's head. Refuses with NOT_EMPTY while changes are staged, unless
+   * `discard` (which drops them). Returns the new base id. A mount at a fixed version refuses.
+   */
+  async reload(opts: { discard?: boolean } = {}): Promise<string | null> {
+    if (this.pinned) throw new VolumeError("INVALID_ARGUMENT", `reload volume ${JSON.stringify(this.volume)}: mounted at a fixed version`, { volume: this.volume });
+    if (this.syncing) await this.syncing.catch(() => undefined);
+    return this.exclusive(async () => {
+      if (!this.overlay.isEmpty() && !opts.discard) {
+        throw new VolumeError("NOT_EMPTY", `reload volume ${JSON.stringify(this.volume)}: ${this.overlay.changedPaths().length} staged change(s)`, {
+          volume: this.volume,
+          hint: "sync them first, or reload with discard to drop them",
+        });
+      }
+      const vol = await this.repo.volume(this.volume);
+      const head = vol.head ? await this.repo.version(vol.head) : null;
+      this.setBase(head);
+      if (this.staging) {
+        const ended = this.staging.rotate();
+        this.staging.writeManifest({ v: 1, base: head?.id ?? null, first: ended + 1 }, true);
+        this.staging.dropLayers(ended);
+        const live = this.reachable();
+        const dead = [...this.contents.keys()].filter((id) => !live.has(id));
+        this.staging.deleteData(dead);
+        for (const id of dead) this.contents.delete(id);
+      }
+      return head?.id ?? null;
+    });
+  }
+
+  /** The base and the staged changes relative to it (paths without a leading slash; dirs end in "/"). */
+  async status(): Promise<MountStatus> {
+    const out: MountStatus = { volume: this.volume, base: this.base?.id ?? null, readOnly: this.readOnly, staged: { added: [], modified: [], removed: [] } };
+    const base = this.overlay.base;
+    for (const p of this.overlay.changedPaths()) {
+      const segs = p.split("/");
+      const was = await base.lookupSegments(segs).catch(() => undefined);
+      const now = await this.overlay.lookup(segs).catch(() => undefined);
+      const name = (now ?? was)?.kind === "dir" ? p + "/" : p;
+      if (!was && now) out.staged.added.push(name);
+      else if (was && !now) out.staged.removed.push(name);
+      else if (was && now) out.staged.modified.push(name);
+    }
+    return out;
+  }
+
+  /** Releases the staging lock (staged changes stay on disk for the next mount); idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.syncing) await this.syncing.catch(() => undefined);
+    await this.lock.catch(() => undefined);
+    this.closed = true;
+    this.handles.clear();
+    this.staging?.close();
+  }
+}

@@ -1,0 +1,609 @@
+/**
+ * The durable staging layer of a mount: the writes not yet synced, on local disk.
+ *
+ * Layout under `<stagingRoot>/<env>/<volume>/`:
+ *   lock             {"pid","host","mount","time"}: the process that has the volume mounted
+ *   manifest.json    {"v":1,"base":id|null,"first":N,"syncing"?:{"token","upTo"}}, replaced
+ *                    atomically (write to a temp file, rename)
+ *   journal-<N>.log  layer N: JSON lines, one metadata operation each (JournalOp), appended
+ *                    with one write(2) before the operation is answered
+ *   data/<content>   one sparse file per staged content: byte p of the file is byte p of the
+ *                    content wherever a `w` operation of the journal says it was written
+ *
+ * Invariants:
+ * - data bytes are written before the journal line that names them, and a journal line before
+ *   the operation is answered; both sit in the page cache, which outlives a killed process, so
+ *   only fsync(2) of a file (or a sync) forces them to the disk;
+ * - the staged state is the manifest's `base` version with layers `first`, `first`+1, … replayed
+ *   in order; a sync freezes the layers up to some N and starts layer N+1 for later writes;
+ *   layers up to N are deleted only after the manifest names a base that contains them;
+ * - `syncing` is written before a sync commits: if the process dies after the commit but before
+ *   the manifest moved, the next mount finds the version by its `syncId` label and replays only
+ *   the later layers on top of it.
+ * Offsets are plain numbers (exact to 2^53), so files over 4 GiB work everywhere.
+ */
+import { closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
+import { hostname } from "node:os";
+import { join } from "node:path";
+import { Readable } from "node:stream";
+import { Chunker, DEFAULT_CHUNK_PARAMS, type ChunkParams } from "../chunk/index.js";
+import { VolumeError } from "../errors.js";
+import type { PendingWriter } from "./overlay.js";
+import type { ChunkRef } from "./tree.js";
+
+/** One metadata operation of the journal. Paths are normalized (no leading slash). */
+export type JournalOp =
+  | { o: "create"; p: string; c: string; m: number; t: number; u?: number; g?: number }
+  | { o: "cow"; p: string; c: string; f?: string }
+  | { o: "w"; c: string; at: number; n: number; t: number }
+  | { o: "tr"; c: string; s: number; t: number }
+  | { o: "mkdir"; p: string; m: number; t: number; u?: number; g?: number }
+  | { o: "rm"; p: string }
+  | { o: "mv"; p: string; d: string }
+  | { o: "sym"; p: string; target: string; t: number; u?: number; g?: number }
+  | { o: "link"; p: string; d: string }
+  | { o: "attr"; p: string; mode?: number; mtime?: number; uid?: number; gid?: number }
+  | { o: "xattr"; p: string; k: string; v: string | null };
+
+/** The staging manifest. */
+export interface StagingManifest {
+  v: 1;
+  /** The version the layers apply to (null: the empty volume). */
+  base: string | null;
+  /** The oldest layer still to replay. */
+  first: number;
+  /** A sync in flight: its token (the version's `syncId` label) and the last layer it holds. */
+  syncing?: { token: string; upTo: number };
+}
+
+/** Who holds a staging directory. */
+export interface StagingOwner {
+  pid: number;
+  host: string;
+  /** The mount's name for provenance (host:pid:mountpoint). */
+  mount: string;
+  time: number;
+}
+
+const locallyLocked = new Set<string>();
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * One volume's staging directory, locked by this process while open. Journal appends are
+ * synchronous write(2) calls (page cache, no fsync) so that they are ordered with the replies.
+ */
+export class StagingDir {
+  readonly dir: string;
+  readonly dataDir: string;
+  manifest: StagingManifest;
+  /** The layer new operations are appended to. */
+  layer: number;
+  private journalFd: number | undefined;
+  private closed = false;
+  private readonly fds = new Map<string, number>();
+
+  private constructor(dir: string, manifest: StagingManifest, layer: number) {
+    this.dir = dir;
+    this.dataDir = join(dir, "data");
+    this.manifest = manifest;
+    this.layer = layer;
+  }
+
+  /**
+   * Opens (creating) `<root>/<env>/<volume>/` and takes its lock. Throws ALREADY_EXISTS when a
+   * live process (this one included) holds it; a lock left by a dead process is taken over.
+   */
+  static open(root: string, env: string, volume: string, mount: string, initialBase: string | null): StagingDir {
+    const dir = join(root, env, volume);
+    mkdirSync(join(dir, "data"), { recursive: true });
+    const lockPath = join(dir, "lock");
+    if (locallyLocked.has(dir)) throw alreadyMounted(volume, { pid: process.pid, host: hostname(), mount, time: 0 });
+    const me: StagingOwner = { pid: process.pid, host: hostname(), mount, time: Date.now() };
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const fd = openSync(lockPath, "wx");
+        writeSync(fd, JSON.stringify(me));
+        closeSync(fd);
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 3) throw VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
+      }
+      let holder: StagingOwner | undefined;
+      try {
+        holder = JSON.parse(readFileSync(lockPath, "utf8")) as StagingOwner;
+      } catch {
+        holder = undefined;
+      }
+      if (holder && holder.host === me.host && pidAlive(holder.pid) && holder.pid !== process.pid) throw alreadyMounted(volume, holder);
+      const tmp = `${lockPath}.${process.pid}.tmp`;
+      writeFileSync(tmp, JSON.stringify(me));
+      renameSync(tmp, lockPath);
+      const now = JSON.parse(readFileSync(lockPath, "utf8")) as StagingOwner;
+      if (now.pid === me.pid && now.time === me.time) break;
+    }
+    locallyLocked.add(dir);
+    let manifest: StagingManifest;
+    try {
+      manifest = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8")) as StagingManifest;
+    } catch {
+      manifest = { v: 1, base: initialBase, first: 1 };
+    }
+    const layers = listLayers(dir);
+    const layer = Math.max(manifest.first, ...layers) + (layers.length > 0 ? 1 : 0);
+    const s = new StagingDir(dir, manifest, layer);
+    s.writeManifest(manifest, true);
+    s.openJournal();
+    return s;
+  }
+
+  private openJournal(): void {
+    this.journalFd = openSync(join(this.dir, `journal-${this.layer}.log`), constants.O_WRONLY | constants.O_CREAT | constants.O_APPEND, 0o600);
+  }
+
+  /** The layers on disk from `manifest.first` on, in order, with their operations. A torn last line is skipped. */
+  readLayers(): { layer: number; ops: JournalOp[] }[] {
+    const out: { layer: number; ops: JournalOp[] }[] = [];
+    for (const n of listLayers(this.dir)) {
+      if (n < this.manifest.first) continue;
+      const text = readFileSync(join(this.dir, `journal-${n}.log`), "utf8");
+      const ops: JournalOp[] = [];
+      for (const line of text.split("\n")) {
+        if (line === "") continue;
+        try {
+          ops.push(JSON.parse(line) as JournalOp);
+        } catch {
+          break;
+        }
+      }
+      out.push({ layer: n, ops });
+    }
+    return out;
+  }
+
+  /** True when some layer from `manifest.first` on holds an operation. */
+  hasOps(): boolean {
+    return this.readLayers().some((l) => l.ops.length > 0);
+  }
+
+  /** Appends one operation to the current layer. */
+  append(op: JournalOp): void {
+    if (this.journalFd === undefined) throw new VolumeError("BAD_HANDLE", "append journal: staging is closed");
+    writeSync(this.journalFd, JSON.stringify(op) + "\n");
+  }
+
+  /** Ends the current layer and starts the next; returns the ended layer's number. */
+  rotate(): number {
+    const ended = this.layer;
+    if (this.journalFd !== undefined) closeSync(this.journalFd);
+    this.layer++;
+    this.openJournal();
+    return ended;
+  }
+
+  /** Replaces the manifest atomically; `durable` fsyncs it (and the directory) first. */
+  writeManifest(m: StagingManifest, durable = false): void {
+    const path = join(this.dir, "manifest.json");
+    const tmp = `${path}.tmp`;
+    const fd = openSync(tmp, "w", 0o600);
+    writeSync(fd, JSON.stringify(m));
+    if (durable) fsyncSync(fd);
+    closeSync(fd);
+    renameSync(tmp, path);
+    if (durable) fsyncDir(this.dir);
+    this.manifest = m;
+  }
+
+  /** Deletes the journals of layers up to `upTo`. */
+  dropLayers(upTo: number): void {
+    for (const n of listLayers(this.dir)) if (n <= upTo) rmSync(join(this.dir, `journal-${n}.log`), { force: true });
+  }
+
+  /** The path of a content's data file. */
+  dataPath(id: string): string {
+    return join(this.dataDir, id);
+  }
+
+  /** An open read-write descriptor of a content's data file (created on first use); at most 128 stay open. */
+  fd(id: string): number {
+    let fd = this.fds.get(id);
+    if (fd !== undefined) {
+      this.fds.delete(id);
+      this.fds.set(id, fd);
+      return fd;
+    }
+    fd = openSync(this.dataPath(id), constants.O_RDWR | constants.O_CREAT, 0o600);
+    this.fds.set(id, fd);
+    if (this.fds.size > 128) {
+      const [oldId, oldFd] = this.fds.entries().next().value as [string, number];
+      this.fds.delete(oldId);
+      closeSync(oldFd);
+    }
+    return fd;
+  }
+
+  /** Deletes data files; missing ones are fine. */
+  deleteData(ids: Iterable<string>): void {
+    for (const id of ids) {
+      const fd = this.fds.get(id);
+      if (fd !== undefined) {
+        closeSync(fd);
+        this.fds.delete(id);
+      }
+      rmSync(this.dataPath(id), { force: true });
+    }
+  }
+
+  /** Ids of every data file on disk. */
+  listData(): string[] {
+    return existsSync(this.dataDir) ? readdirSync(this.dataDir) : [];
+  }
+
+  /** Forces the current journal (and the given data files) to the disk. */
+  fsync(ids: Iterable<string> = []): void {
+    for (const id of ids) fsyncSync(this.fd(id));
+    if (this.journalFd !== undefined) fsyncSync(this.journalFd);
+  }
+
+  /** Closes descriptors and releases the lock; idempotent. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const fd of this.fds.values()) closeSync(fd);
+    this.fds.clear();
+    if (this.journalFd !== undefined) closeSync(this.journalFd);
+    this.journalFd = undefined;
+    try {
+      const holder = JSON.parse(readFileSync(join(this.dir, "lock"), "utf8")) as StagingOwner;
+      if (holder.pid === process.pid) unlinkSync(join(this.dir, "lock"));
+    } catch {
+      // already gone
+    }
+    locallyLocked.delete(this.dir);
+  }
+}
+
+function alreadyMounted(volume: string, holder: StagingOwner): VolumeError {
+  return new VolumeError("ALREADY_EXISTS", `mount volume ${JSON.stringify(volume)}: already mounted on this host by pid ${holder.pid}${holder.mount ? ` (${holder.mount})` : ""}`, {
+    volume,
+    hint: "unmount it first (`strata unmount DIR`), or mount it read-only",
+  });
+}
+
+function listLayers(dir: string): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync(dir)) {
+    const m = /^journal-(\d+)\.log$/.exec(name);
+    if (m) out.push(Number(m[1]));
+  }
+  return out.sort((a, b) => a - b);
+}
+
+function fsyncDir(dir: string): void {
+  try {
+    const fd = openSync(dir, "r");
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    // some file systems refuse fsync on directories
+  }
+}
+
+/** A set of disjoint, non-adjacent byte ranges [start, end), sorted. */
+export class Extents {
+  readonly starts: number[] = [];
+  readonly ends: number[] = [];
+
+  /** Adds [a, b), merging with neighbours. */
+  add(a: number, b: number): void {
+    if (b <= a) return;
+    const s = this.starts;
+    const e = this.ends;
+    let i = lowerBound(e, a);
+    let j = i;
+    while (j < s.length && s[j]! <= b) j++;
+    if (i < j) {
+      a = Math.min(a, s[i]!);
+      b = Math.max(b, e[j - 1]!);
+    }
+    s.splice(i, j - i, a);
+    e.splice(i, j - i, b);
+  }
+
+  /** Drops everything at or past `n`. */
+  clip(n: number): void {
+    const s = this.starts;
+    const e = this.ends;
+    while (s.length > 0 && s[s.length - 1]! >= n) {
+      s.pop();
+      e.pop();
+    }
+    if (e.length > 0 && e[e.length - 1]! > n) e[e.length - 1] = n;
+  }
+
+  /** The covered pieces inside [a, b). */
+  pieces(a: number, b: number): [number, number][] {
+    const out: [number, number][] = [];
+    for (let i = lowerBound(this.ends, a + 1); i < this.starts.length && this.starts[i]! < b; i++) {
+      out.push([Math.max(a, this.starts[i]!), Math.min(b, this.ends[i]!)]);
+    }
+    return out;
+  }
+
+  /** True when some byte of [a, b) is covered. */
+  overlaps(a: number, b: number): boolean {
+    const i = lowerBound(this.ends, a + 1);
+    return i < this.starts.length && this.starts[i]! < b;
+  }
+
+  /** Bytes covered. */
+  get bytes(): number {
+    let n = 0;
+    for (let i = 0; i < this.starts.length; i++) n += this.ends[i]! - this.starts[i]!;
+    return n;
+  }
+}
+
+/** First index with arr[i] >= x. */
+function lowerBound(arr: readonly number[], x: number): number {
+  let lo = 0;
+  let hi = arr.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (arr[mid]! < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** Reads bytes of a stored file from its chunk list: [offset, offset+length), shorter at the end. */
+export type ChunkRangeReader = (chunks: readonly ChunkRef[], size: number, offset: number, length: number) => Promise<Uint8Array>;
+
+/** What a staged content shows below its own writes. */
+export type Lower = { kind: "chunks"; chunks: ChunkRef[]; size: number } | { kind: "content"; content: StagedContent } | null;
+
+/** Upload figures of one content. */
+export interface ContentUploadStats {
+  /** Bytes read and re-chunked. */
+  rechunked: number;
+  /** Bytes kept as the base's chunks without reading them. */
+  reused: number;
+}
+
+/**
+ * The bytes of one staged file: its own writes in a sparse data file (ranges in `extents`),
+ * over a lower layer (the chunks of a stored file, or another staged content that a sync froze)
+ * of which the first `lowerLimit` bytes still show; everything else reads as zeros.
+ * Once `frozen`, a content never changes again: a write makes a new content over it.
+ */
+export class StagedContent {
+  readonly extents = new Extents();
+  /** Set when a sync took it: never written again. */
+  frozen = false;
+  /** The chunks a sync made of it (set once uploaded). */
+  uploaded: { chunks: ChunkRef[]; size: number } | undefined;
+  /** Figures of the last upload. */
+  uploadStats: ContentUploadStats | undefined;
+  private uploading: Promise<{ chunks: ChunkRef[]; size: number }> | undefined;
+
+  constructor(
+    private readonly staging: StagingDir,
+    readonly id: string,
+    public lower: Lower,
+    /** The logical size in bytes. */
+    public size: number,
+    /** Modification time, ms since the epoch. */
+    public mtime: number,
+    /** Bytes of `lower` that show through. */
+    public lowerLimit = size,
+  ) {}
+
+  /** The lower layer's size. */
+  get lowerSize(): number {
+    if (!this.lower) return 0;
+    return this.lower.kind === "chunks" ? this.lower.size : this.lower.content.size;
+  }
+
+  /** Writes bytes at `at` (data first, in the page cache); extends the size as needed. */
+  write(data: Uint8Array, at: number, mtime: number): void {
+    if (this.frozen) throw new VolumeError("INVALID_ARGUMENT", `write content ${this.id}: frozen by a sync`);
+    let off = 0;
+    const fd = this.staging.fd(this.id);
+    while (off < data.length) off += writeSync(fd, data, off, data.length - off, at + off);
+    this.noteWrite(at, data.length, mtime);
+  }
+
+  /** Records a write whose bytes are already in the data file (journal replay). */
+  noteWrite(at: number, n: number, mtime: number): void {
+    if (n <= 0) return;
+    if (at > this.size) this.cutLower(this.size);
+    this.extents.add(at, at + n);
+    this.size = Math.max(this.size, at + n);
+    this.mtime = mtime;
+  }
+
+  /** Sets the size; bytes past a shrink read as zeros if the file grows again. */
+  truncate(size: number, mtime: number): void {
+    if (this.frozen) throw new VolumeError("INVALID_ARGUMENT", `truncate content ${this.id}: frozen by a sync`);
+    this.noteTruncate(size, mtime);
+  }
+
+  /** Applies a truncate (journal replay). */
+  noteTruncate(size: number, mtime: number): void {
+    if (size < this.size) {
+      this.extents.clip(size);
+      this.cutLower(size);
+    } else this.cutLower(this.size);
+    this.size = size;
+    this.mtime = mtime;
+  }
+
+  private cutLower(n: number): void {
+    if (n < this.lowerLimit) this.lowerLimit = n;
+  }
+
+  /** Bytes [offset, offset+length), shorter at end of file. */
+  async read(offset: number, length: number, readChunks: ChunkRangeReader): Promise<Uint8Array> {
+    const end = Math.min(this.size, offset + length);
+    if (end <= offset) return new Uint8Array(0);
+    const out = Buffer.alloc(end - offset);
+    const lowerEnd = Math.min(end, this.lowerLimit, this.lowerSize);
+    if (this.lower && offset < lowerEnd) {
+      let cur = offset;
+      const gaps: [number, number][] = [];
+      for (const [a, b] of this.extents.pieces(offset, lowerEnd)) {
+        if (a > cur) gaps.push([cur, a]);
+        cur = b;
+      }
+      if (cur < lowerEnd) gaps.push([cur, lowerEnd]);
+      await Promise.all(
+        gaps.map(async ([a, b]) => {
+          const lower = this.lower!;
+          const bytes = lower.kind === "chunks" ? await readChunks(lower.chunks, lower.size, a, b - a) : await lower.content.read(a, b - a, readChunks);
+          out.set(bytes.subarray(0, b - a), a - offset);
+        }),
+      );
+    }
+    const pieces = this.extents.pieces(offset, end);
+    if (pieces.length > 0) {
+      const fd = this.staging.fd(this.id);
+      for (const [a, b] of pieces) {
+        let got = 0;
+        while (got < b - a) {
+          const n = readSync(fd, out, a - offset + got, b - a - got, a + got);
+          if (n === 0) break;
+          got += n;
+        }
+      }
+    }
+    return out;
+  }
+
+  /** The chunks below this content, when they are known (a stored file, or an uploaded lower). */
+  lowerChunks(): { chunks: ChunkRef[]; size: number } | undefined {
+    if (!this.lower) return undefined;
+    if (this.lower.kind === "chunks") return this.lower;
+    return this.lower.content.uploaded;
+  }
+
+  /**
+   * Chunks and uploads the content through a sync's writer; the same result when called again.
+   * Over known lower chunks, only the chunks around the changed ranges are re-chunked: the
+   * lower's chunks before the first changed byte are kept, and so are those after the point
+   * where a new cut falls on a lower cut again (content-defined cuts depend only on the bytes
+   * since the previous cut, and writes never shift bytes).
+   */
+  upload(writer: PendingWriter, readChunks: ChunkRangeReader, params: ChunkParams = DEFAULT_CHUNK_PARAMS): Promise<{ chunks: ChunkRef[]; size: number }> {
+    if (this.uploaded) return Promise.resolve(this.uploaded);
+    this.uploading ??= this.doUpload(writer, readChunks, params).catch((err: unknown) => {
+      this.uploading = undefined;
+      throw err;
+    });
+    return this.uploading;
+  }
+
+  /** Forgets an upload (its chunks may not have reached the store): the next sync uploads again. */
+  resetUpload(): void {
+    this.uploaded = undefined;
+    this.uploading = undefined;
+  }
+
+  /** Bytes that differ from the lower layer (own writes, and what a shrink cut off). */
+  get dirtyBytes(): number {
+    const valid = Math.min(this.lowerLimit, this.lowerSize);
+    return this.extents.bytes + Math.max(0, this.size - valid);
+  }
+
+  private async doUpload(writer: PendingWriter, readChunks: ChunkRangeReader, params: ChunkParams): Promise<{ chunks: ChunkRef[]; size: number }> {
+    const base = this.lowerChunks();
+    const size = this.size;
+    let res: { chunks: ChunkRef[]; size: number };
+    if (!base || base.chunks.length === 0 || Math.min(this.lowerLimit, base.size) === 0 || this.dirtyBytes > size / 2) {
+      res = await writer.writeStream(this.stream(readChunks));
+      this.uploadStats = { rechunked: size, reused: 0 };
+    } else {
+      res = await this.rechunk(writer, base, readChunks, params);
+    }
+    this.uploaded = { chunks: res.chunks, size: res.size };
+    return this.uploaded;
+  }
+
+  private async rechunk(writer: PendingWriter, base: { chunks: ChunkRef[]; size: number }, readChunks: ChunkRangeReader, params: ChunkParams): Promise<{ chunks: ChunkRef[]; size: number }> {
+    const size = this.size;
+    const valid = Math.min(this.lowerLimit, base.size);
+    const starts: number[] = [];
+    const startIndex = new Map<number, number>();
+    let acc = 0;
+    for (let i = 0; i < base.chunks.length; i++) {
+      starts.push(acc);
+      startIndex.set(acc, i);
+      acc += base.chunks[i]!.length;
+    }
+    const out: ChunkRef[] = [];
+    const stats: ContentUploadStats = { rechunked: 0, reused: 0 };
+    let pos = 0;
+    let i = 0;
+    const window = 1 << 20;
+    while (pos < size) {
+      while (i >= 0 && i < base.chunks.length) {
+        const c = base.chunks[i]!;
+        const end = starts[i]! + c.length;
+        if (end > valid || end > size || (end === base.size && size !== base.size) || this.extents.overlaps(starts[i]!, end)) break;
+        out.push(c);
+        stats.reused += c.length;
+        pos = end;
+        i++;
+      }
+      if (pos >= size) break;
+      const chunker = new Chunker(params);
+      let cur = pos;
+      let resynced = false;
+      while (!resynced && cur < size) {
+        const n = Math.min(window, size - cur);
+        const buf = await this.read(cur, n, readChunks);
+        cur += n;
+        stats.rechunked += n;
+        const pieces = chunker.push(buf);
+        if (cur >= size) {
+          const last = chunker.finish();
+          if (last) pieces.push(last);
+        }
+        for (const piece of pieces) {
+          const r = await writer.writeBuffer(piece);
+          out.push(...r.chunks);
+          pos += piece.length;
+          const j = startIndex.get(pos);
+          if (j !== undefined && pos < size) {
+            i = j;
+            resynced = true;
+            break;
+          }
+        }
+      }
+      if (!resynced) break;
+    }
+    this.uploadStats = stats;
+    return { chunks: out, size };
+  }
+
+  /** The whole content as a stream of 1 MiB buffers. */
+  stream(readChunks: ChunkRangeReader): Readable {
+    const self = this;
+    const size = this.size;
+    return Readable.from(
+      (async function* () {
+        for (let off = 0; off < size; off += 1 << 20) yield Buffer.from(await self.read(off, Math.min(1 << 20, size - off), readChunks));
+      })(),
+    );
+  }
+}
