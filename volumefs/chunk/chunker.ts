@@ -150,6 +150,11 @@ function scan(m: Masks, st: ScanState, src: Uint8Array, start: number, end: numb
   return -1;
 }
 
+/** A copy of `src[from, to)` with its own buffer (Buffer#slice would return a view). */
+function copyOf(src: Uint8Array, from: number, to: number): Uint8Array {
+  return Uint8Array.prototype.slice.call(src, from, to);
+}
+
 /**
  * The end offsets of the chunks of a whole buffer, in order; the last is `buf.length` (none for
  * an empty buffer). The same boundaries as a `Chunker` fed the same bytes in any split.
@@ -218,7 +223,7 @@ export class Chunker {
         this.append(data, i, data.length);
         break;
       }
-      out.push(data.slice(i, c));
+      out.push(copyOf(data, i, c));
       i = c;
     }
     return out;
@@ -228,7 +233,7 @@ export class Chunker {
   finish(): Uint8Array | undefined {
     this.done = true;
     if (this.carryLen === 0) return undefined;
-    const last = this.carry.slice(0, this.carryLen);
+    const last = copyOf(this.carry, 0, this.carryLen);
     this.carryLen = 0;
     this.carry = new Uint8Array(0);
     return last;
