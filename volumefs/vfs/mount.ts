@@ -961,7 +961,7 @@ export class MountedVolume implements MountFs {
       return { upTo, clone, contents, token, base: this.base };
     });
     if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [] };
-    let res;
+    let res: { version: VersionRecord | null; changed: boolean; conflicts: string[] };
     try {
       res = await this.repo.sync(this.volume, frozen.base, frozen.clone, {
         message: opts.message,
@@ -969,10 +969,14 @@ export class MountedVolume implements MountFs {
         labels: { ...this.labels, ...(opts.labels ?? {}), syncId: frozen.token },
       });
     } catch (err) {
-      for (const c of frozen.contents) c.resetUpload();
-      const { syncing: _drop, ...rest } = staging.manifest;
-      staging.writeManifest(rest, true);
-      throw err;
+      const committed = await this.findSynced(frozen.token).catch(() => null);
+      if (!committed) {
+        for (const c of frozen.contents) c.resetUpload();
+        const { syncing: _drop, ...rest } = staging.manifest;
+        staging.writeManifest(rest, true);
+        throw err;
+      }
+      res = { version: committed, changed: true, conflicts: [] as string[] };
     }
     await this.exclusive(async () => {
       for (const c of this.contents.values()) {

@@ -1,0 +1,259 @@
+import { spawn } from "node:child_process";
+import { constants, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import { afterEach, describe, expect, it } from "vitest";
+import { SqliteMetadataStore } from "../../metadata/index.js";
+import { FileObjectStore, MemoryObjectStore, transientError, withFaults, type ObjectStore } from "../object/index.js";
+import { MountedVolume } from "./mount.js";
+import { Repository } from "./repo.js";
+import { Extents } from "./staging.js";
+
+const { O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC } = constants;
+const dirs: string[] = [];
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+function tempDir(): string {
+  const d = mkdtempSync(join(tmpdir(), "strata-staging-"));
+  dirs.push(d);
+  return d;
+}
+
+function repoAt(dir: string, objects: ObjectStore = new FileObjectStore(join(dir, "objects"))): Repository {
+  return new Repository({ meta: SqliteMetadataStore.open({ path: join(dir, "meta.db") }), objects });
+}
+
+async function readAll(m: MountedVolume, path: string): Promise<string> {
+  const fh = await m.open(path, O_RDONLY);
+  const b = await m.read(fh, 1 << 24, 0);
+  await m.release(fh);
+  return Buffer.from(b).toString();
+}
+
+async function writeFile(m: MountedVolume, path: string, data: string): Promise<void> {
+  const fh = await m.create(path, 0o644, O_WRONLY | O_CREAT | O_TRUNC);
+  await m.write(fh, Buffer.from(data), 0);
+  await m.release(fh);
+}
+
+/** A store whose puts of keys starting with `prefix` wait while the gate is closed. */
+export function gated(store: ObjectStore, prefix: string) {
+  let release: () => void = () => undefined;
+  let gate: Promise<void> = Promise.resolve();
+  let arrive: () => void = () => undefined;
+  const g = {
+    reached: Promise.resolve() as Promise<void>,
+    close() {
+      gate = new Promise<void>((ok) => (release = ok));
+      g.reached = new Promise<void>((ok) => (arrive = ok));
+    },
+    open() {
+      release();
+    },
+    store: {
+      ...store,
+      url: store.url,
+      put: async (key: string, body: Uint8Array, o?: Parameters<ObjectStore["put"]>[2]) => {
+        if (key.startsWith(prefix)) {
+          arrive();
+          await gate;
+        }
+        return store.put(key, body, o);
+      },
+      get: store.get.bind(store),
+      head: store.head.bind(store),
+      list: store.list.bind(store),
+      delete: store.delete.bind(store),
+      putFile: store.putFile.bind(store),
+    } as ObjectStore,
+  };
+  return g;
+}
+
+describe("Extents", () => {
+  it("merges, clips and reports pieces", () => {
+    const e = new Extents();
+    e.add(10, 20);
+    e.add(30, 40);
+    e.add(20, 25);
+    expect([e.starts, e.ends]).toEqual([[10, 30], [25, 40]]);
+    e.add(5, 35);
+    expect([e.starts, e.ends]).toEqual([[5], [40]]);
+    e.add(50, 60);
+    expect(e.pieces(0, 100)).toEqual([[5, 40], [50, 60]]);
+    expect(e.pieces(39, 51)).toEqual([[39, 40], [50, 51]]);
+    expect(e.overlaps(40, 50)).toBe(false);
+    expect(e.overlaps(40, 51)).toBe(true);
+    e.clip(55);
+    expect([e.starts, e.ends]).toEqual([[5, 50], [40, 55]]);
+    expect(e.bytes).toBe(40);
+    e.clip(5);
+    expect(e.bytes).toBe(0);
+  });
+});
+
+const CHILD = `
+import { SqliteMetadataStore } from ${JSON.stringify(pathToFileURL(resolve("metadata/index.ts")).href)};
+import { FileObjectStore } from ${JSON.stringify(pathToFileURL(resolve("volumefs/object/index.ts")).href)};
+import { Repository, MountedVolume } from ${JSON.stringify(pathToFileURL(resolve("volumefs/vfs/index.ts")).href)};
+import { join } from "node:path";
+const dir = process.argv[2];
+const repo = new Repository({ meta: SqliteMetadataStore.open({ path: join(dir, "meta.db") }), objects: new FileObjectStore(join(dir, "objects")) });
+const m = await MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") });
+const w = async (p, s, flags = 0o1101) => { const fh = await m.create(p, 0o644, flags); await m.write(fh, Buffer.from(s), 0); await m.release(fh); };
+await w("/base.txt", "0123456789");
+await m.mkdir("/d", 0o755);
+await w("/d/a.txt", "alpha");
+await m.rename("/d/a.txt", "/d/b.txt");
+const fh = await m.open("/base.txt", 2);
+await m.write(fh, Buffer.from("XY"), 4);
+await m.write(fh, Buffer.from("tail"), 20);
+await m.symlink("d/b.txt", "/link");
+await m.chmod("/d/b.txt", 0o600);
+await m.setxattr("/d/b.txt", "user.k", Buffer.from("v"), 0);
+await m.unlink("/link");
+await m.symlink("base.txt", "/link2");
+if (process.argv[3] === "sync") await m.sync({ message: "from child" });
+await w("/after.txt", "after the sync");
+process.stdout.write("ready\\n");
+setInterval(() => {}, 1000);
+`;
+
+/** Runs the child script until it prints "ready", then SIGKILLs it. */
+async function runAndKill(dir: string, mode = ""): Promise<void> {
+  const script = join(dir, "child.mts");
+  writeFileSync(script, CHILD);
+  const child = spawn(process.execPath, ["--import", "tsx", script, dir, mode], { cwd: resolve("."), stdio: ["ignore", "pipe", "pipe"] });
+  let err = "";
+  child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+  await new Promise<void>((ok, fail) => {
+    child.stdout.on("data", (d: Buffer) => {
+      if (d.toString().includes("ready")) ok();
+    });
+    child.on("exit", (code) => fail(new Error(`child exited with ${code}: ${err}`)));
+  });
+  const exited = new Promise((ok) => child.on("exit", ok));
+  child.kill("SIGKILL");
+  await exited;
+}
+
+describe("staging durability", () => {
+  it("finds staged changes again after the mount process is killed (kill -9)", async () => {
+    const dir = tempDir();
+    const repo0 = repoAt(dir);
+    await repo0.createVolume("v");
+    await repo0.close();
+    await runAndKill(dir);
+    const repo = repoAt(dir);
+    expect((await repo.volume("v")).head).toBeNull();
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") });
+    expect(await readAll(m, "/base.txt")).toBe("0123XY6789\0\0\0\0\0\0\0\0\0\0tail");
+    expect(await readAll(m, "/d/b.txt")).toBe("alpha");
+    expect((await m.getattr("/d/b.txt")).mode).toBe(0o600);
+    expect(Buffer.from(await m.getxattr("/d/b.txt", "user.k")).toString()).toBe("v");
+    expect(await m.readdir("/")).toEqual(["after.txt", "base.txt", "d", "link2"]);
+    expect(await m.readdir("/d")).toEqual(["b.txt"]);
+    expect(await m.readlink("/link2")).toBe("base.txt");
+    const r = await m.sync();
+    const snap = repo.snapshot(await repo.version(r.version!));
+    expect(Buffer.from(await snap.readFile("d/b.txt")).toString()).toBe("alpha");
+    expect(Buffer.from(await snap.readFile("after.txt")).toString()).toBe("after the sync");
+    await m.close();
+    await repo.close();
+  });
+
+  it("keeps writes made after a sync when killed, on top of the synced version", async () => {
+    const dir = tempDir();
+    const repo0 = repoAt(dir);
+    await repo0.createVolume("v");
+    await repo0.close();
+    await runAndKill(dir, "sync");
+    const repo = repoAt(dir);
+    const head = (await repo.volume("v")).head!;
+    expect((await repo.version(head)).message).toBe("from child");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") });
+    expect(m.baseId()).toBe(head);
+    expect((await m.status()).staged).toEqual({ added: ["after.txt"], modified: [], removed: [] });
+    expect(await readAll(m, "/after.txt")).toBe("after the sync");
+    expect(await readAll(m, "/d/b.txt")).toBe("alpha");
+    await m.close();
+    await repo.close();
+  });
+
+  it("leaves the previous version and the staged changes when the store fails mid-sync", async () => {
+    const dir = tempDir();
+    let failing = false;
+    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failing && op === "put" && !key.startsWith("refs/") ? transientError("put") : undefined));
+    const repo = repoAt(dir, objects);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await writeFile(m, "/a", "one");
+    const v1 = (await m.sync()).version;
+    await writeFile(m, "/a", "two");
+    await writeFile(m, "/b", "new");
+    failing = true;
+    await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+    expect((await repo.volume("v")).head).toBe(v1);
+    expect(await readAll(m, "/a")).toBe("two");
+    expect((await m.status()).staged).toEqual({ added: ["b"], modified: ["a"], removed: [] });
+    await m.close();
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(await readAll(m2, "/a")).toBe("two");
+    failing = false;
+    const r = await m2.sync();
+    expect(r.changed).toBe(true);
+    const snap = repo.snapshot(await repo.version(r.version!));
+    expect(Buffer.from(await snap.readFile("a")).toString()).toBe("two");
+    expect(Buffer.from(await snap.readFile("b")).toString()).toBe("new");
+    await m2.close();
+  });
+
+  it("counts a sync as done when the commit went through but a later step failed", async () => {
+    const dir = tempDir();
+    let failRefs = false;
+    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failRefs && op === "put" && key.startsWith("refs/") ? transientError("put") : undefined));
+    const repo = repoAt(dir, objects);
+    await repo.createVolume("v");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") });
+    await writeFile(m, "/a", "one");
+    failRefs = true;
+    const r = await m.sync();
+    expect((await repo.volume("v")).head).toBe(r.version);
+    expect((await m.status()).staged).toEqual({ added: [], modified: [], removed: [] });
+    expect(m.baseId()).toBe(r.version);
+    await m.close();
+  });
+
+  it("replays a journal whose sync committed before the manifest moved", async () => {
+    const dir = tempDir();
+    const g = gated(new MemoryObjectStore(), "versions/");
+    const repo = repoAt(dir, g.store);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await writeFile(m, "/a", "one");
+    const fh = await m.open("/a", O_RDWR);
+    const manifest = join(stagingRoot, "main", "v", "manifest.json");
+    const { readFileSync, copyFileSync } = await import("node:fs");
+    g.close();
+    const syncing = m.sync();
+    await g.reached;
+    await m.write(fh, Buffer.from("ONE"), 0);
+    copyFileSync(manifest, manifest + ".during");
+    g.open();
+    const r = await syncing;
+    await m.release(fh);
+    await m.close();
+    expect(JSON.parse(readFileSync(manifest + ".during", "utf8")).syncing).toBeDefined();
+    copyFileSync(manifest + ".during", manifest);
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(m2.baseId()).toBe(r.version);
+    expect(await readAll(m2, "/a")).toBe("ONE");
+    expect((await m2.status()).staged.modified).toEqual(["a"]);
+    await m2.close();
+  });
+});
