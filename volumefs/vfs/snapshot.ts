@@ -1,6 +1,7 @@
 import { VolumeError } from "../errors.js";
 import { splitPath, joinPath } from "./paths.js";
-import { decodeTree, findEntry, type ChunkRef, type DirEntry, type Entry, type Tree } from "./tree.js";
+import type { ChunkRef } from "../chunk/index.js";
+import { decodeTree, findEntry, type DirEntry, type Entry, type Tree } from "./tree.js";
 
 /**
  * Where a snapshot's bytes come from: the chunk store (cache, then ranged GETs of packs).

@@ -13,13 +13,10 @@
  * unchanged subtree keeps its id and a change rewrites only the trees on its path to the root.
  */
 import { hash } from "blake3";
+import type { ChunkRef } from "../chunk/index.js";
+export type { ChunkRef } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 
-/** One chunk of a file: its id (blake3 hex of its bytes) and its length in bytes. */
-export interface ChunkRef {
-  id: string;
-  length: number;
-}
 
 interface EntryBase {
   /** The entry's name inside its directory. */
