@@ -436,6 +436,7 @@ function fmt(m: Measure | undefined, unit: (s: number) => string): string {
 
 /** Runs the benchmark; prints the table, writes bench/results/fs.json and the "fs" section of bench/README.md. */
 export async function run(): Promise<unknown> {
+  env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
   const base = await mkdtemp(join("/var/tmp", "strata-fsbench-"));
   const rgw = await startRgw({});
   const results: TargetResult[] = [];

@@ -72,11 +72,19 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
  * Opens the `MountFs` of volume `name` on the client's store. Looked up at run time so that the
  * CLI loads without the mounted-volume module.
  */
-export async function openVolumeMount(c: Strata, name: string, opts: VolumeMountOptions): Promise<MountFs> {
+export async function openVolumeMount(c: Strata, name: string, dir: string, opts: VolumeMountOptions): Promise<MountFs> {
   const vfs = (await import("../volumefs/index.js")) as unknown as Record<string, unknown>;
-  const MountedVolume = vfs.MountedVolume as { open?: (...a: unknown[]) => Promise<MountFs> } | undefined;
+  const MountedVolume = vfs.MountedVolume as { open?: (o: Record<string, unknown>) => Promise<MountFs> } | undefined;
   if (!MountedVolume?.open) throw new VolumeError("NOT_SUPPORTED", `mount volume ${JSON.stringify(name)}: this build has no mounted volume`);
-  return MountedVolume.open(c.repo, name, { at: opts.at, readOnly: opts.readOnly, labels: opts.labels, home: c.config.home });
+  return MountedVolume.open({
+    repo: c.repo,
+    volume: name,
+    at: opts.at,
+    readOnly: opts.readOnly,
+    labels: opts.labels,
+    stagingRoot: join(c.config.home, "staging"),
+    mountpoint: dir,
+  });
 }
 
 // ---- control files ----
@@ -182,7 +190,7 @@ async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
   const c = Strata.connect(loadConfig(io.env, overrides), { labels: { tool: "mount", ...labels } });
   let fs: MountFs | undefined;
   try {
-    fs = await openVolumeMount(c, name, { at, readOnly, labels });
+    fs = await openVolumeMount(c, name, abs, { at, readOnly, labels });
     const m = await mountFs(fs, abs, { readOnly, immutable: at !== undefined, debug: !!io.env.STRATA_FUSE_DEBUG });
     io.stderr.write(`strata: mounted ${name} at ${abs}\n`);
     await new Promise<void>((done) => {
