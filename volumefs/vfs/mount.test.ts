@@ -278,3 +278,192 @@ describe("MountedVolume", () => {
     await m2.close();
   });
 });
+
+/** A small seeded PRNG (mulberry32). */
+function rng(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const FS_CODES: Record<string, string> = { ENOENT: "NOT_FOUND", EEXIST: "ALREADY_EXISTS", ENOTDIR: "NOT_A_DIRECTORY", EISDIR: "IS_A_DIRECTORY", ENOTEMPTY: "NOT_EMPTY", EINVAL: "INVALID_ARGUMENT" };
+
+function fsCode(fn: () => void): string | undefined {
+  try {
+    fn();
+    return undefined;
+  } catch (err) {
+    const c = (err as NodeJS.ErrnoException).code ?? "?";
+    return FS_CODES[c] ?? c;
+  }
+}
+
+type Tree = Record<string, string>;
+
+function refTree(root: string): Tree {
+  const out: Tree = {};
+  const walk = (rel: string): void => {
+    for (const name of fs.readdirSync(join(root, rel)).sort()) {
+      const p = rel ? `${rel}/${name}` : name;
+      const st = fs.lstatSync(join(root, p));
+      if (st.isSymbolicLink()) out[p] = `l ${fs.readlinkSync(join(root, p))}`;
+      else if (st.isDirectory()) {
+        out[p] = `d ${(st.mode & 0o7777).toString(8)}`;
+        walk(p);
+      } else out[p] = `f ${(st.mode & 0o7777).toString(8)} ${st.size} ${fs.readFileSync(join(root, p)).toString("base64").slice(0, 64)}:${hashOf(fs.readFileSync(join(root, p)))}`;
+    }
+  };
+  walk("");
+  return out;
+}
+
+function hashOf(b: Uint8Array): string {
+  let h = 2166136261;
+  for (let i = 0; i < b.length; i++) h = Math.imul(h ^ b[i]!, 16777619);
+  return (h >>> 0).toString(16);
+}
+
+async function mountTree(m: MountedVolume): Promise<Tree> {
+  const out: Tree = {};
+  const walk = async (rel: string): Promise<void> => {
+    for (const name of await m.readdir("/" + rel)) {
+      const p = rel ? `${rel}/${name}` : name;
+      const a = await m.getattr("/" + p);
+      if (a.kind === "symlink") out[p] = `l ${await m.readlink("/" + p)}`;
+      else if (a.kind === "dir") {
+        out[p] = `d ${a.mode.toString(8)}`;
+        await walk(p);
+      } else {
+        const data = await readAll(m, "/" + p);
+        expect(data.length).toBe(a.size);
+        out[p] = `f ${a.mode.toString(8)} ${a.size} ${data.toString("base64").slice(0, 64)}:${hashOf(data)}`;
+      }
+    }
+  };
+  await walk("");
+  return out;
+}
+
+describe("MountedVolume against a local directory", () => {
+  it("gives the same tree and the same errors for a random sequence of operations, before and after sync and reopen", async () => {
+    const { open, dir } = await setup();
+    const ref = join(dir, "ref");
+    mkdirSync(ref);
+    let m = await open();
+    const rand = rng(42);
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
+    const names = ["a", "b", "c", "d"];
+    const randPath = (): string => Array.from({ length: 1 + Math.floor(rand() * 3) }, () => pick(names)).join("/");
+    const bytes = (n: number): Buffer => {
+      const b = Buffer.alloc(n);
+      for (let i = 0; i < n; i++) b[i] = Math.floor(rand() * 256);
+      return b;
+    };
+    const isLink = (p: string): boolean => {
+      try {
+        return fs.lstatSync(join(ref, p)).isSymbolicLink();
+      } catch {
+        return false;
+      }
+    };
+    const exists = (p: string): boolean => {
+      try {
+        fs.lstatSync(join(ref, p));
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const viaLink = (p: string): boolean => {
+      const segs = p.split("/");
+      for (let i = 1; i < segs.length; i++) if (isLink(segs.slice(0, i).join("/"))) return true;
+      return false;
+    };
+    let mismatches: string[] = [];
+    for (let step = 0; step < 400; step++) {
+      const p = randPath();
+      const kind = pick(["create", "create", "write", "write", "truncate", "rename", "unlink", "mkdir", "mkdir", "rmdir", "symlink", "chmod"]);
+      if (isLink(p) && ["create", "write", "truncate", "chmod"].includes(kind)) continue;
+      if (viaLink(p)) continue;
+      let a: string | undefined;
+      let b: string | undefined;
+      if (kind === "create") {
+        const data = bytes(rand() < 0.2 ? Math.floor(rand() * 600_000) : Math.floor(rand() * 2000));
+        const isNew = !exists(p);
+        a = fsCode(() => {
+          fs.writeFileSync(join(ref, p), data);
+          if (isNew) fs.chmodSync(join(ref, p), 0o644);
+        });
+        b = await code(writeFile(m, "/" + p, data));
+      } else if (kind === "write") {
+        const off = Math.floor(rand() * 700_000);
+        const data = bytes(1 + Math.floor(rand() * (rand() < 0.3 ? 100_000 : 100)));
+        a = fsCode(() => {
+          const fd = fs.openSync(join(ref, p), "r+");
+          fs.writeSync(fd, data, 0, data.length, off);
+          fs.closeSync(fd);
+        });
+        b = await code(
+          (async () => {
+            const fh = await m.open("/" + p, O_RDWR);
+            await m.write(fh, data, off);
+            await m.release(fh);
+          })(),
+        );
+      } else if (kind === "truncate") {
+        const size = Math.floor(rand() * 800_000);
+        a = fsCode(() => fs.truncateSync(join(ref, p), size));
+        b = await code(m.truncate("/" + p, size));
+      } else if (kind === "rename") {
+        const q = randPath();
+        if (viaLink(q)) continue;
+        a = fsCode(() => fs.renameSync(join(ref, p), join(ref, q)));
+        b = await code(m.rename("/" + p, "/" + q));
+        if (a !== b) mismatches.push(`to ${q}`);
+      } else if (kind === "unlink") {
+        a = fsCode(() => fs.unlinkSync(join(ref, p)));
+        b = await code(m.unlink("/" + p));
+      } else if (kind === "mkdir") {
+        a = fsCode(() => {
+          fs.mkdirSync(join(ref, p));
+          fs.chmodSync(join(ref, p), 0o750);
+        });
+        b = await code(m.mkdir("/" + p, 0o750));
+      } else if (kind === "rmdir") {
+        a = fsCode(() => fs.rmdirSync(join(ref, p)));
+        b = await code(m.rmdir("/" + p));
+      } else if (kind === "symlink") {
+        const target = `../nowhere/${pick(names)}`;
+        a = fsCode(() => fs.symlinkSync(target, join(ref, p)));
+        b = await code(m.symlink(target, "/" + p));
+      } else {
+        const mode = pick([0o600, 0o644, 0o755, 0o700]);
+        a = fsCode(() => fs.chmodSync(join(ref, p), mode));
+        b = await code(m.chmod("/" + p, mode));
+      }
+      if (a !== b) mismatches.push(`${step} ${kind} ${p}: fs ${a} mount ${b}`);
+      if (step === 150 || step === 300) {
+        expect(await mountTree(m)).toEqual(refTree(ref));
+        await m.sync({ message: `step ${step}` });
+        expect(await mountTree(m)).toEqual(refTree(ref));
+      }
+    }
+    expect(mismatches).toEqual([]);
+    const want = refTree(ref);
+    expect(Object.keys(want).length).toBeGreaterThan(5);
+    expect(await mountTree(m)).toEqual(want);
+    await m.close();
+    m = await open();
+    expect(await mountTree(m)).toEqual(want);
+    await m.sync();
+    await m.close();
+    m = await open();
+    expect(await mountTree(m)).toEqual(want);
+    expect((await m.status()).staged).toEqual({ added: [], modified: [], removed: [] });
+    await m.close();
+    mismatches = [];
+  });
+});

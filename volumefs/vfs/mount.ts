@@ -788,8 +788,9 @@ export class MountedVolume implements MountFs {
     const s = this.writableSegs("rename", src);
     const d = this.writableSegs("rename", dst);
     await this.exclusive(async () => {
-      const e = await this.mustLookup(s, "rename");
+      await this.checkParent(s, "rename");
       await this.checkParent(d, "rename");
+      const e = await this.mustLookup(s, "rename");
       if (s.join("/") === d.join("/")) return;
       const prefix = s.join("/") + "/";
       if ((d.join("/") + "/").startsWith(prefix)) throw new VolumeError("INVALID_ARGUMENT", `rename ${JSON.stringify(src)}: target ${JSON.stringify(dst)} is inside it`, { path: src });
