@@ -135,6 +135,11 @@ export class ChunkPool {
     this.sessions.clear();
   }
 
+  /** True when the workers started and none has failed since. */
+  get healthy(): boolean {
+    return this.workers.length > 0 && this.broken === undefined;
+  }
+
   /** Opens a chunking session; call only after `start()` resolved true. */
   session(params: ChunkParams): ChunkSession {
     const w = this.workers[this.rr++ % Math.max(1, this.workers.length)];

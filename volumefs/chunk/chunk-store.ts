@@ -380,7 +380,7 @@ export class ChunkStore {
   workersReady(): Promise<boolean> {
     if (this.workerThresholdBytes === Infinity) return Promise.resolve(false);
     this.workersOk ??= this.pool.start();
-    return this.workersOk;
+    return this.workersOk.then((ok) => ok && this.pool.healthy);
   }
 
   /** A new batch writer. Writers are independent; each dedups against `meta` and itself. */
@@ -393,7 +393,7 @@ export class ChunkStore {
    * for an id the chunk index does not know, CORRUPT when the bytes do not hash to `id`.
    */
   async read(id: string): Promise<Uint8Array> {
-    const hit = await this.cache?.get(id);
+    const hit = await this.cached(id);
     if (hit) return hit;
     const running = this.inflight.get(id);
     if (running) return running;
@@ -404,6 +404,11 @@ export class ChunkStore {
       return got!.data;
     })();
     return this.track(id, p);
+  }
+
+  private async cached(id: string): Promise<Uint8Array | undefined> {
+    if (!this.cache) return undefined;
+    return this.cache.get(id).catch(() => undefined);
   }
 
   private track(id: string, p: Promise<Uint8Array>): Promise<Uint8Array> {
@@ -485,7 +490,7 @@ export class ChunkStore {
     const missing: string[] = [];
     await Promise.all(
       ids.map(async (id) => {
-        const hit = (await this.cache?.get(id)) ?? (await this.inflight.get(id)?.catch(() => undefined));
+        const hit = (await this.cached(id)) ?? (await this.inflight.get(id)?.catch(() => undefined));
         if (hit) got.set(id, hit);
         else missing.push(id);
       }),
