@@ -208,6 +208,9 @@ async function cmdGet(args: ParsedArgs, io: CliIO): Promise<void> {
       await writeLocalFile(snap, entry, dest);
       return;
     }
+    if (await lstat(dest).catch(() => undefined)) {
+      throw new VolumeError("ALREADY_EXISTS", `get ${JSON.stringify(src)}: ${dest} already exists`, { hint: "remove it or pick another destination" });
+    }
     // A directory lands in a temporary sibling first, then is renamed into place: nothing half-written.
     const staging = join(dirname(dest), `.${basename(dest)}.strata-${process.pid}-${Date.now()}`);
     try {
@@ -231,9 +234,6 @@ async function cmdGet(args: ParsedArgs, io: CliIO): Promise<void> {
       for (const [p, mode, mtime] of dirModes.reverse()) {
         await chmod(p, mode & 0o7777);
         await utimes(p, mtime / 1000, mtime / 1000);
-      }
-      if (destStat?.isDirectory() === false || (await stat(dest).catch(() => undefined))) {
-        throw new VolumeError("ALREADY_EXISTS", `get ${JSON.stringify(src)}: ${dest} already exists`, { hint: "remove it or pick another destination" });
       }
       await rename(staging, dest);
     } catch (err) {

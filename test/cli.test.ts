@@ -117,10 +117,12 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
       expect(await readlink(join(out, "copy/link"))).toBe("a.txt");
       await ok(cli, "get", "data", "docs/renamed.txt", out);
       expect(await readFile(join(out, "renamed.txt"), "utf8")).toBe("single\n");
-      const again = await cli("get", "data", "src", join(out, "copy"));
+      await ok(cli, "get", "data", "src", out);
+      expect(await readFile(join(out, "src/a.txt"), "utf8")).toBe("alpha\n");
+      const again = await cli("get", "data", "src", out);
       expect(again.code).toBe(1);
       expect(again.stderr).toMatch(/ALREADY_EXISTS/);
-      expect((await stat(join(out, "copy/a.txt"))).size).toBe(6);
+      expect((await stat(join(out, "src/a.txt"))).size).toBe(6);
     });
 
     it("logs, diffs, removes, reverts", async () => {
