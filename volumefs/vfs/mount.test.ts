@@ -467,3 +467,67 @@ describe("MountedVolume against a local directory", () => {
     mismatches = [];
   });
 });
+
+/** Counts bytes put under `packs/` (the chunk uploads). */
+function countingStore(store: ObjectStore): ObjectStore & { packBytes: number } {
+  const s = {
+    packBytes: 0,
+    url: store.url,
+    put: async (key: string, body: Uint8Array, o?: Parameters<ObjectStore["put"]>[2]) => {
+      if (key.startsWith("packs/")) s.packBytes += body.length;
+      return store.put(key, body, o);
+    },
+    putFile: async (key: string, path: string, o?: Parameters<ObjectStore["putFile"]>[2]) => {
+      if (key.startsWith("packs/")) s.packBytes += fs.statSync(path).size;
+      return store.putFile(key, path, o);
+    },
+    get: store.get.bind(store),
+    head: store.head.bind(store),
+    list: store.list.bind(store),
+    delete: store.delete.bind(store),
+  };
+  return s;
+}
+
+describe("MountedVolume with a large base file", () => {
+  it("uploads only the chunks around three edits of a 64 MiB file, and reads the result right", async () => {
+    const objects = countingStore(new MemoryObjectStore());
+    const { open, repo } = await setup(objects);
+    const size = 64 << 20;
+    const want = Buffer.alloc(size);
+    const rand = rng(7);
+    for (let i = 0; i < size; i += 4) want.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
+    const m = await open();
+    const fh = await m.create("/big.bin", 0o644, O_WRONLY | O_CREAT);
+    for (let off = 0; off < size; off += 1 << 20) await m.write(fh, want.subarray(off, off + (1 << 20)), off);
+    await m.release(fh);
+    await m.sync();
+    const before = objects.packBytes;
+    expect(before).toBeGreaterThanOrEqual(size);
+
+    const edits: [number, Buffer][] = [
+      [1_000_000, Buffer.from("first edit")],
+      [30_000_000, Buffer.alloc(5000, 0x41)],
+      [size - 100, Buffer.from("near the end, and past it: the file grows ".repeat(8))],
+    ];
+    const wh = await m.open("/big.bin", O_RDWR);
+    for (const [off, data] of edits) await m.write(wh, data, off);
+    await m.release(wh);
+    const grown = Buffer.concat([want, Buffer.alloc(1000)]);
+    for (const [off, data] of edits) data.copy(grown, off);
+    const expected = grown.subarray(0, size - 100 + edits[2]![1].length);
+    expect((await m.getattr("/big.bin")).size).toBe(expected.length);
+    expect((await m.getattr("/big.bin")).immutable).toBe(false);
+
+    const r = await m.sync({ message: "three edits" });
+    const uploaded = objects.packBytes - before;
+    expect(uploaded).toBeLessThan(size / 50);
+    const entry = await repo.snapshot(await repo.version(r.version!)).stat("big.bin");
+    expect(entry.kind === "file" && entry.size).toBe(expected.length);
+    const got = await readAll(m, "/big.bin");
+    expect(got.equals(expected)).toBe(true);
+    const fromRepo = Buffer.from(await repo.snapshot(await repo.version(r.version!)).readFile("big.bin"));
+    expect(fromRepo.equals(expected)).toBe(true);
+    await m.close();
+  }, 120_000);
+});
