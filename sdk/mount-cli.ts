@@ -219,6 +219,8 @@ async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
   } finally {
     await fs?.close().catch(() => undefined);
     await c.close();
+    // fuse-native keeps a handle on the event loop when the kernel mount was detached from outside.
+    setTimeout(() => process.exit(), 200).unref();
   }
 }
 

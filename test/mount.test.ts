@@ -1,0 +1,516 @@
+/**
+ * `strata mount` end to end on real kernel FUSE mounts. Each mount is served by a child process
+ * (`node bin/strata mount …`), so this process may use synchronous fs calls on it. Every mount
+ * is detached in afterAll, even after a failure. The embedded file store by default; one case on
+ * S3 (Ceph RGW from the global setup).
+ */
+import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
+import {
+  appendFileSync,
+  chmodSync,
+  closeSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  renameSync,
+  rmdirSync,
+  rmSync,
+  symlinkSync,
+  truncateSync,
+  unlinkSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadConfig, Strata, Volume } from "../sdk/index.js";
+import { makeTestS3Store, type TestS3Store } from "./support/s3.js";
+
+const execAsync = promisify(execFile);
+const ROOT = resolve(__dirname, "..");
+const BIN = join(ROOT, "bin/strata");
+
+/** A deterministic PRNG (mulberry32), so that a failing sequence can be replayed. */
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+interface Env {
+  base: string;
+  env: NodeJS.ProcessEnv;
+  strata(...args: string[]): Promise<string>;
+  strataFail(...args: string[]): Promise<{ code: number; stderr: string }>;
+  /** Starts `strata mount NAME DIR ...` in a child process; resolves once the mount answers. */
+  mount(name: string, dir: string, ...extra: string[]): Promise<ChildProcess>;
+  unmount(dir: string): Promise<void>;
+  cleanup(): Promise<void>;
+}
+
+function isMounted(dir: string): boolean {
+  return readFileSync("/proc/self/mountinfo", "utf8").split("\n").some((l) => l.split(" ")[4] === dir);
+}
+
+function makeEnv(extraEnv: NodeJS.ProcessEnv = {}): Env {
+  const base = mkdtempSync(join(tmpdir(), "strata-mount-"));
+  const env: NodeJS.ProcessEnv = { ...process.env, STRATA_HOME: join(base, "home"), AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: "true", ...extraEnv };
+  delete env.STRATA_STORE;
+  Object.assign(env, extraEnv);
+  const children = new Set<ChildProcess>();
+  const dirs = new Set<string>();
+  const strata = async (...args: string[]) => {
+    try {
+      const { stdout } = await execAsync(process.execPath, [BIN, ...args], { env, maxBuffer: 64 << 20 });
+      return stdout;
+    } catch (err) {
+      const e = err as { stderr?: string; code?: number };
+      throw new Error(`strata ${args.join(" ")} exited ${e.code}: ${e.stderr}`);
+    }
+  };
+  return {
+    base,
+    env,
+    strata,
+    async strataFail(...args) {
+      try {
+        await execAsync(process.execPath, [BIN, ...args], { env });
+      } catch (err) {
+        const e = err as { stderr: string; code: number };
+        return { code: e.code, stderr: e.stderr };
+      }
+      throw new Error(`strata ${args.join(" ")} succeeded`);
+    },
+    async mount(name, dir, ...extra) {
+      mkdirSync(dir, { recursive: true });
+      dirs.add(dir);
+      const child = spawn(process.execPath, [BIN, "mount", name, dir, ...extra], { env, stdio: ["ignore", "ignore", "pipe"] });
+      children.add(child);
+      let stderr = "";
+      child.stderr!.on("data", (d) => (stderr += d));
+      let exited = false;
+      child.on("exit", () => {
+        exited = true;
+        children.delete(child);
+      });
+      for (let i = 0; ; i++) {
+        if (exited) throw new Error(`strata mount ${name} ${dir} exited: ${stderr}`);
+        if (isMounted(dir) && existsSync(join(dir, ".strata/version"))) return child;
+        if (i > 1200) throw new Error(`strata mount ${name} ${dir}: not live after 60 s: ${stderr}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    },
+    async unmount(dir) {
+      await strata("unmount", dir);
+      for (let i = 0; i < 200 && isMounted(dir); i++) await new Promise((r) => setTimeout(r, 50));
+    },
+    async cleanup() {
+      for (const dir of dirs) {
+        if (isMounted(dir)) {
+          try {
+            execFileSync("fusermount", ["-uz", dir]);
+          } catch {
+            execFileSync("umount", ["-l", dir]);
+          }
+        }
+      }
+      const waits = [...children].map((c) => new Promise((r) => (c.exitCode !== null ? r(null) : c.once("exit", r))));
+      for (const c of children) c.kill("SIGTERM");
+      await Promise.race([Promise.all(waits), new Promise((r) => setTimeout(r, 5000))]);
+      for (const c of children) c.kill("SIGKILL");
+      rmSync(base, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A description of a tree for comparison: kind, permission bits, size and content. */
+function snapshotTree(dir: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (d: string, rel: string) => {
+    for (const name of readdirSync(d).sort()) {
+      if (rel === "" && name === ".strata") continue;
+      const p = join(d, name);
+      const r = rel ? `${rel}/${name}` : name;
+      const st = lstatSync(p);
+      if (st.isSymbolicLink()) out[r] = `link ${readlinkSync(p)}`;
+      else if (st.isDirectory()) {
+        out[r] = `dir ${(st.mode & 0o777).toString(8)}`;
+        walk(p, r);
+      } else out[r] = `file ${(st.mode & 0o777).toString(8)} ${st.size} ${readFileSync(p).toString("base64")}`;
+    }
+  };
+  walk(dir, "");
+  return out;
+}
+
+/** Applies the same random operations to two directories; a failure must be the same errno in both. */
+function randomOps(a: string, b: string, rand: () => number, count: number, log: string[]): void {
+  const names = ["a", "b", "c", "d", "e", "f"];
+  const pick = <T>(xs: T[]) => xs[Math.floor(rand() * xs.length)]!;
+  const randPath = () => {
+    const depth = 1 + Math.floor(rand() * 3);
+    return Array.from({ length: depth }, () => pick(names)).join("/");
+  };
+  const bytes = (n: number) => {
+    const buf = Buffer.alloc(n);
+    for (let i = 0; i < n; i++) buf[i] = Math.floor(rand() * 256);
+    return buf;
+  };
+  const sizes = [0, 1, 100, 4096, 5000, 70_000, 300_000];
+  for (let i = 0; i < count; i++) {
+    const p = randPath();
+    const q = randPath();
+    const kind = pick(["create", "create", "write", "write", "append", "truncate", "rename", "rename", "unlink", "mkdir", "mkdir", "rmdir", "symlink", "chmod"]);
+    let op: (root: string) => void;
+    let desc: string;
+    switch (kind) {
+      case "create": {
+        const data = bytes(pick(sizes));
+        desc = `create ${p} ${data.length}`;
+        op = (r) => writeFileSync(join(r, p), data);
+        break;
+      }
+      case "write": {
+        const data = bytes(1 + Math.floor(rand() * 9000));
+        const at = Math.floor(rand() * 80_000);
+        desc = `write ${p} @${at} ${data.length}`;
+        op = (r) => {
+          const fd = openSync(join(r, p), "r+");
+          try {
+            writeSync(fd, data, 0, data.length, at);
+          } finally {
+            closeSync(fd);
+          }
+        };
+        break;
+      }
+      case "append": {
+        const data = bytes(1 + Math.floor(rand() * 5000));
+        desc = `append ${p} ${data.length}`;
+        op = (r) => appendFileSync(join(r, p), data);
+        break;
+      }
+      case "truncate": {
+        const size = pick([0, 10, 3000, 100_000]);
+        desc = `truncate ${p} ${size}`;
+        op = (r) => truncateSync(join(r, p), size);
+        break;
+      }
+      case "rename":
+        desc = `rename ${p} ${q}`;
+        op = (r) => renameSync(join(r, p), join(r, q));
+        break;
+      case "unlink":
+        desc = `unlink ${p}`;
+        op = (r) => unlinkSync(join(r, p));
+        break;
+      case "mkdir":
+        desc = `mkdir ${p}`;
+        op = (r) => mkdirSync(join(r, p), { mode: 0o755 });
+        break;
+      case "rmdir":
+        desc = `rmdir ${p}`;
+        op = (r) => rmdirSync(join(r, p));
+        break;
+      case "symlink": {
+        const target = pick(["a", "../b", "x/y", "/etc/hostname"]);
+        desc = `symlink ${p} -> ${target}`;
+        op = (r) => symlinkSync(target, join(r, p));
+        break;
+      }
+      default: {
+        const mode = pick([0o600, 0o644, 0o755, 0o700]);
+        desc = `chmod ${p} ${mode.toString(8)}`;
+        op = (r) => {
+          if (lstatSync(join(r, p)).isSymbolicLink()) throw Object.assign(new Error("skip symlink"), { code: "SKIP" });
+          chmodSync(join(r, p), mode);
+        };
+      }
+    }
+    let ea: string | undefined;
+    let eb: string | undefined;
+    try {
+      op(a);
+    } catch (err) {
+      ea = (err as NodeJS.ErrnoException).code ?? String(err);
+    }
+    try {
+      op(b);
+    } catch (err) {
+      eb = (err as NodeJS.ErrnoException).code ?? String(err);
+    }
+    log.push(`${desc}: ${ea ?? "ok"}`);
+    if (ea !== eb) throw new Error(`op ${i} "${desc}": mount ${ea ?? "ok"}, reference ${eb ?? "ok"}\n${log.slice(-20).join("\n")}`);
+  }
+}
+
+describe("strata mount on the file store", () => {
+  let e: Env;
+  beforeAll(() => {
+    e = makeEnv();
+  });
+  afterAll(async () => {
+    await e?.cleanup();
+  });
+
+  it("matches a local directory under random operations, after sync and after a remount", async () => {
+    await e.strata("volume", "create", "rand");
+    const mnt = join(e.base, "rand");
+    const ref = join(e.base, "rand-ref");
+    mkdirSync(ref);
+    await e.mount("rand", mnt);
+    const rand = rng(Number(process.env.STRATA_TEST_SEED ?? 20261122));
+    const log: string[] = [];
+    for (let batch = 0; batch < 8; batch++) {
+      randomOps(mnt, ref, rand, 40, log);
+      expect(snapshotTree(mnt), `after batch ${batch}`).toEqual(snapshotTree(ref));
+      if (batch === 3 || batch === 7) {
+        const v = (await e.strata("sync", mnt, "--message", `batch ${batch}`)).trim();
+        expect(v).toMatch(/^[0-9a-f]{64}$/);
+        const st = JSON.parse(await e.strata("status", mnt, "--json"));
+        expect(st).toEqual({ volume: "rand", base: v, staged: { added: [], modified: [], removed: [] } });
+        expect(snapshotTree(mnt)).toEqual(snapshotTree(ref));
+      }
+    }
+    await e.unmount(mnt);
+    expect(isMounted(mnt)).toBe(false);
+    await e.mount("rand", mnt);
+    expect(snapshotTree(mnt)).toEqual(snapshotTree(ref));
+    await e.unmount(mnt);
+  }, 300_000);
+
+  it("reports staged changes in status and keeps them across a remount", async () => {
+    await e.strata("volume", "create", "st");
+    const mnt = join(e.base, "st");
+    await e.mount("st", mnt);
+    writeFileSync(join(mnt, "keep.txt"), "one\n");
+    const v1 = (await e.strata("sync", mnt)).trim();
+    writeFileSync(join(mnt, "new.txt"), "new\n");
+    writeFileSync(join(mnt, "keep.txt"), "two\n");
+    const st = JSON.parse(await e.strata("status", mnt, "--json"));
+    expect(st.volume).toBe("st");
+    expect(st.base).toBe(v1);
+    expect(st.staged.added).toContain("new.txt");
+    expect(st.staged.modified).toContain("keep.txt");
+    await e.unmount(mnt);
+    await e.mount("st", mnt);
+    expect(readFileSync(join(mnt, "new.txt"), "utf8")).toBe("new\n");
+    expect(readFileSync(join(mnt, "keep.txt"), "utf8")).toBe("two\n");
+    await e.unmount(mnt);
+  }, 120_000);
+
+  it("keeps two forks mounted at once isolated", async () => {
+    await e.strata("volume", "create", "base");
+    const src = join(e.base, "seed.txt");
+    writeFileSync(src, "seed\n");
+    await e.strata("put", "base", src, "seed.txt");
+    await e.strata("fork", "base", "f1");
+    await e.strata("fork", "base", "f2");
+    const m1 = join(e.base, "f1");
+    const m2 = join(e.base, "f2");
+    await e.mount("f1", m1);
+    await e.mount("f2", m2);
+    writeFileSync(join(m1, "seed.txt"), "one\n");
+    writeFileSync(join(m1, "only1"), "1");
+    writeFileSync(join(m2, "seed.txt"), "two\n");
+    expect(readFileSync(join(m2, "seed.txt"), "utf8")).toBe("two\n");
+    expect(existsSync(join(m2, "only1"))).toBe(false);
+    await e.strata("sync", m1);
+    await e.strata("sync", m2);
+    expect(readFileSync(join(m1, "seed.txt"), "utf8")).toBe("one\n");
+    expect(readFileSync(join(m2, "seed.txt"), "utf8")).toBe("two\n");
+    expect(await e.strata("cat", "f1", "seed.txt")).toBe("one\n");
+    expect(await e.strata("cat", "f2", "seed.txt")).toBe("two\n");
+    expect(await e.strata("cat", "base", "seed.txt")).toBe("seed\n");
+    await e.unmount(m1);
+    await e.unmount(m2);
+  }, 120_000);
+
+  it("keeps a reader's view while a writer syncs, until the reader reloads", async () => {
+    await e.strata("volume", "create", "shared");
+    const src = join(e.base, "v1.txt");
+    writeFileSync(src, "version one\n");
+    const v1 = (await e.strata("put", "shared", src, "doc.txt")).trim();
+    const w = join(e.base, "writer");
+    const r = join(e.base, "reader");
+    await e.mount("shared", w);
+    await e.mount("shared", r, "--read-only");
+    expect(readFileSync(join(r, "doc.txt"), "utf8")).toBe("version one\n");
+    writeFileSync(join(w, "doc.txt"), "version two, longer\n");
+    writeFileSync(join(w, "added.txt"), "added\n");
+    const v2 = (await e.strata("sync", w)).trim();
+    expect(v2).not.toBe(v1);
+    expect(readFileSync(join(r, "doc.txt"), "utf8")).toBe("version one\n");
+    expect(existsSync(join(r, "added.txt"))).toBe(false);
+    expect(readFileSync(join(r, ".strata/version"), "utf8").trim()).toBe(v1);
+    expect((await e.strata("reload", r)).trim()).toBe(v2);
+    expect(readFileSync(join(r, "doc.txt"), "utf8")).toBe("version two, longer\n");
+    expect(readFileSync(join(r, "added.txt"), "utf8")).toBe("added\n");
+
+    writeFileSync(join(w, "local.txt"), "x");
+    const refused = await e.strataFail("reload", w);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/^strata: reload .*staged.* \([A-Z_]+\)\nhint: /);
+    expect(readFileSync(join(w, "local.txt"), "utf8")).toBe("x");
+    expect((await e.strata("reload", w, "--discard")).trim()).toBe(v2);
+    expect(existsSync(join(w, "local.txt"))).toBe(false);
+    await e.unmount(w);
+    await e.unmount(r);
+  }, 120_000);
+
+  it("survives kill -9 of the mount during a sync: the old version intact, staged changes found again", async () => {
+    await e.strata("volume", "create", "crash");
+    const mnt = join(e.base, "crash");
+    const ref = join(e.base, "crash-ref");
+    mkdirSync(ref);
+    const child = await e.mount("crash", mnt);
+    writeFileSync(join(mnt, "first.txt"), "first\n");
+    writeFileSync(join(ref, "first.txt"), "first\n");
+    const v1 = (await e.strata("sync", mnt)).trim();
+    const rand = rng(7);
+    for (let i = 0; i < 200; i++) {
+      const data = Buffer.alloc(i % 10 === 0 ? 2 << 20 : 2000, i);
+      data.writeUInt32LE(Math.floor(rand() * 2 ** 32), 0);
+      writeFileSync(join(mnt, `f${i}`), data);
+      writeFileSync(join(ref, `f${i}`), data);
+    }
+    const sync = e.strata("sync", mnt).then(
+      (v) => v.trim(),
+      () => null,
+    );
+    await new Promise((r) => setTimeout(r, 150));
+    child.kill("SIGKILL");
+    const synced = await sync;
+    await new Promise((r) => child.exitCode !== null || child.signalCode !== null ? r(null) : child.once("exit", r));
+    const stale = await e.strataFail("status", mnt);
+    expect(stale.stderr).toMatch(/^strata: .* \([A-Z_]+\)\n/);
+    await e.strata("unmount", mnt);
+    expect(isMounted(mnt)).toBe(false);
+
+    const log = JSON.parse(await e.strata("log", "crash", "--json")) as { id: string }[];
+    const head = log[0]!.id;
+    expect(head === v1 || head === synced || log.length === 2).toBe(true);
+    expect((await e.strata("fsck")).trim()).toMatch(/ok$/);
+    expect(await e.strata("cat", "crash", "first.txt")).toBe("first\n");
+
+    await e.mount("crash", mnt);
+    expect(snapshotTree(mnt)).toEqual(snapshotTree(ref));
+    await e.strata("sync", mnt);
+    await e.unmount(mnt);
+    const files = JSON.parse(await e.strata("ls", "crash", "--json")) as { path: string }[];
+    expect(files.length).toBe(201);
+  }, 180_000);
+
+  it("answers bad input with the right errors", async () => {
+    await e.strata("volume", "create", "bad");
+    const mnt = join(e.base, "bad");
+    await e.mount("bad", mnt);
+    expect(() => writeFileSync(join(mnt, "n".repeat(256)), "x")).toThrow(expect.objectContaining({ code: "ENAMETOOLONG" }));
+    expect(() => mkdirSync(join(mnt, "é".repeat(128)))).toThrow(expect.objectContaining({ code: "ENAMETOOLONG" }));
+    writeFileSync(join(mnt, "n".repeat(255)), "ok");
+    expect(readFileSync(join(mnt, "n".repeat(255)), "utf8")).toBe("ok");
+    await e.strata("sync", mnt);
+    await e.unmount(mnt);
+
+    const ro = join(e.base, "bad-ro");
+    await e.mount("bad", ro, "--read-only");
+    expect(readFileSync(join(ro, "n".repeat(255)), "utf8")).toBe("ok");
+    expect(() => writeFileSync(join(ro, "new"), "x")).toThrow(expect.objectContaining({ code: "EROFS" }));
+    expect(() => appendFileSync(join(ro, "n".repeat(255)), "x")).toThrow(expect.objectContaining({ code: "EROFS" }));
+    expect(() => mkdirSync(join(ro, "d"))).toThrow(expect.objectContaining({ code: "EROFS" }));
+    expect(() => unlinkSync(join(ro, "n".repeat(255)))).toThrow(expect.objectContaining({ code: "EROFS" }));
+    await e.unmount(ro);
+
+    const c = Strata.connect(loadConfig(e.env));
+    try {
+      const vol = await Volume.open("bad", { client: c, create: false });
+      await expect(vol.putFile("a\u0000b", "x")).rejects.toMatchObject({ code: "INVALID_PATH" });
+    } finally {
+      await c.close();
+    }
+
+    const notMount = join(e.base, "plain");
+    mkdirSync(notMount);
+    for (const cmd of ["sync", "status", "reload"]) {
+      const r = await e.strataFail(cmd, notMount);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/^strata: .*not a strata mount \(INVALID_ARGUMENT\)\nhint: /);
+    }
+    const u = await e.strataFail("unmount", notMount);
+    expect(u.code).toBe(1);
+  }, 120_000);
+
+  it("runs git init, add and commit on the mount", async () => {
+    await e.strata("volume", "create", "repo");
+    const mnt = join(e.base, "repo");
+    await e.mount("repo", mnt);
+    mkdirSync(join(mnt, "src"));
+    for (let i = 0; i < 50; i++) writeFileSync(join(mnt, "src", `m${i}.ts`), `export const x${i} = ${i};\n`);
+    const git = (cmd: string) => execFileSync("sh", ["-c", cmd], { cwd: mnt, encoding: "utf8", env: { ...process.env, GIT_AUTHOR_NAME: "t", GIT_AUTHOR_EMAIL: "t@x", GIT_COMMITTER_NAME: "t", GIT_COMMITTER_EMAIL: "t@x" } });
+    git("git init -q && git add -A && git commit -q -m first");
+    writeFileSync(join(mnt, "src/m0.ts"), "export const x0 = 'changed';\n");
+    git("git commit -q -am second");
+    expect(git("git log --format=%s").trim().split("\n")).toEqual(["second", "first"]);
+    expect(git("git status --porcelain")).toBe("");
+    expect(git("git fsck --no-progress 2>&1; echo rc=$?")).toMatch(/rc=0/);
+    await e.strata("sync", mnt, "--message", "git");
+    await e.unmount(mnt);
+    await e.mount("repo", mnt);
+    expect(git("git log --format=%s").trim().split("\n")).toEqual(["second", "first"]);
+    expect(git("git show HEAD:src/m0.ts")).toBe("export const x0 = 'changed';\n");
+    await e.unmount(mnt);
+  }, 180_000);
+});
+
+describe("strata mount on S3", () => {
+  let s3: TestS3Store;
+  let e: Env;
+  beforeAll(async () => {
+    s3 = await makeTestS3Store();
+    e = makeEnv({
+      STRATA_STORE: `s3://${s3.bucket}/mount`,
+      STRATA_S3_ENDPOINT: s3.config.endpoint,
+      AWS_ACCESS_KEY_ID: s3.config.accessKeyId,
+      AWS_SECRET_ACCESS_KEY: s3.config.secretAccessKey,
+      AWS_REGION: s3.config.region,
+    });
+  });
+  afterAll(async () => {
+    await e?.cleanup();
+    await s3?.cleanup();
+  });
+
+  it("writes, syncs and reads back after a remount with an empty cache", async () => {
+    await e.strata("volume", "create", "s3vol");
+    const mnt = join(e.base, "s3vol");
+    const ref = join(e.base, "s3ref");
+    mkdirSync(ref);
+    await e.mount("s3vol", mnt);
+    const log: string[] = [];
+    randomOps(mnt, ref, rng(99), 120, log);
+    const big = Buffer.alloc(5 << 20);
+    for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i);
+    writeFileSync(join(mnt, "big.bin"), big);
+    writeFileSync(join(ref, "big.bin"), big);
+    expect(snapshotTree(mnt)).toEqual(snapshotTree(ref));
+    const v = (await e.strata("sync", mnt)).trim();
+    expect(v).toMatch(/^[0-9a-f]{64}$/);
+    await e.unmount(mnt);
+    rmSync(join(e.base, "home", "cache"), { recursive: true, force: true });
+    await e.mount("s3vol", mnt);
+    expect(snapshotTree(mnt)).toEqual(snapshotTree(ref));
+    await e.unmount(mnt);
+  }, 240_000);
+});
