@@ -119,6 +119,9 @@ function modeString(kind: string, mode: number): string {
 interface LocalItem {
   local: string;
   dest: string;
+  mode: number;
+  mtime: number;
+  size: number;
 }
 
 async function collectLocal(src: string, dest: string, items: LocalItem[], dirs: { dest: string; mode: number; mtime: number }[], links: { dest: string; target: string }[], io: CliIO): Promise<void> {
@@ -133,7 +136,7 @@ async function collectLocal(src: string, dest: string, items: LocalItem[], dirs:
     dirs.push({ dest, mode: st.mode & 0o7777, mtime: Math.floor(st.mtimeMs) });
     const names = (await readdir(src)).sort();
     for (const name of names) await collectLocal(join(src, name), `${dest}/${name}`, items, dirs, links, io);
-  } else if (st.isFile()) items.push({ local: src, dest });
+  } else if (st.isFile()) items.push({ local: src, dest, mode: st.mode & 0o7777, mtime: Math.floor(st.mtimeMs), size: st.size });
   else io.stderr.write(`strata: skipping ${src}: not a regular file, directory or symlink\n`);
 }
 
@@ -156,7 +159,7 @@ async function cmdPut(args: ParsedArgs, io: CliIO): Promise<void> {
     }
     const batch = vol.batch();
     for (const d of dirs) batch.mkdir(d.dest, { mode: d.mode });
-    for (const it of items) batch.putLocalFile(it.dest, it.local);
+    for (const it of items) batch.putLocalFile(it.dest, it.local, { mode: it.mode, mtime: it.mtime, size: it.size });
     for (const l of links) batch.symlink(l.dest, l.target);
     for (const d of dirs) batch.chmod(d.dest, d.mode);
     const bar = progress(io, "put");

@@ -171,14 +171,23 @@ export class VolumeBatch {
     );
   }
 
-  /** Writes a file from a local file, streamed at sync (it must not change until then). */
-  putLocalFile(path: string, localPath: string, opts: { mode?: number; mtime?: number } = {}): this {
+  /**
+   * Writes a file from a local file, read at sync (it must not change until then). A caller that
+   * has already stat'ed the file passes `size`, `mode` and `mtime` to save a second stat.
+   */
+  putLocalFile(path: string, localPath: string, opts: { mode?: number; mtime?: number; size?: number } = {}): this {
     const segs = splitWritablePath(path);
     return this.push(async (o) => {
-      const st = await lstat(localPath).catch((err) => {
-        throw VolumeError.IO(`read ${localPath}`, err, { hint: "check that the local file exists and is readable" });
-      });
-      await o.put(segs, { kind: "file", name: segs.at(-1)!, mode: opts.mode ?? st.mode & 0o7777, mtime: opts.mtime ?? Math.floor(st.mtimeMs), size: st.size, pending: { kind: "file", path: localPath, size: st.size } });
+      let { mode, mtime, size } = opts;
+      if (mode === undefined || mtime === undefined || size === undefined) {
+        const st = await lstat(localPath).catch((err) => {
+          throw VolumeError.IO(`read ${localPath}`, err, { hint: "check that the local file exists and is readable" });
+        });
+        mode ??= st.mode & 0o7777;
+        mtime ??= Math.floor(st.mtimeMs);
+        size ??= st.size;
+      }
+      await o.put(segs, { kind: "file", name: segs.at(-1)!, mode, mtime, size, pending: { kind: "file", path: localPath, size } });
     });
   }
 

@@ -12,6 +12,7 @@
  * its state (keys sort by incarnation, then seq), so `fsck --rebuild` needs nothing but the bucket.
  */
 import { createReadStream } from "node:fs";
+import { readFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { isCode, type MetadataStore, type VersionRecord, type VolumeRecord } from "../../metadata/index.js";
 import { ChunkStore, type ChunkCache, type ChunkParams, type WriteStats } from "../chunk/index.js";
@@ -37,7 +38,7 @@ export interface RepositoryOptions {
   chunkParams?: ChunkParams;
   /** Provenance labels added to every version this repository commits. */
   labels?: Record<string, string>;
-  /** Files chunked and uploaded at once during a sync. Default 8. */
+  /** Files chunked and uploaded at once during a sync. Default 16. */
   fileConcurrency?: number;
 }
 
@@ -70,6 +71,8 @@ export interface SyncResult {
 }
 
 const REF_WIDTH_TIME = 13;
+/** Local files up to this size are read whole rather than streamed during a sync. */
+const SMALL_FILE_BYTES = 4 << 20;
 const REF_WIDTH_SEQ = 10;
 
 /** The bucket key of a volume's ref after a head move. */
@@ -111,7 +114,7 @@ export class Repository {
     this.objects = opts.objects;
     this.env = opts.env ?? "main";
     this.labels = { host: hostname(), ...(opts.labels ?? {}) };
-    this.fileConcurrency = opts.fileConcurrency ?? 8;
+    this.fileConcurrency = opts.fileConcurrency ?? 16;
     this.chunks = new ChunkStore({ objects: opts.objects, meta: opts.meta, cache: opts.cache, params: opts.chunkParams });
     const chunks = this.chunks;
     this.source = {
@@ -393,7 +396,10 @@ export class Repository {
         else {
           const local = p.pending.path;
           try {
-            res = await writer.writeStream(createReadStream(local, { highWaterMark: 1 << 20 }));
+            // Small files in one read (open, read, close); large ones streamed with bounded memory.
+            res = p.pending.size <= SMALL_FILE_BYTES
+              ? await writer.writeBuffer(await readFile(local))
+              : await writer.writeStream(createReadStream(local, { highWaterMark: 1 << 20 }));
           } catch (err) {
             if (err instanceof VolumeError) throw err;
             throw VolumeError.IO(`read ${local}`, err, { hint: "check that the local file exists and is readable" });
