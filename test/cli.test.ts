@@ -221,6 +221,36 @@ contract("S3 (Ceph RGW)", async () => {
   };
 });
 
+describe("a damaged store", () => {
+  it("reports a corrupted chunk on read and in fsck, with a code and a hint", async () => {
+    const home = await mkdtemp(join(tmpdir(), "strata-cli-corrupt-"));
+    try {
+      const cli = makeCli({ STRATA_HOME: home, PATH: process.env.PATH });
+      const src = join(home, "f.txt");
+      await writeFile(src, "precious bytes that will rot\n".repeat(100));
+      await ok(cli, "volume", "create", "v");
+      await ok(cli, "put", "v", src, "f.txt");
+      const { readdir: ls } = await import("node:fs/promises");
+      const packs = await ls(join(home, "objects/packs"));
+      expect(packs).toHaveLength(1);
+      const packPath = join(home, "objects/packs", packs[0]!);
+      const bytes = await readFile(packPath);
+      bytes[10] = bytes[10]! ^ 0xff;
+      await writeFile(packPath, bytes);
+      await rm(join(home, "cache"), { recursive: true, force: true });
+      const r = await cli("cat", "v", "f.txt");
+      expect(r.code).toBe(1);
+      expect(r.stdout).toBe("");
+      expect(r.stderr).toMatch(/^strata: .* \(CORRUPT\)\nhint: run `strata fsck`/);
+      const f = await cli("fsck");
+      expect(f.code).toBe(1);
+      expect(f.stdout).toMatch(/problem: corrupt-chunk/);
+    } finally {
+      await rm(home, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("the strata program", () => {
   const strata = join(process.cwd(), "bin/strata");
   let home: string;
