@@ -80,6 +80,7 @@ export class GvisorRuntime implements Runtime {
   private readonly background = new Set<Promise<void>>();
   private watcher: NodeJS.Timeout | undefined;
   private closed = false;
+  private execSeq = 0;
 
   constructor(opts: GvisorRuntimeOptions) {
     this.opts = {
@@ -159,8 +160,9 @@ export class GvisorRuntime implements Runtime {
     if (!opts.argv.length) throw AgentError.INVALID_SPEC("exec argv", "must not be empty");
     const env = envList({ ...sb.spec.env, ...opts.env });
     const user = opts.user ?? `${sb.uid}:${sb.gid}`;
+    const pidFile = join(sb.bundle, `exec-${++this.execSeq}.pid`);
     const argv = [
-      ...sb.flags.slice(1), "exec", "--cwd", opts.cwd ?? sb.spec.workdir ?? "/", "--user", user,
+      ...sb.flags.slice(1), "exec", "--internal-pid-file", pidFile, "--cwd", opts.cwd ?? sb.spec.workdir ?? "/", "--user", user,
       ...env.flatMap((e) => ["--env", e]), id, ...opts.argv,
     ];
     const child = spawn(sb.flags[0]!, argv, { stdio: [opts.stdin ? "pipe" : "ignore", "pipe", "pipe"] });
@@ -174,6 +176,7 @@ export class GvisorRuntime implements Runtime {
         void (async () => {
           const oom = await this.oomKilled(sb);
           if (oom) this.markExit(sb, "oom", true);
+          await rm(pidFile, { force: true }).catch(() => undefined);
           const exitCode = code ?? (signal ? 128 + signalNumber(signal) : spawnError ? 127 : 1);
           const result: ExecResult = { exitCode, oom };
           if (sent && exitCode === 128 + signalNumber(sent)) result.signal = sent;
@@ -189,7 +192,10 @@ export class GvisorRuntime implements Runtime {
       kill: (signal: NodeJS.Signals = "SIGTERM") => {
         if (child.exitCode !== null || child.signalCode !== null) return;
         sent = signal;
-        child.kill(signal);
+        void readFile(pidFile, "utf8").then(
+          (pid) => runCommand([...sb.flags, "kill", "--pid", pid.trim(), id, signal]),
+          () => child.kill(signal),
+        );
       },
       wait: () => done,
     };
@@ -302,7 +308,7 @@ export class GvisorRuntime implements Runtime {
 
   private async watch(): Promise<void> {
     for (const sb of this.sandboxes.values()) {
-      if (sb.exit) continue;
+      if (sb.exit || !sb.pid) continue;
       const oom = await this.oomKilled(sb);
       if (oom || !this.alive(sb)) {
         this.markExit(sb, oom ? "oom" : "exited", oom);

@@ -1,0 +1,27 @@
+/**
+ * agent: the node agent's sandbox runtime — the `Runtime` seam, `GvisorRuntime` (runsc with OCI
+ * bundles, cgroup limits, OOM detection, network none or allow-listed egress, lifetimes, bind
+ * mounts), and images built from specs or Dockerfiles into a content-addressed cache.
+ *
+ * ```ts
+ * import { GvisorRuntime, ImageBuilder, sandboxSpecFor, steps } from "../agent/index.js";
+ * const images = new ImageBuilder({ cacheDir: "/var/cache/strata/images" });
+ * const image = await images.build({ base: { kind: "debian-slim" }, steps: [steps.aptInstall(["curl"])] });
+ * const rt = new GvisorRuntime({ stateDir: "/run/strata" });
+ * const sb = await rt.create(sandboxSpecFor(image, { cpu: 1, memoryBytes: 512 << 20, mounts: [{ source: "/mnt/vol", destination: "/data" }] }));
+ * const p = rt.exec(sb.id, { argv: ["python3", "-c", "print(42)"] });
+ * p.stdout.pipe(process.stdout);
+ * const { exitCode, oom } = await p.wait();
+ * await rt.stop(sb.id);      // returns once nothing runs; runsc delete finishes in the background
+ * await rt.close();
+ * ```
+ *
+ * This file is the layer's only public door.
+ */
+export * from "./errors.js";
+export * from "./runtime.js";
+export { GvisorRuntime, type GvisorRuntimeOptions } from "./gvisor-runtime.js";
+export { bundleConfig, resolveUser, DEFAULT_PATH, type BundleOptions } from "./bundle.js";
+export * from "./image.js";
+export * from "./dockerfile.js";
+export { setupEgress, EGRESS_SUBNET, type EgressNetwork } from "./network.js";
