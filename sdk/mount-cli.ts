@@ -178,6 +178,9 @@ async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
   if (!name || !dir) throw usage("mount: missing arguments", commands.mount.usage);
   const abs = resolve(dir);
   const labels = labelsOf(args.values.label);
+  if (await isFuseMountPoint(abs)) {
+    throw new VolumeError("ALREADY_EXISTS", `mount ${abs}: already a mount point`, { hint: `unmount it first with \`strata unmount ${abs}\`` });
+  }
   if (args.values.daemon === true) return daemonize(abs, io);
 
   const overrides: Partial<StrataConfig> = {};
