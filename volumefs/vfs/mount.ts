@@ -393,7 +393,13 @@ export class MountedVolume implements MountFs {
         return;
       }
       case "w":
-        if (mode === "recover") this.contents.get(op.c)?.noteWrite(op.at, op.n, op.t);
+        if (mode === "recover") {
+          if (op.d !== undefined) this.contents.get(op.c)?.noteInline(Buffer.from(op.d, "base64"), op.at, op.t);
+          else this.contents.get(op.c)?.noteWrite(op.at, op.n, op.t);
+        }
+        return;
+      case "m":
+        if (mode === "recover") this.contents.get(op.c)?.noteMoved();
         return;
       case "tr":
         if (mode === "recover") this.contents.get(op.c)?.noteTruncate(op.s, op.t);
@@ -694,8 +700,9 @@ export class MountedVolume implements MountFs {
       const c = await this.writable({ h });
       const at = h.flags & constants.O_APPEND ? c.size : position;
       const t = Date.now();
-      c.write(data, at, t);
-      this.journal({ o: "w", c: c.id, at, n: data.length, t });
+      const how = c.write(data, at, t);
+      if (how.moved) this.journal({ o: "m", c: c.id });
+      this.journal({ o: "w", c: c.id, at, n: data.length, t, ...(how.inline ? { d: Buffer.from(data).toString("base64") } : {}) });
       return data.length;
     });
   }
@@ -742,7 +749,7 @@ export class MountedVolume implements MountFs {
     const h = this.handle(fh);
     if (h.kind !== "file" || !this.staging) return;
     const c = contentOf(await this.entryOf(h).catch(() => undefined));
-    this.staging.fsync(c && c.extents.bytes > 0 ? [c.id] : []);
+    this.staging.fsync(c && c.hasFile ? [c.id] : []);
   }
 
   /** Closes a handle; idempotent for unknown handles is not given: BAD_HANDLE. */

@@ -8,7 +8,9 @@
  *   journal-<N>.log  layer N: JSON lines, one metadata operation each (JournalOp), appended
  *                    with one write(2) before the operation is answered
  *   data/<content>   one sparse file per staged content: byte p of the file is byte p of the
- *                    content wherever a `w` operation of the journal says it was written
+ *                    content wherever a `w` operation of the journal says it was written; a
+ *                    small content (all writes below INLINE_MAX) has no file: its `w` lines
+ *                    carry the bytes (`d`, base64) until an `m` line says they moved to the file
  *
  * Invariants:
  * - data bytes are written before the journal line that names them, and a journal line before
@@ -35,7 +37,8 @@ import type { ChunkRef } from "./tree.js";
 export type JournalOp =
   | { o: "create"; p: string; c: string; m: number; t: number; u?: number; g?: number }
   | { o: "cow"; p: string; c: string; f?: string }
-  | { o: "w"; c: string; at: number; n: number; t: number }
+  | { o: "w"; c: string; at: number; n: number; t: number; d?: string }
+  | { o: "m"; c: string }
   | { o: "tr"; c: string; s: number; t: number }
   | { o: "mkdir"; p: string; m: number; t: number; u?: number; g?: number }
   | { o: "rm"; p: string }
@@ -44,6 +47,9 @@ export type JournalOp =
   | { o: "link"; p: string; d: string }
   | { o: "attr"; p: string; mode?: number; mtime?: number; uid?: number; gid?: number }
   | { o: "xattr"; p: string; k: string; v: string | null };
+
+/** Contents whose writes all end below this many bytes keep their bytes in the journal. */
+export const INLINE_MAX = 16 * 1024;
 
 /** The staging manifest. */
 export interface StagingManifest {
@@ -299,6 +305,11 @@ function fsyncDir(dir: string): void {
   }
 }
 
+function writeAll(fd: number, data: Uint8Array, at: number): void {
+  let off = 0;
+  while (off < data.length) off += writeSync(fd, data, off, data.length - off, at + off);
+}
+
 /** A set of disjoint, non-adjacent byte ranges [start, end), sorted. */
 export class Extents {
   readonly starts: number[] = [];
@@ -395,6 +406,10 @@ export class StagedContent {
   /** Figures of the last upload. */
   uploadStats: ContentUploadStats | undefined;
   private uploading: Promise<{ chunks: ChunkRef[]; size: number }> | undefined;
+  /** The bytes of a small content that has no data file (yet). */
+  private inline: Buffer | undefined;
+  /** True once the content's bytes live in its data file. */
+  hasFile = false;
 
   constructor(
     private readonly staging: StagingDir,
@@ -414,17 +429,56 @@ export class StagedContent {
     return this.lower.kind === "chunks" ? this.lower.size : this.lower.content.size;
   }
 
-  /** Writes bytes at `at` (data first, in the page cache); extends the size as needed. */
-  write(data: Uint8Array, at: number, mtime: number): void {
+  /**
+   * Writes bytes at `at` (data first, in the page cache); extends the size as needed. Returns
+   * what the journal must record, in order: `moved` (the inline bytes went to the data file:
+   * an `m` line) and `inline` (the bytes stay in memory: the `w` line carries them).
+   */
+  write(data: Uint8Array, at: number, mtime: number): { moved: boolean; inline: boolean } {
     if (this.frozen) throw new VolumeError("INVALID_ARGUMENT", `write content ${this.id}: frozen by a sync`);
-    let off = 0;
+    if (!this.hasFile && at + data.length <= INLINE_MAX) {
+      this.writeInline(data, at);
+      this.noteWrite(at, data.length, mtime);
+      return { moved: false, inline: true };
+    }
     const fd = this.staging.fd(this.id);
-    while (off < data.length) off += writeSync(fd, data, off, data.length - off, at + off);
+    let moved = false;
+    if (!this.hasFile) {
+      if (this.inline) writeAll(fd, this.inline, 0);
+      this.inline = undefined;
+      this.hasFile = true;
+      moved = true;
+    }
+    writeAll(fd, data, at);
     this.noteWrite(at, data.length, mtime);
+    return { moved, inline: false };
+  }
+
+  /** Replays a write whose bytes the journal carries. */
+  noteInline(data: Uint8Array, at: number, mtime: number): void {
+    this.writeInline(data, at);
+    this.noteWrite(at, data.length, mtime);
+  }
+
+  /** Replays an `m` line: the bytes are in the data file from here on. */
+  noteMoved(): void {
+    this.inline = undefined;
+    this.hasFile = true;
+  }
+
+  private writeInline(data: Uint8Array, at: number): void {
+    const need = at + data.length;
+    if (!this.inline || this.inline.length < need) {
+      const next = Buffer.alloc(Math.min(INLINE_MAX, Math.max(need, (this.inline?.length ?? 0) * 2, 256)));
+      if (this.inline) this.inline.copy(next);
+      this.inline = next;
+    }
+    this.inline.set(data, at);
   }
 
   /** Records a write whose bytes are already in the data file (journal replay). */
   noteWrite(at: number, n: number, mtime: number): void {
+    if (!this.inline && n > 0) this.hasFile = true;
     if (n <= 0) return;
     if (at > this.size) this.cutLower(this.size);
     this.extents.add(at, at + n);
@@ -475,7 +529,9 @@ export class StagedContent {
       );
     }
     const pieces = this.extents.pieces(offset, end);
-    if (pieces.length > 0) {
+    if (pieces.length > 0 && this.inline) {
+      for (const [a, b] of pieces) out.set(this.inline.subarray(a, b), a - offset);
+    } else if (pieces.length > 0) {
       const fd = this.staging.fd(this.id);
       for (const [a, b] of pieces) {
         let got = 0;
