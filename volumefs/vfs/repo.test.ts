@@ -272,6 +272,21 @@ describe("Repository", () => {
     expect(await text(new Repository({ meta: meta3, objects }), "b", "four.txt")).toBe("4");
   });
 
+  it("catches a second host committing the same head move through a shared bucket", async () => {
+    const objects = new MemoryObjectStore();
+    const a = makeRepo(objects);
+    await a.createVolume("v");
+    await commit(a, "v", (o) => put(o, "x", "0"));
+    const metaB = SqliteMetadataStore.open({ path: ":memory:" });
+    await rebuildMetadata(metaB, objects);
+    const b = new Repository({ meta: metaB, objects });
+    await commit(a, "v", (o) => put(o, "x", "from a"));
+    await expect(commit(b, "v", (o) => put(o, "x", "from b"))).rejects.toMatchObject({ code: "CONFLICT" });
+    const metaC = SqliteMetadataStore.open({ path: ":memory:" });
+    await rebuildMetadata(metaC, objects);
+    expect(await text(new Repository({ meta: metaC, objects }), "v", "x")).toBe("from a");
+  });
+
   it("fsck finds a corrupted chunk and a missing pack", async () => {
     const objects = new MemoryObjectStore();
     const repo = makeRepo(objects);

@@ -194,10 +194,22 @@ export class Repository {
   }
 
   private async writeRef(v: VolumeRecord, deleted = false): Promise<void> {
-    const body = { head: v.head, forkedFrom: v.forkedFrom, createdAt: v.createdAt, seq: v.seq, ...(deleted ? { deleted: true } : {}) };
+    const body = Buffer.from(JSON.stringify({ head: v.head, forkedFrom: v.forkedFrom, createdAt: v.createdAt, seq: v.seq, ...(deleted ? { deleted: true } : {}) }));
+    const key = refKey(this.env, v);
     try {
-      await this.objects.put(refKey(this.env, v), Buffer.from(JSON.stringify(body)));
+      // Create-only: each head move has its own key, so a second writer of the same move (another
+      // host sharing the bucket) is caught here instead of silently overwriting the first.
+      await this.objects.put(key, body, { ifNoneMatch: "*" });
     } catch (err) {
+      if (err instanceof VolumeError && err.code === "PRECONDITION_FAILED") {
+        const there = await this.objects.get(key).catch(() => undefined);
+        if (there && Buffer.compare(Buffer.from(there), body) === 0) return;
+        throw new VolumeError("CONFLICT", `write ref of volume ${JSON.stringify(v.name)}: head move ${v.seq} was written by another writer`, {
+          volume: v.name,
+          cause: err,
+          hint: "another host commits to this volume through the same bucket; run `strata fsck --rebuild` on this host to catch up",
+        });
+      }
       if (deleted || v.seq === 0) throw err;
       throw new VolumeError("IO", `write ref of volume ${JSON.stringify(v.name)}: ${(err as Error).message}`, {
         volume: v.name,
@@ -256,21 +268,38 @@ export class Repository {
     return new Snapshot(this.source, root, this.trees);
   }
 
-  /** Every version in a volume's history, newest first. */
+  /**
+   * Every version in a volume's history, newest first: a version always comes before its parents
+   * (clocks may tie or step back), and among versions ready at once the later one comes first.
+   */
   async log(volume: string): Promise<VersionRecord[]> {
     const vol = await this.volume(volume);
-    const out: VersionRecord[] = [];
-    const seen = new Set<string>();
+    const all = new Map<string, VersionRecord>();
+    const children = new Map<string, number>();
     const queue = vol.head ? [vol.head] : [];
     while (queue.length > 0) {
-      const id = queue.shift()!;
-      if (seen.has(id)) continue;
-      seen.add(id);
+      const id = queue.pop()!;
+      if (all.has(id)) continue;
       const v = await this.version(id);
-      out.push(v);
-      queue.push(...v.parents);
+      all.set(id, v);
+      for (const p of v.parents) {
+        children.set(p, (children.get(p) ?? 0) + 1);
+        queue.push(p);
+      }
     }
-    return out.sort((a, b) => b.time - a.time || (a.id < b.id ? -1 : 1));
+    const out: VersionRecord[] = [];
+    const ready = vol.head ? [all.get(vol.head)!] : [];
+    while (ready.length > 0) {
+      ready.sort((a, b) => a.time - b.time || (a.id < b.id ? 1 : -1));
+      const v = ready.pop()!;
+      out.push(v);
+      for (const p of v.parents) {
+        const left = children.get(p)! - 1;
+        children.set(p, left);
+        if (left === 0) ready.push(all.get(p)!);
+      }
+    }
+    return out;
   }
 
   /** What changed from version `a` to version `b` (default: the head). */
