@@ -1000,7 +1000,7 @@ export class MountedVolume implements MountFs {
       staging.writeManifest({ v: 1, base: res.version?.id ?? null, first: frozen.upTo + 1 }, true);
       staging.dropLayers(frozen.upTo);
       const live = this.reachable();
-      const dead = frozen.contents.filter((c) => !live.has(c.id)).map((c) => c.id);
+      const dead = [...this.contents.keys()].filter((id) => !live.has(id));
       staging.deleteData(dead);
       for (const id of dead) this.contents.delete(id);
     });

@@ -30,7 +30,7 @@ async function readAll(m: MountedVolume, path: string): Promise<string> {
   const fh = await m.open(path, O_RDONLY);
   const b = await m.read(fh, 1 << 24, 0);
   await m.release(fh);
-  return Buffer.from(b).toString();
+  return Buffer.from(b).toString("latin1");
 }
 
 async function writeFile(m: MountedVolume, path: string, data: string): Promise<void> {
@@ -116,6 +116,11 @@ await m.chmod("/d/b.txt", 0o600);
 await m.setxattr("/d/b.txt", "user.k", Buffer.from("v"), 0);
 await m.unlink("/link");
 await m.symlink("base.txt", "/link2");
+const gh = await m.create("/grows.bin", 0o644, 0o102);
+await m.write(gh, Buffer.from("small start"), 0);
+await m.write(gh, Buffer.alloc(20000, 0x61), 100);
+await m.write(gh, Buffer.from("END"), 20100);
+await m.release(gh);
 if (process.argv[3] === "sync") await m.sync({ message: "from child" });
 await w("/after.txt", "after the sync");
 process.stdout.write("ready\\n");
@@ -154,7 +159,12 @@ describe("staging durability", () => {
     expect(await readAll(m, "/d/b.txt")).toBe("alpha");
     expect((await m.getattr("/d/b.txt")).mode).toBe(0o600);
     expect(Buffer.from(await m.getxattr("/d/b.txt", "user.k")).toString()).toBe("v");
-    expect(await m.readdir("/")).toEqual(["after.txt", "base.txt", "d", "link2"]);
+    expect(await m.readdir("/")).toEqual(["after.txt", "base.txt", "d", "grows.bin", "link2"]);
+    const grows = Buffer.from(await readAll(m, "/grows.bin"), "latin1");
+    expect(grows.length).toBe(20103);
+    expect(grows.subarray(0, 11).toString()).toBe("small start");
+    expect(grows.subarray(100, 20100).every((b) => b === 0x61)).toBe(true);
+    expect(grows.subarray(20100).toString()).toBe("END");
     expect(await m.readdir("/d")).toEqual(["b.txt"]);
     expect(await m.readlink("/link2")).toBe("base.txt");
     const r = await m.sync();

@@ -511,6 +511,20 @@ export class StagedContent {
     const end = Math.min(this.size, offset + length);
     if (end <= offset) return new Uint8Array(0);
     const out = Buffer.alloc(end - offset);
+    const pieces = this.extents.pieces(offset, end);
+    if (pieces.length > 0 && this.inline) {
+      for (const [a, b] of pieces) out.set(this.inline.subarray(a, b), a - offset);
+    } else if (pieces.length > 0) {
+      const fd = this.staging.fd(this.id);
+      for (const [a, b] of pieces) {
+        let got = 0;
+        while (got < b - a) {
+          const n = readSync(fd, out, a - offset + got, b - a - got, a + got);
+          if (n === 0) break;
+          got += n;
+        }
+      }
+    }
     const lowerEnd = Math.min(end, this.lowerLimit, this.lowerSize);
     if (this.lower && offset < lowerEnd) {
       let cur = offset;
@@ -527,20 +541,6 @@ export class StagedContent {
           out.set(bytes.subarray(0, b - a), a - offset);
         }),
       );
-    }
-    const pieces = this.extents.pieces(offset, end);
-    if (pieces.length > 0 && this.inline) {
-      for (const [a, b] of pieces) out.set(this.inline.subarray(a, b), a - offset);
-    } else if (pieces.length > 0) {
-      const fd = this.staging.fd(this.id);
-      for (const [a, b] of pieces) {
-        let got = 0;
-        while (got < b - a) {
-          const n = readSync(fd, out, a - offset + got, b - a - got, a + got);
-          if (n === 0) break;
-          got += n;
-        }
-      }
     }
     return out;
   }
