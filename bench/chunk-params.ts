@@ -93,6 +93,8 @@ for (const avgKiB of [16, 64, 256, 1024]) {
     meanChunkKiB: Math.round(baseBytes / baseIds.size / 1024),
     storedOverBase: Number((storedBytes / baseBytes).toFixed(4)),
     extraPerEditOverRegion: Number((overwriteExtra / variants / region).toFixed(3)),
+    overheadPerEditKiB: Math.round((overwriteExtra / variants - region) / 1024),
+    target100x1pctOf1GiB: Number((2 + (100 * (overwriteExtra / variants - region)) / (1024 * MiB)).toFixed(3)),
     insertExtraKiB: Math.round((storedBytes - beforeInsert) / 1024),
   });
   console.error(`avg ${avgKiB} KiB done`);

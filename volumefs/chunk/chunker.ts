@@ -33,24 +33,28 @@ export const GEAR: Int32Array = (() => {
 })();
 
 /**
- * The default chunking parameters: min 16 KiB, avg 64 KiB, max 256 KiB.
+ * The default chunking parameters: min 16 KiB, avg 64 KiB, max 256 KiB (measured mean 73 KiB).
  *
- * Chosen by measurement (`node --import tsx bench/chunk-params.ts`, 2-core VM, Node 20, native
- * blake3; figures in bench/results/chunk-params.json). Scenario: a 256 MiB random base, 20
- * variants each overwriting one contiguous 1% region at a random offset, one variant inserting
- * 100 bytes in the middle; "stored" = unique chunk bytes of all 22 files / base size.
+ * Chosen by measurement (`node --import tsx bench/chunk-params.ts`; 2-core VM, Node 20, native
+ * blake3; JSON in bench/results/chunk-params.json). Scenario on random data: a 256 MiB base, 20
+ * variants each overwriting one contiguous 1% region at a random offset, one variant inserting 100
+ * bytes in the middle; "stored" = unique chunk bytes of all 22 files / base size (the floor is
+ * 1.20). "1 GiB target" extrapolates the measured per-edit overhead to the product target: 100
+ * forks each changing 1% of a 1 GiB volume must store at most 2.1x one copy.
  *
- * | avg      | chunk+hash MB/s | chunks/GiB | stored / base | extra per 1% edit |
- * |----------|-----------------|------------|---------------|-------------------|
- * | 16 KiB   | 668             | 51.9k      | 1.2034        | 1.016x the region |
- * | 64 KiB   | 720             | 13.1k      | 1.2073        | 1.034x            |
- * | 256 KiB  | 781             | 3.3k       | 1.2356        | 1.169x            |
- * | 1 MiB    | 775             | 0.8k       | 1.3289        | 1.620x            |
+ * | avg      | chunks/GiB | stored/base | overhead per edit | 1 GiB target | insert 100 B costs |
+ * |----------|------------|-------------|-------------------|--------------|--------------------|
+ * | 16 KiB   | 57.5k      | 1.2035      | 44 KiB            | 2.004x       | 28 KiB             |
+ * | 64 KiB   | 14.4k      | 1.2132      | 169 KiB           | 2.016x       | 82 KiB             |
+ * | 256 KiB  | 3.6k       | 1.2474      | 600 KiB           | 2.057x       | 432 KiB            |
+ * | 1 MiB    | 0.9k       | 1.4336      | 3006 KiB          | 2.287x (fails) | 1121 KiB         |
  *
- * 64 KiB keeps the product target (100 forks each changing 1% of 1 GiB store at most 2.1x one
- * copy: an edit may cost at most 1.1x its region) with margin, at a quarter of the chunk index
- * rows and ranged GETs of 16 KiB; 256 KiB is at the edge and 1 MiB fails it. Small files are
- * single chunks whatever the average, so they do not pull the choice lower.
+ * Throughput does not decide it: the gear loop runs at about 870-910 MB/s for every size and
+ * chunk+hash at 650-730 MB/s on a quiet machine (raw blake3 4.0-4.5 GB/s on the same buffer); the
+ * per-chunk costs that grow at small sizes are index rows, ranged GETs and cache files. 64 KiB
+ * meets the target with a wide margin at a quarter of the rows of 16 KiB; 256 KiB is near the
+ * edge once edits are smaller than 1%, and 1 MiB fails. Small files are one chunk whatever the
+ * average, so they do not pull the choice lower.
  */
 export const DEFAULT_CHUNK_PARAMS: Readonly<ChunkParams> = Object.freeze({
   min: 16 * 1024,
