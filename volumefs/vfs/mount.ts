@@ -50,7 +50,7 @@ export interface MountedVolumeOptions {
   mountpoint?: string;
   /** Bytes of recently read chunks kept in memory. Default 64 MiB. */
   cacheBytes?: number;
-  /** Most chunks a sequential reader prefetches ahead. Default 32 (about 2 MiB). */
+  /** Most chunks a sequential reader prefetches ahead. Default 64 (about 4 MiB). */
   readaheadChunks?: number;
   /** Chunking parameters used to re-chunk around edits; default the store's. */
   chunkParams?: ChunkParams;
@@ -103,7 +103,7 @@ export class ChunkReader {
   constructor(
     private readonly store: ChunkStore,
     private readonly maxBytes = 64 << 20,
-    private readonly maxAhead = 32,
+    private readonly maxAhead = 64,
   ) {}
 
   private starts(chunks: readonly ChunkRef[]): number[] {
