@@ -82,6 +82,17 @@ describe("chunker", () => {
     expect(Buffer.compare(joined, Buffer.from(buf))).toBe(0);
   });
 
+  it("returns chunks that do not alias the pushed buffer, even a Buffer", () => {
+    const src = Buffer.from(randomBuffer(200_000, 8));
+    const keep = Buffer.from(src);
+    const c = new Chunker(SMALL);
+    const parts = c.push(src);
+    src.fill(0);
+    const last = c.finish();
+    if (last) parts.push(last);
+    expect(Buffer.concat(parts).equals(keep)).toBe(true);
+  });
+
   it("keeps every chunk within [min, max] except the last", () => {
     for (const params of [SMALL, DEFAULT_CHUNK_PARAMS]) {
       const buf = randomBuffer(8 << 20, 11);
