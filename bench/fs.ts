@@ -69,8 +69,9 @@ async function timed(fn: () => Promise<unknown>): Promise<Measure> {
     await fn();
     return { seconds: (performance.now() - t0) / 1000 };
   } catch (err) {
-    const e = err as Error & { killed?: boolean };
-    return { error: e.killed ? `timeout (> ${STEP_TIMEOUT_MS / 1000} s)` : (e.message ?? String(err)).split("\n")[0]!.slice(0, 120) };
+    const e = err as Error & { killed?: boolean; stderr?: string };
+    const why = (e.stderr ?? "").trim().split("\n").slice(-1)[0] || (e.message ?? String(err)).split("\n")[0]!;
+    return { error: e.killed ? `timeout (> ${STEP_TIMEOUT_MS / 1000} s)` : why.slice(0, 160) };
   }
 }
 
@@ -178,7 +179,7 @@ function strataTarget(base: string, s3: S3Info): Target {
       await sleep(500);
     },
     async sync() {
-      await strata(`sync ${JSON.stringify(dir)} -m bench`);
+      await strata(`sync ${JSON.stringify(dir)} --message bench`);
     },
     async dropOwnCache() {
       rmSync(cache, { recursive: true, force: true });
@@ -225,10 +226,10 @@ function rcloneTarget(base: string, s3: S3Info): Target {
     },
     async sync() {
       await sh("sync");
-      for (;;) {
+      for (let idle = 0; idle < 3; ) {
         const out = await sh(`rclone rc --url http://127.0.0.1:${rcPort}/ vfs/stats`, { env: rEnv });
         const d = (JSON.parse(out) as { diskCache?: { uploadsInProgress?: number; uploadsQueued?: number } }).diskCache;
-        if (!d || ((d.uploadsInProgress ?? 0) === 0 && (d.uploadsQueued ?? 0) === 0)) return;
+        idle = !d || ((d.uploadsInProgress ?? 0) === 0 && (d.uploadsQueued ?? 0) === 0) ? idle + 1 : 0;
         await sleep(100);
       }
     },
@@ -341,11 +342,11 @@ async function makeDevTarball(base: string): Promise<{ path: string; files: numb
   const tree = join(base, "devtree");
   mkdirSync(tree, { recursive: true });
   for (let i = 0; i < DEV_COPIES; i++) {
-    await sh(`cd ${JSON.stringify(ROOT)} && find node_modules -type f -size -128k -print0 | tar --null -T - -cf - | (mkdir -p ${tree}/copy${i} && tar -xf - -C ${tree}/copy${i})`);
+    await sh(`cd ${JSON.stringify(ROOT)} && find node_modules -type f -size -128k -print0 | tar --null --hard-dereference -T - -cf - | (mkdir -p ${tree}/copy${i} && tar -xf - -C ${tree}/copy${i})`);
   }
   const files = Number((await sh(`find ${tree} -type f | wc -l`)).trim());
   const path = join(base, "devtree.tar");
-  await sh(`tar -cf ${path} -C ${tree} .`);
+  await sh(`tar --hard-dereference -cf ${path} -C ${tree} .`);
   rmSync(tree, { recursive: true, force: true });
   return { path, files };
 }
