@@ -12,6 +12,10 @@
  *   a file's size and mtime are unchanged).
  * Large requests: big_writes and max_write/max_read of 128 KiB, passed through `fsname` since
  * fuse-native has no option for them.
+ * Known limits of fuse-native 2.2.6: utimens receives the access time in both arguments (so an
+ * mtime different from the atime is lost; UTIME_NOW/UTIME_OMIT arrive as about 1073 ms and are
+ * taken as "now"), and create() gets no open flags (O_CREAT|O_RDWR is assumed; the kernel checks
+ * O_EXCL itself).
  */
 import { execFile } from "node:child_process";
 import { constants as fsConstants } from "node:fs";
