@@ -13,7 +13,7 @@
  */
 import { VolumeError } from "../errors.js";
 import type { ObjectStore } from "../object/types.js";
-import type { ChunkLocation, MetadataStore } from "../../metadata/types.js";
+import type { ChunkLocation, MetadataStore } from "../../metadata/index.js";
 import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS } from "./chunker.js";
 import { chunkId, verifyChunk } from "./hash.js";
 import { PackBuilder, packKey, type BuiltPack } from "./pack.js";
