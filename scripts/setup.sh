@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine (as root, with Node 20) to run Strata:
 #   bash scripts/setup.sh          the CLI and the demo (fuse3, npm packages, the build)
-#   bash scripts/setup.sh --test   also what the test suite needs (a local Ceph RGW as the S3 server)
+#   bash scripts/setup.sh --test   also what the test suite needs (a local Ceph RGW as the S3 server,
+#                                  Debian 13's runsc for the sandbox tests)
 # Idempotent: a second run installs nothing and only rebuilds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,7 @@ apt_install() {
 apt_install fuse3 python3 make g++
 if [ "$want_test" = 1 ]; then
   bash scripts/install-rgw.sh
+  bash scripts/install-runsc.sh
 fi
 
 # npm packages: reinstall only when the lock file changed since the last install.
