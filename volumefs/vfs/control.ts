@@ -33,6 +33,8 @@ export interface ControlHost {
   readonly repo: Repository;
   readonly volume: string;
   readonly readOnly: boolean;
+  /** True when mounted at a fixed (old) version: it can never move, not even by reload. */
+  readonly pinned: boolean;
   /** The base version id, or null. */
   baseId(): string | null;
   status(): Promise<MountStatus>;
@@ -117,7 +119,7 @@ export class ControlDir {
     }
     if (segs.length === 1 && (FILES as readonly string[]).includes(segs[0]!)) {
       const t = Date.now();
-      const writable = (segs[0] === "sync" || segs[0] === "reload") && !this.host.readOnly;
+      const writable = (segs[0] === "sync" && !this.host.readOnly) || (segs[0] === "reload" && !this.host.pinned);
       const size = (await this.content(segs[0]!)).length;
       return { kind: "file", mode: writable ? 0o644 : 0o444, size, mtime: t, atime: t, ctime: t, nlink: 1, uid: 0, gid: 0, immutable: false };
     }
@@ -158,7 +160,8 @@ export class ControlDir {
     if (a.kind === "dir") throw VolumeError.IS_A_DIRECTORY("/.strata/" + segs.join("/"));
     const name = segs[0]!;
     if (writeAccess && (name === "version" || name === "status")) throw new VolumeError("PERMISSION", `open /.strata/${name}: read-only control file`);
-    if (writeAccess && this.host.readOnly) throw VolumeError.READ_ONLY("/.strata/" + name, { op: "open", hint: "the mount is read-only" });
+    if (writeAccess && name === "sync" && this.host.readOnly) throw VolumeError.READ_ONLY("/.strata/" + name, { op: "open", hint: "the mount is read-only" });
+    if (writeAccess && name === "reload" && this.host.pinned) throw VolumeError.READ_ONLY("/.strata/" + name, { op: "open", hint: "this mount shows a fixed version" });
     return { kind: "control", name, data: await this.content(name), writable: writeAccess };
   }
 

@@ -235,7 +235,8 @@ export class MountedVolume implements MountFs {
   private syncing: Promise<MountSyncResult> | undefined;
   private readonly reader: ChunkReader;
   private readonly labels: Record<string, string>;
-  private readonly pinned: boolean;
+  /** True when mounted `at` a fixed version: read-only, and reload refuses. */
+  readonly pinned: boolean;
   private readonly params: ChunkParams;
   private closed = false;
 
