@@ -55,12 +55,14 @@ const ID = /^[0-9a-f]{64}$/;
 function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; cleanup(): Promise<void> }>): void {
   describe(`strata CLI on ${name}`, () => {
     let cli: Cli;
+    let env: NodeJS.ProcessEnv;
     let work: string;
     let cleanup: () => Promise<void>;
 
     beforeAll(async () => {
       const s = await setup();
       cli = makeCli(s.env);
+      env = s.env;
       cleanup = s.cleanup;
       work = await mkdtemp(join(tmpdir(), "strata-cli-work-"));
       await mkdir(join(work, "src/sub"), { recursive: true });
@@ -164,6 +166,25 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
       const r = await cli("fsck");
       expect(r.code).toBe(0);
       expect(r.stdout).toMatch(/\nok\n$/);
+    });
+
+    it("rebuilds the metadata from the bucket after the database is lost", async () => {
+      const before = JSON.parse(await ok(cli, "volume", "ls", "--json"));
+      const log = await ok(cli, "log", "data", "--json");
+      const home = env.STRATA_HOME!;
+      const { readdir: ls } = await import("node:fs/promises");
+      const dbs = (await ls(home)).filter((f) => f.startsWith("meta"));
+      expect(dbs.length).toBeGreaterThan(0);
+      for (const f of dbs) await rm(join(home, f));
+      expect(JSON.parse(await ok(cli, "volume", "ls", "--json"))).toEqual([]);
+      const r = await cli("fsck", "--rebuild");
+      expect(r.code).toBe(0);
+      expect(r.stdout).toMatch(/^rebuilt metadata from .*: \d+ volumes/);
+      expect(JSON.parse(await ok(cli, "volume", "ls", "--json"))).toEqual(before);
+      expect(await ok(cli, "log", "data", "--json")).toBe(log);
+      expect(await ok(cli, "cat", "data", "src/a.txt")).toBe("alpha\n");
+      const v = (await ok(cli, "put", "data", join(work, "single.txt"), "after-rebuild.txt")).trim();
+      expect(v).toMatch(ID);
     });
 
     it("rejects bad input with one line, a code and a hint", async () => {

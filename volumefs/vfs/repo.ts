@@ -333,7 +333,9 @@ export class Repository {
   }
 
   private async putVersion(v: Omit<VersionRecord, "id" | "time">): Promise<VersionRecord> {
-    const full = { ...v, time: Date.now() };
+    const labels: Record<string, string> = {};
+    for (const k of Object.keys(v.labels).sort()) labels[k] = v.labels[k]!;
+    const full = { ...v, labels, time: Date.now() };
     const { id, data } = encodeVersion(full);
     await this.objects.put(`versions/${id}`, data);
     return { id, ...full };
