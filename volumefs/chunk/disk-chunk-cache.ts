@@ -53,6 +53,7 @@ export class DiskChunkCache implements ChunkCache {
   private ready: Promise<void> | undefined;
   private lastScan = 0;
   private scanning: Promise<void> | undefined;
+  private firstScan: Promise<void> | undefined;
   private closed = false;
 
   constructor(opts: DiskChunkCacheOptions) {
@@ -61,7 +62,11 @@ export class DiskChunkCache implements ChunkCache {
     this.rescanMs = opts.rescanMs ?? 60_000;
   }
 
-  /** Creates the directory and learns what it holds; called by every method, idempotent. */
+  /**
+   * Creates the directory and starts learning what it holds in the background (a full cache is
+   * ~10^5 files: a short-lived command must not wait for a scan to read one chunk); eviction waits
+   * for the first scan. Called by every method, idempotent.
+   */
   open(): Promise<void> {
     this.ready ??= (async () => {
       try {
@@ -69,8 +74,11 @@ export class DiskChunkCache implements ChunkCache {
       } catch (err) {
         throw VolumeError.IO("open chunk cache", err, { path: this.dir });
       }
-      await this.scan();
-      await this.evict();
+      this.scanning = this.scan()
+        .then(() => this.evict())
+        .catch(() => undefined)
+        .finally(() => (this.scanning = undefined));
+      this.firstScan = this.scanning;
     })();
     return this.ready;
   }
@@ -84,6 +92,7 @@ export class DiskChunkCache implements ChunkCache {
     const tops = await readdir(this.dir).catch(() => [] as string[]);
     const now = Date.now();
     for (const top of tops) {
+      if (this.closed) return;
       if (top === "tmp") {
         for (const t of await readdir(join(this.dir, "tmp")).catch(() => [] as string[])) {
           const p = join(this.dir, "tmp", t);
@@ -101,7 +110,8 @@ export class DiskChunkCache implements ChunkCache {
     }
     found.sort((a, b) => a.mtime - b.mtime);
     const onDisk = new Map(found.map((f) => [f.id, f]));
-    const prior = [...this.entries].filter(([id]) => onDisk.has(id));
+    const prior = [...this.entries].filter(([id, e]) => onDisk.has(id) || e.touched >= now);
+    for (const [id, e] of prior) if (!onDisk.has(id)) onDisk.set(id, { id, size: e.size, mtime: e.touched });
     this.entries.clear();
     this.bytes = 0;
     const known = new Set(prior.map(([id]) => id));
@@ -192,6 +202,7 @@ export class DiskChunkCache implements ChunkCache {
   }
 
   private async evict(): Promise<void> {
+    if (this.lastScan === 0) return;
     while (this.bytes > this.maxBytes) {
       const first = this.entries.keys().next();
       if (first.done) break;
@@ -203,15 +214,17 @@ export class DiskChunkCache implements ChunkCache {
     }
   }
 
-  /** Bytes of chunk files this process knows of now. */
+  /** Bytes of chunk files this process knows of (after the first scan). */
   async size(): Promise<number> {
     await this.open();
+    await this.firstScan;
     return this.bytes;
   }
 
-  /** Ids known, least recently used first. */
+  /** Ids known, least recently used first (after the first scan). */
   async keys(): Promise<string[]> {
     await this.open();
+    await this.firstScan;
     return [...this.entries.keys()];
   }
 
