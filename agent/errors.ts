@@ -11,7 +11,9 @@ export type AgentErrorCode =
   | "IMAGE_NOT_FOUND"
   | "IMAGE_STEP_FAILED"
   | "DOCKERFILE"
-  | "IO";
+  | "IO"
+  | "NO_GPU"
+  | "AGENT_UNAVAILABLE";
 
 /** Errors of the node agent: sandboxes under runsc, their network, and image builds. */
 export class AgentError extends StrataError {
@@ -82,5 +84,20 @@ export class AgentError extends StrataError {
   /** A host filesystem operation failed. */
   static IO(op: string, cause: unknown, ctx: StrataErrorContext = {}): AgentError {
     return new AgentError("IO", `${op}: ${causeText(cause)}`, { op, cause, ...ctx });
+  }
+  /** A sandbox asked for GPUs that no node (here: this node) has. */
+  static NO_GPU(type: string, count: number): AgentError {
+    return new AgentError("NO_GPU", `create sandbox: no node has gpu ${type}${count > 1 ? ` x${count}` : ""}`, {
+      op: "create sandbox",
+      hint: "run without --gpu, or on a node whose agent registered that gpu type",
+    });
+  }
+  /** No node agent answers at `address`, and none could be started. */
+  static AGENT_UNAVAILABLE(address: string, cause?: unknown): AgentError {
+    return new AgentError("AGENT_UNAVAILABLE", `reach agent at ${address}: ${cause === undefined ? "no answer" : causeText(cause)}`, {
+      op: "reach agent",
+      cause,
+      hint: "start one with `strata agent --daemon` (it needs root and runsc); its log is in $STRATA_HOME/logs/agent.log",
+    });
   }
 }

@@ -16,6 +16,17 @@
  * await rt.close();
  * ```
  *
+ * The node agent service (`strata agent`) wraps these: `AgentService` owns sandboxes and the FUSE
+ * mounts of their volumes, `serveAgent` serves it over gRPC, `GrpcAgentClient` talks to it:
+ *
+ * ```ts
+ * const agent = new AgentService({ runtime: rt, images, repo, stateDir: "/run/strata", stagingRoot });
+ * const server = await serveAgent(agent, "/run/strata/agent.sock");
+ * const client = await GrpcAgentClient.connect("/run/strata/agent.sock");
+ * const sb = await client.create({ image: { base: { kind: "debian-slim" }, steps: [] }, volumes: [{ name: "data", path: "/data" }] });
+ * await client.stop(sb.id);  // the writes in /data become a version of "data"
+ * ```
+ *
  * This file is the layer's only public door.
  */
 export * from "./errors.js";
@@ -25,3 +36,5 @@ export { bundleConfig, resolveUser, DEFAULT_PATH, type BundleOptions } from "./b
 export * from "./image.js";
 export * from "./dockerfile.js";
 export { setupEgress, EGRESS_SUBNET, type EgressNetwork } from "./network.js";
+export * from "./client.js";
+export { AgentService, serveAgent, type AgentServiceOptions, type AgentServer } from "./server.js";

@@ -15,6 +15,7 @@ import { Strata, metadataPath, openObjectStore } from "./client.js";
 import { loadConfig } from "./config.js";
 import { runDemo } from "./demo.js";
 import { mountCommands } from "./mount-cli.js";
+import { sandboxCommands } from "./sandbox-cli.js";
 import { fileInfo, Volume } from "./volume.js";
 import { SqliteMetadataStore } from "../metadata/index.js";
 
@@ -415,6 +416,7 @@ const commands: Record<string, Command> = {
   fsck: { usage: "fsck [--rebuild] [--json]", summary: "check every version is complete; --rebuild remakes the metadata from the bucket", options: { rebuild: { type: "boolean" }, json: { type: "boolean" } }, run: cmdFsck },
   demo: { usage: "demo", summary: "a short tour on the embedded default store", run: (_a, io) => runDemo(io) },
   ...(mountCommands as Record<string, Command>),
+  ...(sandboxCommands as Record<string, Command>),
 };
 
 function helpText(): string {

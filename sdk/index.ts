@@ -19,3 +19,7 @@ export { Volume, VolumeBatch, VolumeView, type VersionInfo, type VolumeInfo, typ
 export { runCli, type CliIO } from "./cli.js";
 export { StrataError, MetadataError } from "../metadata/index.js";
 export { VolumeError, type ConflictPolicy, type TreeDiff } from "../volumefs/index.js";
+export { Container, SandboxClient, Sandbox, parseDuration, parseGpu, type ContainerOptions, type SandboxOptions, type SandboxCreateOptions, type SandboxClientOptions, type MountVolumeOptions, type ExecOutput, type ContainerProcess, type ProcessExit, type SpawnOptions } from "./container.js";
+export { Image, type AddLocalOptions } from "./image.js";
+export { connectLocalAgent, agentSocketPath } from "./agent-main.js";
+export type { SandboxRecord, VolumeSyncResult, StopSandboxResult, GpuRequest, VolumeMountRequest, BuildImageResult, AgentClient } from "../agent/index.js";

@@ -1,0 +1,188 @@
+/**
+ * `strata agent`: the node agent's start-up file. It constructs, explicitly and only here, the
+ * store connection (`Strata.connect`), the `GvisorRuntime`, the `ImageBuilder` and the
+ * `AgentService`, and serves it over gRPC until SIGINT or SIGTERM (then every sandbox is stopped
+ * and its volumes synced).
+ *
+ * Files under STRATA_HOME: `agent.sock` (the gRPC socket), `agent.pid` (created exclusively: one
+ * agent per home), `agent/` (runsc state and volume mount points), `staging/` (staged writes of
+ * mounted volumes), `images/` (the image cache; STRATA_IMAGE_CACHE overrides it),
+ * `logs/agent.log` (the log of a daemonized agent).
+ */
+import { spawn } from "node:child_process";
+import { closeSync, existsSync, openSync } from "node:fs";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { AgentError, AgentService, GrpcAgentClient, GvisorRuntime, ImageBuilder, serveAgent, type GpuRequest } from "../agent/index.js";
+import { StrataError } from "../metadata/index.js";
+import { Strata } from "./client.js";
+import { loadConfig, type StrataConfig } from "./config.js";
+
+/** Where a command writes (the CLI's `CliIO`). */
+interface AgentIO {
+  stdout: NodeJS.WritableStream;
+  stderr: NodeJS.WritableStream;
+  env: NodeJS.ProcessEnv;
+}
+
+/** The agent's socket for a configuration: `$STRATA_HOME/agent.sock`, or STRATA_AGENT_SOCKET. */
+export function agentSocketPath(config: StrataConfig, env: NodeJS.ProcessEnv = process.env): string {
+  return env.STRATA_AGENT_SOCKET ?? join(config.home, "agent.sock");
+}
+
+/** The agent's image cache: STRATA_IMAGE_CACHE, default `$STRATA_HOME/images`. */
+export function agentImageCache(config: StrataConfig, env: NodeJS.ProcessEnv = process.env): string {
+  return env.STRATA_IMAGE_CACHE ?? join(config.home, "images");
+}
+
+/**
+ * The argv (after node) and cwd that run `strata agent` from the same code as this module: the
+ * TypeScript sources through tsx, or the compiled build.
+ */
+function agentCommand(): { args: string[]; cwd: string } {
+  const self = fileURLToPath(import.meta.url);
+  const ts = self.endsWith(".ts");
+  const main = join(dirname(self), ts ? "main.ts" : "main.js");
+  const root = resolve(dirname(self), ts ? ".." : "../..");
+  if (!existsSync(main)) throw new StrataError("IO", `start agent: ${main} not found`);
+  return { args: ts ? ["--import", "tsx", main, "agent"] : [main, "agent"], cwd: root };
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/**
+ * A client of the local agent (the one serving `agentSocketPath`). When none answers and `start`
+ * is true (the default), starts one detached (`strata agent --daemon`'s child, logging to
+ * `$STRATA_HOME/logs/agent.log`) and waits up to 60 s for it; fails AGENT_UNAVAILABLE.
+ */
+export async function connectLocalAgent(env: NodeJS.ProcessEnv = process.env, opts: { start?: boolean } = {}): Promise<GrpcAgentClient> {
+  const config = loadConfig(env);
+  const socket = agentSocketPath(config, env);
+  if (existsSync(socket)) {
+    try {
+      return await GrpcAgentClient.connect(socket, { connectTimeoutMs: 1000 });
+    } catch (err) {
+      if (opts.start === false) throw err;
+    }
+  } else if (opts.start === false) {
+    throw AgentError.AGENT_UNAVAILABLE(socket, new Error("no agent socket"));
+  }
+  const child = await spawnDaemon(config, env);
+  let exited: number | null | undefined;
+  child.on("exit", (code) => (exited = code));
+  for (const started = Date.now(); Date.now() - started < 60_000; ) {
+    if (existsSync(socket)) {
+      try {
+        return await GrpcAgentClient.connect(socket, { connectTimeoutMs: 1000 });
+      } catch {
+        // not serving yet
+      }
+    }
+    if (exited !== undefined && exited !== 0 && !(await otherAgentAlive(config))) break;
+    await sleep(50);
+  }
+  const log = join(config.home, "logs", "agent.log");
+  const tail = (await readFile(log, "utf8").catch(() => "")).trim().split("\n").slice(-3).join("; ");
+  throw AgentError.AGENT_UNAVAILABLE(socket, new Error(tail ? `the agent did not start: ${tail}` : "the agent did not start within 60 s"));
+}
+
+async function otherAgentAlive(config: StrataConfig): Promise<boolean> {
+  const pid = Number((await readFile(join(config.home, "agent.pid"), "utf8").catch(() => "")).trim());
+  return pid > 0 && alive(pid);
+}
+
+async function spawnDaemon(config: StrataConfig, env: NodeJS.ProcessEnv) {
+  await mkdir(join(config.home, "logs"), { recursive: true });
+  const log = openSync(join(config.home, "logs", "agent.log"), "a");
+  const cmd = agentCommand();
+  const child = spawn(process.execPath, cmd.args, { detached: true, stdio: ["ignore", log, log], cwd: cmd.cwd, env: { UV_THREADPOOL_SIZE: "16", ...env } });
+  closeSync(log);
+  child.unref();
+  return child;
+}
+
+function parseGpus(text: string | undefined): GpuRequest[] {
+  if (!text) return [];
+  return text.split(",").filter(Boolean).map((g) => {
+    const [type, n] = g.split(":");
+    return { type: type!, count: n ? Number(n) : 1 };
+  });
+}
+
+/** Takes `$STRATA_HOME/agent.pid` exclusively; fails ALREADY_EXISTS when a live agent holds it. */
+async function takePidFile(path: string): Promise<void> {
+  for (let i = 0; i < 2; i++) {
+    try {
+      await writeFile(path, `${process.pid}\n`, { flag: "wx" });
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      const pid = Number((await readFile(path, "utf8").catch(() => "")).trim());
+      if (pid > 0 && alive(pid)) {
+        throw new AgentError("ALREADY_EXISTS", `start agent: one already runs with pid ${pid}`, { op: "start agent", hint: `stop it with \`kill ${pid}\`` });
+      }
+      await rm(path, { force: true });
+    }
+  }
+  throw new AgentError("ALREADY_EXISTS", `start agent: ${path} is held`, { op: "start agent" });
+}
+
+/**
+ * Runs the agent in this process until SIGINT or SIGTERM; with `daemon`, starts it detached
+ * instead and prints its pid once it answers. GPUs of the node come from STRATA_AGENT_GPUS
+ * ("TYPE:N,…"; default none: this agent refuses GPU requests with NO_GPU).
+ */
+export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Promise<number> {
+  const config = loadConfig(io.env);
+  if (opts.daemon) {
+    const c = await connectLocalAgent(io.env);
+    const { pid } = await c.ping();
+    await c.close();
+    io.stdout.write(`${pid}\n`);
+    return 0;
+  }
+  await mkdir(config.home, { recursive: true });
+  const pidFile = join(config.home, "agent.pid");
+  await takePidFile(pidFile);
+  const strata = Strata.connect(config, { labels: { tool: "agent" } });
+  const stateDir = join(config.home, "agent");
+  const runtime = new GvisorRuntime({ stateDir });
+  const images = new ImageBuilder({ cacheDir: agentImageCache(config, io.env) });
+  const agent = new AgentService({
+    runtime, images, repo: strata.repo, stateDir, stagingRoot: join(config.home, "staging"), gpus: parseGpus(io.env.STRATA_AGENT_GPUS),
+  });
+  const socket = agentSocketPath(config, io.env);
+  let server;
+  try {
+    server = await serveAgent(agent, socket);
+  } catch (err) {
+    await agent.close();
+    await strata.close();
+    await rm(pidFile, { force: true });
+    throw err;
+  }
+  process.on("unhandledRejection", (err) => io.stderr.write(`strata agent: unhandled: ${(err as Error)?.stack ?? String(err)}\n`));
+  io.stderr.write(`strata: agent ${process.pid} serving ${server.address}\n`);
+  const sig = await new Promise<NodeJS.Signals>((res) => {
+    process.once("SIGINT", res);
+    process.once("SIGTERM", res);
+  });
+  io.stderr.write(`strata: agent got ${sig}; stopping sandboxes\n`);
+  await server.close();
+  await agent.close();
+  await strata.close();
+  await rm(pidFile, { force: true });
+  // fuse-native may keep handles on the event loop after the last unmount.
+  setTimeout(() => process.exit(0), 200).unref();
+  return 0;
+}
