@@ -2,15 +2,20 @@
  * The sandbox commands of the `strata` CLI: `run`, `sandbox ls|exec|stop`, `image build` and
  * `agent`. They talk to the local node agent (`$STRATA_HOME/agent.sock`), which holds the
  * sandboxes and their volume mounts, so `sandbox ls/exec/stop` work across CLI invocations.
- * `run` and `image build` start an agent (detached) when none answers.
+ * `run` and `image build` start an agent (detached) when none answers. The SDK and gRPC modules
+ * are loaded only when one of these commands runs, so that other commands start as fast as before.
  */
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, join, resolve } from "node:path";
 import type { ImageSpec, SandboxRecord, VolumeMountRequest } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
-import { connectLocalAgent, runAgent } from "./agent-main.js";
-import { SandboxClient, Sandbox } from "./container.js";
-import { Image } from "./image.js";
+import type { Sandbox } from "./container.js";
+import type { Image } from "./image.js";
+
+const sdk = async () => {
+  const [container, image, agentMain] = await Promise.all([import("./container.js"), import("./image.js"), import("./agent-main.js")]);
+  return { ...container, ...image, ...agentMain };
+};
 
 interface SandboxCliIO {
   stdout: NodeJS.WritableStream;
@@ -49,6 +54,7 @@ function list(v: Parsed["values"][string]): string[] {
  * sources resolved against its directory) or a Dockerfile.
  */
 export async function resolveImageArg(arg: string): Promise<Image> {
+  const { Image } = await sdk();
   if (arg === "debian-slim") return Image.debianSlim();
   if (/^[0-9a-f]{64}$/.test(arg)) return Image.base(arg);
   const path = resolve(arg);
@@ -135,6 +141,7 @@ async function cmdRun(args: Parsed, io: SandboxCliIO): Promise<number> {
   if (!argv.length) throw usage("run: missing command", commands.run.usage);
   const volumes = [...list(args.values.volume).map(parseVolume), ...list(args.values.fork).map(parseFork)];
   const image = await resolveImageArg(str(args.values.image) ?? "debian-slim");
+  const { SandboxClient } = await sdk();
   const client = new SandboxClient({ env: io.env });
   let sb: Sandbox | undefined;
   try {
@@ -171,6 +178,7 @@ export function sandboxJson(r: SandboxRecord): Record<string, unknown> {
 async function cmdSandbox(args: Parsed, io: SandboxCliIO): Promise<number> {
   const [sub, id, ...rest] = args.positionals;
   const use = commands.sandbox.usage;
+  const { SandboxClient, connectLocalAgent } = await sdk();
   if (sub === "ls") {
     const agent = await connectLocalAgent(io.env, { start: false }).catch(() => undefined);
     const recs = agent ? await agent.list().finally(() => agent.close()) : [];
@@ -205,6 +213,7 @@ async function cmdSandbox(args: Parsed, io: SandboxCliIO): Promise<number> {
 async function cmdImage(args: Parsed, io: SandboxCliIO): Promise<void> {
   const [sub, spec] = args.positionals;
   if (sub !== "build" || !spec) throw usage("image: want `image build SPEC`", commands.image.usage);
+  const { SandboxClient } = await sdk();
   const client = new SandboxClient({ env: io.env });
   try {
     const r = await client.buildImage(await resolveImageArg(spec));
@@ -244,7 +253,7 @@ const commands = {
     usage: "agent [--daemon]",
     summary: "serve this node's sandboxes and their volume mounts (gRPC on $STRATA_HOME/agent.sock)",
     options: { daemon: { type: "boolean" } },
-    run: (args, io) => runAgent(io, { daemon: args.values.daemon === true }),
+    run: async (args, io) => (await sdk()).runAgent(io, { daemon: args.values.daemon === true }),
   },
 } satisfies Record<string, SandboxCommand>;
 
