@@ -10,7 +10,7 @@
  * && git commit`, then sync). Raw S3 PUT and GET of the same bytes are measured in the same run.
  *
  * Sizes: FS_BENCH_FILE_MB (1024), FS_BENCH_FILES (10000), FS_BENCH_DEV_COPIES (4),
- * FS_BENCH_TARGETS (all: raw,passthrough,strata,rclone,s3fs), FS_BENCH_STEP_TIMEOUT_S (300).
+ * FS_BENCH_TARGETS (all: raw,passthrough,strata,rclone,s3fs), FS_BENCH_STEP_TIMEOUT_S (120).
  * Needs root (drop_caches, mounts), rclone and s3fs (scripts/install-peers.sh).
  *
  * Run: `npm run bench -- fs`, or `node --import tsx bench/fs.ts`.
@@ -22,7 +22,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { CreateBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
+import { CreateBucketCommand, GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { report, type Row } from "./report.js";
 import { startRgw, type RgwHandle } from "../test/support/rgw.js";
 
@@ -33,7 +33,7 @@ const env = process.env;
 const FILE_MB = Number(env.FS_BENCH_FILE_MB ?? 1024);
 const FILES = Number(env.FS_BENCH_FILES ?? 10_000);
 const DEV_COPIES = Number(env.FS_BENCH_DEV_COPIES ?? 4);
-const STEP_TIMEOUT_MS = Number(env.FS_BENCH_STEP_TIMEOUT_S ?? 300) * 1000;
+const STEP_TIMEOUT_MS = Number(env.FS_BENCH_STEP_TIMEOUT_S ?? 120) * 1000;
 const ALL = ["raw", "passthrough", "strata", "rclone", "s3fs"];
 const TARGETS = (env.FS_BENCH_TARGETS ?? ALL.join(",")).split(",").filter((t) => ALL.includes(t));
 
@@ -232,6 +232,8 @@ function rcloneTarget(base: string, s3: S3Info): Target {
         idle = !d || ((d.uploadsInProgress ?? 0) === 0 && (d.uploadsQueued ?? 0) === 0) ? idle + 1 : 0;
         await sleep(100);
       }
+      const local = Number((await sh(`find ${JSON.stringify(dir)} -type f -printf '%s\\n' | awk '{s+=$1} END {print s+0}'`)).trim());
+      await waitFor(async () => (await bucketBytes(s3, s3.bucket("rclone"))) >= local, "rclone uploads", STEP_TIMEOUT_MS);
     },
     async dropOwnCache() {
       rmSync(cache, { recursive: true, force: true });
@@ -292,6 +294,17 @@ async function s3Setup(rgw: RgwHandle): Promise<S3Info> {
     made.add(b);
   }
   return info;
+}
+
+async function bucketBytes(s3: S3Info, bucket: string): Promise<number> {
+  let total = 0;
+  let token: string | undefined;
+  do {
+    const r = await s3.client.send(new ListObjectsV2Command({ Bucket: bucket, ContinuationToken: token }));
+    for (const o of r.Contents ?? []) total += o.Size ?? 0;
+    token = r.IsTruncated ? r.NextContinuationToken : undefined;
+  } while (token);
+  return total;
 }
 
 /** Raw PUT and GET of `src` as 16 MiB objects, 4 at a time: seconds each. */
@@ -514,7 +527,7 @@ export async function run(): Promise<unknown> {
 if (process.argv[2] === "serve-passthrough") {
   const { mountFs, PassthroughFs } = await import("../volumefs/fuse/index.js");
   const [src, dir] = process.argv.slice(3) as [string, string];
-  const m = await mountFs(new PassthroughFs(src), dir);
+  const m = await mountFs(new PassthroughFs(src), dir, { extraOptions: env.FS_BENCH_FUSE_OPTIONS ? env.FS_BENCH_FUSE_OPTIONS.split(",") : [] });
   const stop = () => void m.unmount().then(() => process.exit(0));
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);

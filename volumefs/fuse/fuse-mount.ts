@@ -20,7 +20,7 @@
 import { execFile } from "node:child_process";
 import { constants as fsConstants } from "node:fs";
 import { constants } from "node:os";
-import { mkdir, readFile, stat } from "node:fs/promises";
+import { mkdir, readdir, readFile, stat } from "node:fs/promises";
 import { resolve } from "node:path";
 import { promisify } from "node:util";
 import Fuse from "fuse-native";
@@ -50,6 +50,8 @@ export interface FuseMountOptions {
   debug?: boolean;
   /** Name shown as the mount's source in /proc/mounts. Default "strata". */
   name?: string;
+  /** Raw libfuse options appended last (they win), e.g. ["attr_timeout=1"]; for experiments. */
+  extraOptions?: string[];
 }
 
 /** A live mount. */
@@ -158,12 +160,16 @@ async function prepareDir(dir: string): Promise<void> {
   if (await isFuseMountPoint(dir)) {
     throw new VolumeError("ALREADY_EXISTS", `mount ${dir}: already a mount point`, { hint: `unmount it first with \`strata unmount ${dir}\`` });
   }
+  if ((await readdir(dir)).length > 0) {
+    throw new VolumeError("NOT_EMPTY", `mount ${dir}: directory is not empty`, { hint: "mount on an empty directory" });
+  }
 }
 
 function fuseOptions(opts: FuseMountOptions): ConstructorParameters<typeof Fuse>[2] {
   const raw = [opts.name ?? "strata", "big_writes", `max_write=${FUSE_MAX_IO}`, "subtype=strata"];
   if (opts.immutable) raw.push("kernel_cache", "attr_timeout=86400", "entry_timeout=86400", "negative_timeout=86400");
   else raw.push("auto_cache", "attr_timeout=0", "entry_timeout=1", "negative_timeout=0");
+  raw.push(...(opts.extraOptions ?? []));
   return { fsname: raw.join(","), maxRead: FUSE_MAX_IO, timeout: false, debug: opts.debug === true, force: false, mkdir: true };
 }
 
