@@ -132,15 +132,18 @@ export class GvisorRuntime implements Runtime {
       await mkdir(bundle, { recursive: true });
       await mkdir(join(this.opts.stateDir, "runsc"), { recursive: true });
       await writeFile(join(bundle, "config.json"), JSON.stringify(config, null, 1));
-      await this.runsc(sb, ["create", "--bundle", bundle, id], "create sandbox", true);
-      const start = [...flags, "start", id];
-      const argv = sb.net
-        ? ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs none /proc/sys/net && exec "$@"', "sh", ...start]
-        : start;
-      const r = await runCommand(argv);
-      if (r.code !== 0) throw AgentError.RUNTIME(`start sandbox ${JSON.stringify(id)}`, commandError(["runsc", "start", id], r));
-      const state = JSON.parse((await this.runsc(sb, ["state", id], "read sandbox state")).toString()) as { pid: number };
-      sb.pid = state.pid;
+      const pidFile = join(bundle, "init.pid");
+      if (sb.net) {
+        // The network namespace needs runsc start under unshare (PLATFORM.md), so create and start apart.
+        await this.runsc(sb, ["create", "--bundle", bundle, "--pid-file", pidFile, id], "create sandbox", true);
+        const start = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs none /proc/sys/net && exec "$@"', "sh", ...flags, "start", id];
+        const r = await runCommand(start);
+        if (r.code !== 0) throw AgentError.RUNTIME(`start sandbox ${JSON.stringify(id)}`, commandError(["runsc", "start", id], r));
+      } else {
+        // One runsc process for create + start, and the pid from its pid file: cold start is on the hot path.
+        await this.runsc(sb, ["run", "--detach", "--bundle", bundle, "--pid-file", pidFile, id], "start sandbox", true);
+      }
+      sb.pid = Number((await readFile(pidFile, "utf8")).trim());
     } catch (e) {
       this.sandboxes.delete(id);
       await this.cleanup(sb);
