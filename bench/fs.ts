@@ -161,7 +161,7 @@ function strataTarget(base: string, s3: S3Info): Target {
     AWS_SECRET_ACCESS_KEY: s3.secretAccessKey,
     AWS_REGION: s3.region,
   };
-  const strata = (args: string) => sh(`node ${join(ROOT, "bin/strata")} ${args}`, { env: strataEnv });
+  const strata = (args: string) => sh(`node --import tsx ${join(ROOT, "sdk/main.ts")} ${args}`, { env: strataEnv, cwd: ROOT });
   let created = false;
   return {
     name: "Strata (S3)",

@@ -9,7 +9,7 @@
  */
 import { spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
-import { mkdir, open, readFile, stat } from "node:fs/promises";
+import { mkdir, open, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { StrataError } from "../metadata/index.js";
 import { forceUnmount, isFuseMountPoint, mountFs, RESERVED_NAME, VolumeError, type MountFs } from "../volumefs/index.js";
@@ -67,6 +67,20 @@ function labelsOf(v: Parsed["values"][string]): Record<string, string> {
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Where `strata mount` records the pid serving DIR, so that `unmount` can wait for it to finish. */
+function mountPidFile(home: string, abs: string): string {
+  return join(home, "mounts", `${abs.replace(/[^A-Za-z0-9._-]+/g, "_")}.pid`);
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
 
 /**
  * Opens the `MountFs` of volume `name` on the client's store. Looked up at run time so that the
@@ -195,6 +209,9 @@ async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
   try {
     fs = await openVolumeMount(c, name, abs, { at, readOnly, labels });
     const m = await mountFs(fs, abs, { readOnly, immutable: at !== undefined, debug: !!io.env.STRATA_FUSE_DEBUG });
+    const pidFile = mountPidFile(c.config.home, abs);
+    await mkdir(join(c.config.home, "mounts"), { recursive: true });
+    await writeFile(pidFile, `${process.pid}\n`);
     io.stderr.write(`strata: mounted ${name} at ${abs}\n`);
     await new Promise<void>((done) => {
       let stopping = false;
@@ -218,6 +235,7 @@ async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
       }, 500);
     });
     fs = undefined;
+    await rm(pidFile, { force: true });
     return 0;
   } finally {
     await fs?.close().catch(() => undefined);
@@ -256,9 +274,13 @@ async function cmdUnmount(args: Parsed, io: MountCliIO): Promise<void> {
   const [dir] = args.positionals;
   if (!dir) throw usage("unmount: missing DIR", commands.unmount.usage);
   const abs = resolve(dir);
+  const pidFile = mountPidFile(loadConfig(io.env).home, abs);
+  const pid = Number((await readFile(pidFile, "utf8").catch(() => "")).trim()) || undefined;
   if (!(await forceUnmount(abs))) {
     throw new VolumeError("INVALID_ARGUMENT", `unmount ${abs}: not a mount point`, { hint: "list mounts with `grep fuse /proc/mounts`" });
   }
+  for (let waited = 0; pid !== undefined && alive(pid) && waited < 30_000; waited += 50) await sleep(50);
+  await rm(pidFile, { force: true });
   io.stderr.write(`strata: unmounted ${abs}\n`);
 }
 

@@ -1,6 +1,6 @@
 /**
  * `strata mount` end to end on real kernel FUSE mounts. Each mount is served by a child process
- * (`node bin/strata mount …`), so this process may use synchronous fs calls on it. Every mount
+ * (`node --import tsx sdk/main.ts mount …`), so this process may use synchronous fs calls on it. Every mount
  * is detached in afterAll, even after a failure. The embedded file store by default; one case on
  * S3 (Ceph RGW from the global setup).
  */
@@ -35,7 +35,8 @@ import { makeTestS3Store, type TestS3Store } from "./support/s3.js";
 
 const execAsync = promisify(execFile);
 const ROOT = resolve(__dirname, "..");
-const BIN = join(ROOT, "bin/strata");
+/** The CLI from the TypeScript sources (bin/strata would prefer a possibly stale dist/). */
+const CLI = ["--import", "tsx", join(ROOT, "sdk/main.ts")];
 
 /** A deterministic PRNG (mulberry32), so that a failing sequence can be replayed. */
 function rng(seed: number): () => number {
@@ -73,7 +74,7 @@ function makeEnv(extraEnv: NodeJS.ProcessEnv = {}): Env {
   const dirs = new Set<string>();
   const strata = async (...args: string[]) => {
     try {
-      const { stdout } = await execAsync(process.execPath, [BIN, ...args], { env, maxBuffer: 64 << 20 });
+      const { stdout } = await execAsync(process.execPath, [...CLI, ...args], { env, maxBuffer: 64 << 20 });
       return stdout;
     } catch (err) {
       const e = err as { stderr?: string; code?: number };
@@ -86,7 +87,7 @@ function makeEnv(extraEnv: NodeJS.ProcessEnv = {}): Env {
     strata,
     async strataFail(...args) {
       try {
-        await execAsync(process.execPath, [BIN, ...args], { env });
+        await execAsync(process.execPath, [...CLI, ...args], { env });
       } catch (err) {
         const e = err as { stderr: string; code: number };
         return { code: e.code, stderr: e.stderr };
@@ -96,7 +97,7 @@ function makeEnv(extraEnv: NodeJS.ProcessEnv = {}): Env {
     async mount(name, dir, ...extra) {
       mkdirSync(dir, { recursive: true });
       dirs.add(dir);
-      const child = spawn(process.execPath, [BIN, "mount", name, dir, ...extra], { env, stdio: ["ignore", "ignore", "pipe"] });
+      const child = spawn(process.execPath, [...CLI, "mount", name, dir, ...extra], { env, stdio: ["ignore", "ignore", "pipe"] });
       children.add(child);
       let stderr = "";
       child.stderr!.on("data", (d) => (stderr += d));

@@ -9,7 +9,10 @@
  *   kernel_cache and long attribute and entry timeouts;
  * - any other mount keeps entries 1 s, attributes 0 s (sizes of staged files, control files and
  *   files after a reload are always fresh) and `auto_cache` (page cache kept across opens while
- *   a file's size and mtime are unchanged).
+ *   a file's size and mtime are unchanged). A command written to /.strata/sync or
+ *   /.strata/reload (which move the base) is answered only once every entry the kernel cached
+ *   before it has expired, so that after `strata reload` no removed name is still found; `access`
+ *   asks the file system, not the kernel's entry cache.
  * Large requests: big_writes and max_write/max_read of 128 KiB, passed through `fsname` since
  * fuse-native has no option for them.
  * Known limits of fuse-native 2.2.6: utimens receives the access time in both arguments (so an
@@ -39,6 +42,11 @@ const S_IFLNK = 0o120000;
 export const FUSE_MAX_IO = 128 * 1024;
 /** What utimens receives for UTIME_NOW and UTIME_OMIT (0 s and about 2^30 ns, in ms). */
 const UTIME_SPECIAL_MS = Math.floor(((1 << 30) - 2) / 1e6);
+/** How long the kernel may keep a name (entry_timeout of a changing mount), in seconds. */
+const ENTRY_TIMEOUT_S = 1;
+/** Delay of the answer to a base-moving control command: the entry timeout plus scheduling slack, in ms. */
+const BASE_MOVE_HOLD_MS = ENTRY_TIMEOUT_S * 1000 + 100;
+const BASE_MOVING = new Set([`/${RESERVED_NAME}/sync`, `/${RESERVED_NAME}/reload`]);
 
 /** Options of `mountFs`. */
 export interface FuseMountOptions {
@@ -168,7 +176,7 @@ async function prepareDir(dir: string): Promise<void> {
 function fuseOptions(opts: FuseMountOptions): ConstructorParameters<typeof Fuse>[2] {
   const raw = [opts.name ?? "strata", "big_writes", `max_write=${FUSE_MAX_IO}`, "subtype=strata"];
   if (opts.immutable) raw.push("kernel_cache", "attr_timeout=86400", "entry_timeout=86400", "negative_timeout=86400");
-  else raw.push("auto_cache", "attr_timeout=0", "entry_timeout=1", "negative_timeout=0");
+  else raw.push("auto_cache", "attr_timeout=0", `entry_timeout=${ENTRY_TIMEOUT_S}`, "negative_timeout=0");
   raw.push(...(opts.extraOptions ?? []));
   return { fsname: raw.join(","), maxRead: FUSE_MAX_IO, timeout: false, debug: opts.debug === true, force: false, mkdir: true };
 }
@@ -221,6 +229,7 @@ export async function mountFs(fs: MountFs, dir: string, opts: FuseMountOptions =
     getattr: (path: string, cb: Cb) => value("getattr", path, cb, () => fs.getattr(path), toStat),
     fgetattr: (path: string, _fd: number, cb: Cb) => value("getattr", path, cb, () => fs.getattr(path), toStat),
     readdir: (path: string, cb: Cb) => value("readdir", path, cb, () => fs.readdir(path), (names) => [".", "..", ...names]),
+    access: (path: string, _mode: number, cb: Cb) => status("access", path, cb, false, () => fs.getattr(path)),
     readlink: (path: string, cb: Cb) => value("readlink", path, cb, () => fs.readlink(path)),
     open: (path: string, flags: number, cb: Cb) => {
       const writes = (flags & 3) !== O.O_RDONLY || (flags & O.O_TRUNC) !== 0;
@@ -254,8 +263,9 @@ export async function mountFs(fs: MountFs, dir: string, opts: FuseMountOptions =
     },
     write: (path: string, fh: number, buf: Buffer, len: number, pos: number, cb: Cb) => {
       if (readOnly && !isControl(path)) return cb(-E.EROFS);
+      const hold = !opts.immutable && BASE_MOVING.has(path);
       fs.write(fh, Buffer.from(buf.subarray(0, len)), pos).then(
-        (n) => cb(n),
+        (n) => (hold ? setTimeout(() => cb(n), BASE_MOVE_HOLD_MS) : cb(n)),
         (err) => fail(cb, "write", path, err),
       );
     },
