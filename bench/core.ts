@@ -56,6 +56,7 @@ export async function run(): Promise<void> {
     const url = `s3://${bucket}/vols`;
     const s3 = S3ObjectStore.fromUrl(url, rgw);
     await s3.ensureBucket();
+    emptied.push(S3ObjectStore.fromUrl(`s3://${bucket}/`, rgw));
     const env = {
       ...process.env,
       STRATA_HOME: await mkdtemp(join(work, "home-")),
@@ -67,6 +68,7 @@ export async function run(): Promise<void> {
     };
     return { env, url, s3, client: Strata.connect(loadConfig(env)) };
   };
+  const emptied: S3ObjectStore[] = [];
   const bucketBytes = async (s3: S3ObjectStore): Promise<number> => {
     let n = 0;
     for await (const o of s3.list("")) n += o.size;
@@ -214,6 +216,12 @@ export async function run(): Promise<void> {
       extra.hashing = { chunkMiBs: rate(chunkMs), chunkHashMiBs: rate(bothMs), blake3MiBs: rate(blakeMs) };
     }
   } finally {
+    // The RGW keeps objects in RAM (memstore): leave nothing behind.
+    for (const b of emptied) {
+      const keys: string[] = [];
+      for await (const o of b.list("")) keys.push(o.key);
+      await b.delete(keys).catch(() => undefined);
+    }
     await rm(work, { recursive: true, force: true });
     await rgw.stop();
   }
