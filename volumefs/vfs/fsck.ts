@@ -3,7 +3,7 @@ import { readPackIndex } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import type { ObjectStore } from "../object/index.js";
 import { decodeVersion, refKey, type Repository } from "./repo.js";
-import { blake3Hex, decodeTree, EMPTY_TREE } from "./tree.js";
+import { blake3Hex, decodeChunkList, decodeTree, EMPTY_TREE } from "./tree.js";
 
 /** One thing fsck found wrong. */
 export interface FsckProblem {
@@ -80,6 +80,7 @@ export async function fsck(repo: Repository, opts: FsckOptions = {}): Promise<Fs
   // Trees: read from their packs (not the SQLite copy), verify, and collect the chunks they name.
   const seenTrees = new Set<string>([EMPTY_TREE.id]);
   const chunkIds = new Set<string>();
+  const lists = new Set<string>();
   const queue = [...new Set([...versions.values()].map((v) => v.root))].filter((id) => !seenTrees.has(id));
   for (const id of queue) seenTrees.add(id);
   while (queue.length > 0) {
@@ -89,11 +90,19 @@ export async function fsck(repo: Repository, opts: FsckOptions = {}): Promise<Fs
     await pool([...byPack.entries()], opts.concurrency ?? 4, async ([pack, entries]) => {
       const parts = await readParts(objects, pack, entries, (id, kind) => problem({ kind: kind === "missing" ? "missing-pack" : "corrupt-tree", id: kind === "missing" ? pack : id, detail: kind === "missing" ? `pack ${pack} is not in the bucket` : `tree ${id} does not hash to its id` }));
       for (const [id, data] of parts) {
+        if (lists.has(id)) {
+          for (const c of decodeChunkList(data, id)) chunkIds.add(c.id);
+          continue;
+        }
         report.trees++;
         for (const e of decodeTree(data, id).entries) {
           if (e.kind === "dir" && !seenTrees.has(e.tree)) {
             seenTrees.add(e.tree);
             queue.push(e.tree);
+          } else if (e.kind === "file" && e.list !== undefined && !seenTrees.has(e.list)) {
+            seenTrees.add(e.list);
+            lists.add(e.list);
+            queue.push(e.list);
           } else if (e.kind === "file") for (const c of e.chunks) chunkIds.add(c.id);
         }
       }

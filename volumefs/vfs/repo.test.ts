@@ -5,6 +5,7 @@ import { VolumeError } from "../errors.js";
 import { Repository } from "./repo.js";
 import { fsck, rebuildMetadata } from "./fsck.js";
 import { splitWritablePath as w } from "./paths.js";
+import { encodeTree } from "./tree.js";
 import type { Overlay } from "./overlay.js";
 
 function makeRepo(objects: ObjectStore = new MemoryObjectStore()): Repository {
@@ -128,6 +129,37 @@ describe("Repository", () => {
     });
     expect(r2.stats.newBytes).toBeLessThan(4096);
     expect(r2.stats.dedupedBytes).toBeGreaterThanOrEqual(big.length);
+  });
+
+  it("keeps large files' chunk lists apart, so editing one file does not rewrite its siblings' lists", async () => {
+    const objects = new MemoryObjectStore();
+    const repo = makeRepo(objects);
+    await repo.createVolume("v");
+    const { randomBytes } = await import("node:crypto");
+    const files = [randomBytes(3 << 20), randomBytes(3 << 20), randomBytes(3 << 20)];
+    await commit(repo, "v", async (o) => {
+      for (const [i, data] of files.entries()) {
+        await o.put(w(`big/f${i}`), { kind: "file", name: `f${i}`, mode: 0o644, mtime: 1, size: data.length, pending: { kind: "bytes", data } });
+      }
+    });
+    const edited = Buffer.from(files[0]!);
+    randomBytes(1000).copy(edited, 1 << 20);
+    const r = await commit(repo, "v", (o) => o.put(w("big/f0"), { kind: "file", name: "f0", mode: 0o644, mtime: 2, size: edited.length, pending: { kind: "bytes", data: edited } }));
+    // One or two new chunks, f0's new list, and the trees on the path: far less than a sibling's list again.
+    expect(r.stats.newBytes).toBeLessThan(400 * 1024);
+    const snap = repo.snapshot(r.version);
+    const tree = await snap.tree((await snap.stat("big")).kind === "dir" ? ((await snap.stat("big")) as { tree: string }).tree : "");
+    expect(tree.entries.every((e) => e.kind === "file" && e.chunks.length > 16 && e.list === undefined)).toBe(true);
+    // Inline, three lists of ~45 chunks would make this directory ~10 KB; apart, it names three ids.
+    expect(encodeTree(tree.entries).data.length).toBeLessThan(600);
+    expect(encodeTree(tree.entries).lists).toHaveLength(3);
+    expect(Buffer.compare(Buffer.from(await snap.readFile("big/f0")), edited)).toBe(0);
+    expect(Buffer.compare(Buffer.from(await snap.readFile("big/f2")), files[2]!)).toBe(0);
+    expect((await fsck(repo)).problems).toEqual([]);
+    const meta2 = SqliteMetadataStore.open({ path: ":memory:" });
+    await rebuildMetadata(meta2, objects);
+    const again = new Repository({ meta: meta2, objects });
+    expect(Buffer.compare(Buffer.from(await again.snapshot(await again.resolve("v")).readFile("big/f1")), files[1]!)).toBe(0);
   });
 
   it("rebases onto a moved head when paths do not collide", async () => {

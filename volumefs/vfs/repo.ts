@@ -370,7 +370,8 @@ export class Repository {
           const stats = await writer.flush();
           return { version: head, changed: false, conflicts: settled, rebased: head?.id !== base?.id, stats };
         }
-        for (const t of trees) writer.addTree(t.id, t.data);
+        const blobs = trees.flatMap((t) => [{ id: t.id, data: t.data }, ...t.lists]);
+        for (const b of blobs) writer.addTree(b.id, b.data);
         const stats = await writer.flush();
         const version = await this.putVersion({
           root: root.tree,
@@ -385,7 +386,7 @@ export class Repository {
           volume,
           expectedHead: head?.id ?? null,
           version,
-          trees: trees.map((t) => ({ id: t.id, data: t.data })),
+          trees: blobs,
         });
         if (res.ok) {
           await this.writeRef(res.volume);

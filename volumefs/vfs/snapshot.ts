@@ -1,7 +1,7 @@
 import { VolumeError } from "../errors.js";
 import { splitPath, joinPath } from "./paths.js";
 import type { ChunkRef } from "../chunk/index.js";
-import { decodeTree, findEntry, type DirEntry, type Entry, type Tree } from "./tree.js";
+import { decodeChunkList, decodeTree, findEntry, type DirEntry, type Entry, type Tree } from "./tree.js";
 
 /**
  * Where a snapshot's bytes come from: the chunk store (cache, then ranged GETs of packs).
@@ -66,6 +66,13 @@ export class Snapshot {
     const hit = this.cache.get(id);
     if (hit) return hit;
     const t = decodeTree(await this.source.readTree(id), id);
+    await Promise.all(
+      t.entries.map(async (e) => {
+        if (e.kind !== "file" || e.list === undefined) return;
+        e.chunks = decodeChunkList(await this.source.readTree(e.list), e.list);
+        delete e.list;
+      }),
+    );
     this.cache.set(t);
     return t;
   }

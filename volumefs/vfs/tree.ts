@@ -3,7 +3,8 @@
  *
  * Encoding (format 1), UTF-8 JSON with no white space:
  *   {"v":1,"e":[ENTRY,...]}   entries sorted by name, compared as UTF-8 bytes
- *   file:    [name, "f", mode, mtimeMs, size, [[chunkId, length], ...], extras?]
+ *   file:    [name, "f", mode, mtimeMs, size, [[chunkId, length], ...], extras?]   (≤ 16 chunks)
+ *            [name, "f", mode, mtimeMs, size, listId, extras?]                   (more chunks)
  *   symlink: [name, "l", mode, mtimeMs, target, extras?]
  *   dir:     [name, "d", mode, mtimeMs, treeId, files, bytes, extras?]
  * extras, present only when something is in it: {"g":gid,"u":uid,"x":{name: base64 value}}
@@ -11,6 +12,11 @@
  * `files` and `bytes` of a dir entry are the totals of its subtree (files and symlinks counted),
  * so a version knows its size without walking. Equal directories encode to equal bytes, so an
  * unchanged subtree keeps its id and a change rewrites only the trees on its path to the root.
+ * A file of more than LIST_THRESHOLD chunks keeps its chunk list in an object of its own,
+ * {"v":1,"c":[[chunkId, length], ...]} named by its blake3 hash and stored like a tree, so that
+ * editing one large file does not rewrite the chunk lists of its siblings (a directory of 64
+ * files of 16 MiB would otherwise be a 1 MiB tree). Decoded entries carry `list` until a
+ * Snapshot resolves it into `chunks`.
  */
 import { hash } from "blake3";
 import type { ChunkRef } from "../chunk/index.js";
@@ -38,7 +44,15 @@ export interface FileEntry extends EntryBase {
   kind: "file";
   size: number;
   chunks: ChunkRef[];
+  /**
+   * Set only on an entry fresh from `decodeTree` whose chunk list is stored apart: the list's
+   * object id; `chunks` is empty until resolved (Snapshot does it before handing entries out).
+   */
+  list?: string;
 }
+
+/** Files with more chunks than this keep their chunk list in an object of its own. */
+export const LIST_THRESHOLD = 16;
 
 /** A symbolic link. */
 export interface SymlinkEntry extends EntryBase {
@@ -69,6 +83,8 @@ export interface Tree {
 export interface EncodedTree {
   id: string;
   data: Uint8Array;
+  /** Chunk-list objects of the tree's large files, to store with it. */
+  lists: { id: string; data: Uint8Array }[];
   /** Files and symlinks in the whole subtree. */
   files: number;
   /** Bytes of regular files in the whole subtree. */
@@ -120,12 +136,35 @@ function applyExtras<T extends Entry>(e: T, extras: unknown): T {
   return e;
 }
 
-function encodeEntry(e: Entry): unknown[] {
+/** Encodes a chunk list object. */
+export function encodeChunkList(chunks: readonly ChunkRef[]): { id: string; data: Uint8Array } {
+  const data = Buffer.from(JSON.stringify({ v: 1, c: chunks.map((c) => [c.id, c.length]) }));
+  return { id: blake3Hex(data), data };
+}
+
+/** Decodes a chunk list object and checks its id. Throws CORRUPT. */
+export function decodeChunkList(data: Uint8Array, id: string): ChunkRef[] {
+  if (blake3Hex(data) !== id) throw VolumeError.CORRUPT(`chunk list ${id}`);
+  try {
+    const doc = JSON.parse(Buffer.from(data).toString("utf8")) as { v: number; c: [string, number][] };
+    if (doc.v !== 1 || !Array.isArray(doc.c)) throw new Error("unknown chunk list format");
+    return doc.c.map(([cid, length]) => ({ id: cid, length }));
+  } catch (err) {
+    throw VolumeError.CORRUPT(`chunk list ${id}`, { cause: err });
+  }
+}
+
+function encodeEntry(e: Entry, lists?: { id: string; data: Uint8Array }[]): unknown[] {
   const x = encodeExtras(e);
   let row: unknown[];
   switch (e.kind) {
     case "file":
-      row = [e.name, "f", e.mode, e.mtime, e.size, e.chunks.map((c) => [c.id, c.length])];
+      if (e.list !== undefined && e.chunks.length === 0) throw new VolumeError("INVALID_ARGUMENT", `encode tree: file ${JSON.stringify(e.name)} has an unresolved chunk list`);
+      if (e.chunks.length > LIST_THRESHOLD) {
+        const l = encodeChunkList(e.chunks);
+        lists?.push(l);
+        row = [e.name, "f", e.mode, e.mtime, e.size, l.id];
+      } else row = [e.name, "f", e.mode, e.mtime, e.size, e.chunks.map((c) => [c.id, c.length])];
       break;
     case "symlink":
       row = [e.name, "l", e.mode, e.mtime, e.target];
@@ -159,8 +198,9 @@ export function encodeTree(entries: readonly Entry[]): EncodedTree {
       if (e.kind === "file") bytes += e.size;
     }
   }
-  const data = Buffer.from(JSON.stringify({ v: 1, e: sorted.map(encodeEntry) }));
-  return { id: blake3Hex(data), data, files, bytes };
+  const lists: { id: string; data: Uint8Array }[] = [];
+  const data = Buffer.from(JSON.stringify({ v: 1, e: sorted.map((e) => encodeEntry(e, lists)) }));
+  return { id: blake3Hex(data), data, lists, files, bytes };
 }
 
 /** Decodes a tree blob; verifies its id unless `id` is omitted. Throws CORRUPT. */
@@ -178,6 +218,7 @@ export function decodeTree(data: Uint8Array, id?: string): Tree {
     const [name, k, mode, mtime] = r as [string, string, number, number];
     switch (k) {
       case "f":
+        if (typeof r[5] === "string") return applyExtras<FileEntry>({ kind: "file", name, mode, mtime, size: r[4] as number, chunks: [], list: r[5] }, r[6]);
         return applyExtras<FileEntry>({ kind: "file", name, mode, mtime, size: r[4] as number, chunks: (r[5] as [string, number][]).map(([cid, length]) => ({ id: cid, length })) }, r[6]);
       case "l":
         return applyExtras<SymlinkEntry>({ kind: "symlink", name, mode, mtime, target: r[4] as string }, r[5]);
