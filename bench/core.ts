@@ -155,11 +155,16 @@ export async function run(): Promise<void> {
       await runCli(["volume", "create", "big"], io);
       const [putMs, code] = await timed(() => runCli(["put", "big", file, "/big.bin"], io));
       if (code !== 0) throw new Error("bench: strata put of the big file failed");
-      const raw = S3ObjectStore.fromUrl(`s3://${s3.bucket}/raw/`, rgw);
-      const [rawMs] = await timed(() => raw.putFile("big.bin", file));
+      // The alternative: a multipart upload of the file with the same SDK, 8 MiB parts, 4 in flight;
+      // as the SDK does by default (payload signed) and with Strata's unsigned payload.
+      const signed = S3ObjectStore.fromUrl(`s3://${s3.bucket}/raw/`, { ...rgw, unsignedPayload: false });
+      const [rawMs] = await timed(() => signed.putFile("big.bin", file));
+      const unsigned = S3ObjectStore.fromUrl(`s3://${s3.bucket}/raw/`, rgw);
+      const [rawUnsignedMs] = await timed(() => unsigned.putFile("big2.bin", file));
       const mbs = (ms: number): number => size / MiB / (ms / 1000);
-      rows.push({ scenario: `put one ${size / MiB} MiB file (RGW)`, strata: `${mbs(putMs).toFixed(0)} MiB/s`, alternative: `raw multipart upload: ${mbs(rawMs).toFixed(0)} MiB/s`, ratio: `${(rawMs / putMs).toFixed(2)}×`, note: "target ≥ 0.8×" });
-      extra.bigFile = { size, strataMs: putMs, rawMultipartMs: rawMs };
+      rows.push({ scenario: `put one ${size / MiB} MiB file (RGW)`, strata: `${mbs(putMs).toFixed(0)} MiB/s`, alternative: `multipart upload, SDK defaults: ${mbs(rawMs).toFixed(0)} MiB/s`, ratio: `${(rawMs / putMs).toFixed(2)}×`, note: "target ≥ 0.8×" });
+      rows.push({ scenario: `put one ${size / MiB} MiB file (RGW)`, strata: `${mbs(putMs).toFixed(0)} MiB/s`, alternative: `multipart upload, unsigned payload: ${mbs(rawUnsignedMs).toFixed(0)} MiB/s`, ratio: `${(rawUnsignedMs / putMs).toFixed(2)}×`, note: "" });
+      extra.bigFile = { size, strataMs: putMs, rawMultipartMs: rawMs, rawMultipartUnsignedMs: rawUnsignedMs };
       await rm(file, { force: true });
     }
 
