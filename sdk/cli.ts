@@ -8,23 +8,17 @@ import { lstat, mkdir, readdir, readlink, rename, rm, stat, symlink, writeFile, 
 import { basename, dirname, join, resolve } from "node:path";
 import { pipeline } from "node:stream/promises";
 import { Readable as NodeReadable } from "node:stream";
-import { parseArgs, type ParseArgsConfig } from "node:util";
+import { parseArgs } from "node:util";
 import { StrataError } from "../metadata/index.js";
 import { fsck, rebuildMetadata, splitPath, VolumeError, type Snapshot } from "../volumefs/index.js";
 import { Strata, metadataPath, openObjectStore } from "./client.js";
 import { loadConfig } from "./config.js";
 import { runDemo } from "./demo.js";
+import { type CliIO, type Command, type ParsedArgs } from "./command.js";
 import { mountCommands } from "./mount-cli.js";
 import { sandboxCommands } from "./sandbox-cli.js";
 import { fileInfo, Volume } from "./volume.js";
 import { SqliteMetadataStore } from "../metadata/index.js";
-
-/** Where a command writes; tests pass buffers, the program passes the process's streams. */
-export interface CliIO {
-  stdout: NodeJS.WritableStream & { isTTY?: boolean };
-  stderr: NodeJS.WritableStream & { isTTY?: boolean };
-  env: NodeJS.ProcessEnv;
-}
 
 /** Exit codes: 0 ok, 1 a failure, 2 a usage error. */
 export const EXIT_USAGE = 2;
@@ -33,18 +27,6 @@ class UsageError extends StrataError {
   constructor(message: string, hint?: string) {
     super("USAGE", message, { hint });
   }
-}
-
-interface Command {
-  usage: string;
-  summary: string;
-  options?: ParseArgsConfig["options"];
-  run(args: ParsedArgs, io: CliIO): Promise<number | void>;
-}
-
-interface ParsedArgs {
-  positionals: string[];
-  values: Record<string, string | boolean | undefined>;
 }
 
 function client(io: CliIO): Strata {
@@ -415,8 +397,8 @@ const commands: Record<string, Command> = {
   revert: { usage: "revert NAME V", summary: "make a new version whose tree is V's", run: cmdRevert },
   fsck: { usage: "fsck [--rebuild] [--json]", summary: "check every version is complete; --rebuild remakes the metadata from the bucket", options: { rebuild: { type: "boolean" }, json: { type: "boolean" } }, run: cmdFsck },
   demo: { usage: "demo", summary: "a short tour on the embedded default store", run: (_a, io) => runDemo(io) },
-  ...(mountCommands as Record<string, Command>),
-  ...(sandboxCommands as Record<string, Command>),
+  ...mountCommands,
+  ...sandboxCommands,
 };
 
 function helpText(): string {
@@ -472,3 +454,5 @@ export function reportError(err: unknown, io: CliIO): number {
   io.stderr.write(`strata: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
   return 1;
 }
+
+export type { CliIO } from "./command.js";

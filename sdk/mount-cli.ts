@@ -7,6 +7,7 @@
  * control files (`DIR/.strata/sync`, `reload`, `status`, `version`; protocol in
  * volumefs/vfs/control.ts), so they work the same from inside a sandbox that sees only DIR.
  */
+import { usageError, stringOpt, type CliIO, type Command, type ParsedArgs } from "./command.js";
 import { spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
 import { mkdir, open, readFile, rm, stat, writeFile } from "node:fs/promises";
@@ -15,26 +16,6 @@ import { StrataError } from "../metadata/index.js";
 import { forceUnmount, isFuseMountPoint, mountFs, RESERVED_NAME, VolumeError, type MountFs } from "../volumefs/index.js";
 import { Strata } from "./client.js";
 import { loadConfig, parseSize, type StrataConfig } from "./config.js";
-
-/** Where a command writes (the CLI's `CliIO`). */
-interface MountCliIO {
-  stdout: NodeJS.WritableStream;
-  stderr: NodeJS.WritableStream;
-  env: NodeJS.ProcessEnv;
-}
-
-interface Parsed {
-  positionals: string[];
-  values: Record<string, string | boolean | (string | boolean)[] | undefined>;
-}
-
-/** One CLI command, in the shape of sdk/cli.ts's command table. */
-export interface MountCommand {
-  usage: string;
-  summary: string;
-  options?: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }>;
-  run(args: Parsed, io: MountCliIO): Promise<number | void>;
-}
 
 /** Options of `openVolumeMount`: what `strata mount` asks of the mounted volume. */
 export interface VolumeMountOptions {
@@ -46,15 +27,10 @@ export interface VolumeMountOptions {
   labels?: Record<string, string>;
 }
 
-function usage(message: string, use: string): StrataError {
-  return new StrataError("USAGE", message, { hint: `usage: strata ${use}` });
-}
+const usage = usageError;
+const str = stringOpt;
 
-function str(v: Parsed["values"][string]): string | undefined {
-  return typeof v === "string" ? v : undefined;
-}
-
-function labelsOf(v: Parsed["values"][string]): Record<string, string> {
+function labelsOf(v: ParsedArgs["values"][string]): Record<string, string> {
   const list = Array.isArray(v) ? v : typeof v === "string" ? [v] : [];
   const out: Record<string, string> = {};
   for (const item of list) {
@@ -187,7 +163,7 @@ function controlError(err: unknown, op: string, dir: string): never {
 
 // ---- commands ----
 
-async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
+async function cmdMount(args: ParsedArgs, io: CliIO): Promise<number> {
   const [name, dir] = args.positionals;
   if (!name || !dir) throw usage("mount: missing arguments", commands.mount.usage);
   const abs = resolve(dir);
@@ -245,7 +221,7 @@ async function cmdMount(args: Parsed, io: MountCliIO): Promise<number> {
   }
 }
 
-async function daemonize(abs: string, io: MountCliIO): Promise<number> {
+async function daemonize(abs: string, io: CliIO): Promise<number> {
   const argv = process.argv.slice(1).filter((a) => a !== "--daemon");
   const home = loadConfig(io.env).home;
   await mkdir(join(home, "logs"), { recursive: true });
@@ -270,7 +246,7 @@ async function daemonize(abs: string, io: MountCliIO): Promise<number> {
   return 0;
 }
 
-async function cmdUnmount(args: Parsed, io: MountCliIO): Promise<void> {
+async function cmdUnmount(args: ParsedArgs, io: CliIO): Promise<void> {
   const [dir] = args.positionals;
   if (!dir) throw usage("unmount: missing DIR", commands.unmount.usage);
   const abs = resolve(dir);
@@ -284,7 +260,7 @@ async function cmdUnmount(args: Parsed, io: MountCliIO): Promise<void> {
   io.stderr.write(`strata: unmounted ${abs}\n`);
 }
 
-async function cmdSync(args: Parsed, io: MountCliIO): Promise<void> {
+async function cmdSync(args: ParsedArgs, io: CliIO): Promise<void> {
   const [dir] = args.positionals;
   if (!dir) throw usage("sync: missing DIR", commands.sync.usage);
   const policy = str(args.values["on-conflict"]);
@@ -303,7 +279,7 @@ async function cmdSync(args: Parsed, io: MountCliIO): Promise<void> {
   io.stdout.write(`${res.version ?? ""}\n`);
 }
 
-async function cmdReload(args: Parsed, io: MountCliIO): Promise<void> {
+async function cmdReload(args: ParsedArgs, io: CliIO): Promise<void> {
   const [dir] = args.positionals;
   if (!dir) throw usage("reload: missing DIR", commands.reload.usage);
   await checkMount(dir, "reload");
@@ -324,7 +300,7 @@ async function cmdReload(args: Parsed, io: MountCliIO): Promise<void> {
   io.stdout.write(`${(await readControl(controlPath(dir, "version"))).trim()}\n`);
 }
 
-async function cmdStatus(args: Parsed, io: MountCliIO): Promise<void> {
+async function cmdStatus(args: ParsedArgs, io: CliIO): Promise<void> {
   const [dir] = args.positionals;
   if (!dir) throw usage("status: missing DIR", commands.status.usage);
   await checkMount(dir, "status");
@@ -374,7 +350,7 @@ const commands = {
     run: cmdReload,
   },
   status: { usage: "status DIR [--json]", summary: "a mount's volume, base version and staged changes", options: { json: { type: "boolean" } }, run: cmdStatus },
-} satisfies Record<string, MountCommand>;
+} satisfies Record<string, Command>;
 
 /** The mount commands, for the CLI's command table. */
-export const mountCommands: Record<string, MountCommand> = commands;
+export const mountCommands: Record<string, Command> = commands;

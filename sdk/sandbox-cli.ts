@@ -5,6 +5,7 @@
  * `run` and `image build` start an agent (detached) when none answers. The SDK and gRPC modules
  * are loaded only when one of these commands runs, so that other commands start as fast as before.
  */
+import { usageError, stringOpt, type CliIO, type Command, type ParsedArgs } from "./command.js";
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, join, resolve } from "node:path";
 import type { ImageSpec, SandboxRecord, VolumeMountRequest } from "../agent/index.js";
@@ -17,34 +18,10 @@ const sdk = async () => {
   return { ...container, ...image, ...agentMain };
 };
 
-interface SandboxCliIO {
-  stdout: NodeJS.WritableStream;
-  stderr: NodeJS.WritableStream;
-  env: NodeJS.ProcessEnv;
-}
+const usage = usageError;
+const str = stringOpt;
 
-interface Parsed {
-  positionals: string[];
-  values: Record<string, string | boolean | (string | boolean)[] | undefined>;
-}
-
-/** One CLI command, in the shape of sdk/cli.ts's command table. */
-export interface SandboxCommand {
-  usage: string;
-  summary: string;
-  options?: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }>;
-  run(args: Parsed, io: SandboxCliIO): Promise<number | void>;
-}
-
-function usage(message: string, use: string): StrataError {
-  return new StrataError("USAGE", message, { hint: `usage: strata ${use}` });
-}
-
-function str(v: Parsed["values"][string]): string | undefined {
-  return typeof v === "string" ? v : undefined;
-}
-
-function list(v: Parsed["values"][string]): string[] {
+function list(v: ParsedArgs["values"][string]): string[] {
   return Array.isArray(v) ? v.map(String) : typeof v === "string" ? [v] : [];
 }
 
@@ -104,7 +81,7 @@ function parseEnv(list: string[]): Record<string, string> {
 }
 
 /** Runs argv in `sb`, streaming its output to `io`; forwards SIGINT/SIGTERM; stdin only when `stdin`. */
-async function stream(sb: Sandbox, argv: string[], io: SandboxCliIO, stdin: boolean): Promise<{ exitCode: number; oom: boolean }> {
+async function stream(sb: Sandbox, argv: string[], io: CliIO, stdin: boolean): Promise<{ exitCode: number; oom: boolean }> {
   const p = await sb.spawn(argv, { stdin });
   p.stdout.on("data", (b: Buffer) => io.stdout.write(b));
   p.stderr.on("data", (b: Buffer) => io.stderr.write(b));
@@ -131,12 +108,12 @@ function ended(s: NodeJS.ReadableStream): Promise<void> {
   });
 }
 
-function oomLine(io: SandboxCliIO, id: string): number {
+function oomLine(io: CliIO, id: string): number {
   io.stderr.write(`strata: run in sandbox ${JSON.stringify(id)}: killed for exceeding its memory limit (OOM)\n`);
   return 137;
 }
 
-async function cmdRun(args: Parsed, io: SandboxCliIO): Promise<number> {
+async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
   const argv = args.positionals;
   if (!argv.length) throw usage("run: missing command", commands.run.usage);
   const volumes = [...list(args.values.volume).map(parseVolume), ...list(args.values.fork).map(parseFork)];
@@ -175,7 +152,7 @@ export function sandboxJson(r: SandboxRecord): Record<string, unknown> {
   };
 }
 
-async function cmdSandbox(args: Parsed, io: SandboxCliIO): Promise<number> {
+async function cmdSandbox(args: ParsedArgs, io: CliIO): Promise<number> {
   const [sub, id, ...rest] = args.positionals;
   const use = commands.sandbox.usage;
   const { SandboxClient, connectLocalAgent } = await sdk();
@@ -210,7 +187,7 @@ async function cmdSandbox(args: Parsed, io: SandboxCliIO): Promise<number> {
   }
 }
 
-async function cmdImage(args: Parsed, io: SandboxCliIO): Promise<void> {
+async function cmdImage(args: ParsedArgs, io: CliIO): Promise<void> {
   const [sub, spec] = args.positionals;
   if (sub !== "build" || !spec) throw usage("image: want `image build SPEC`", commands.image.usage);
   const { SandboxClient } = await sdk();
@@ -255,7 +232,7 @@ const commands = {
     options: { daemon: { type: "boolean" } },
     run: async (args, io) => (await sdk()).runAgent(io, { daemon: args.values.daemon === true }),
   },
-} satisfies Record<string, SandboxCommand>;
+} satisfies Record<string, Command>;
 
 /** The sandbox commands, for the CLI's command table. */
-export const sandboxCommands: Record<string, SandboxCommand> = commands;
+export const sandboxCommands: Record<string, Command> = commands;
