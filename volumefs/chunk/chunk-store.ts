@@ -265,7 +265,7 @@ class Writer implements ChunkWriter {
     const feed = async (data: Uint8Array): Promise<void> => {
       for (let at = 0; at < data.length; at += PUSH_BYTES) {
         session.push(data.subarray(at, at + PUSH_BYTES));
-        while (session.pending > 4 * PUSH_BYTES) await drain();
+        while (session.pending > 16 * PUSH_BYTES) await drain();
         await this.settle();
       }
       size += data.length;
