@@ -10,13 +10,13 @@
  * Needs root, runsc and the test image cache (built on first use, about 60 s).
  */
 import { spawn } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { bundleConfig, sandboxSpecFor } from "../agent/index.js";
 import { TEST_IMAGE_CACHE, testImage } from "../agent/testing.js";
-import { Container, SandboxClient } from "../sdk/index.js";
+import { Container, SandboxClient, stopLocalAgent } from "../sdk/index.js";
 import { report } from "./report.js";
 
 const ROOT = resolve(fileURLToPath(new URL("..", import.meta.url)));
@@ -126,18 +126,7 @@ export async function run(): Promise<void> {
     ], `Time to the first byte of output with the image cached, median of ${RUNS}, on the embedded file store; bare runsc and Strata in the same run. The SDK row is the agent's own overhead (FUSE mount of a volume, gRPC, runsc create/start/exec vs one runsc run); the CLI row adds a Node process started through tsx. Parallel: ${PARALLEL} sandboxes, each on its own fork of one volume, each writes ${FILES} files, then stop syncs each fork.`, { bare, sdk, cli, node, parallel: { wall, per } });
   } finally {
     await client.close();
-    const pid = Number((await readFile(join(base, "home", "agent.pid"), "utf8").catch(() => "")).trim());
-    if (pid > 0) {
-      try {
-        process.kill(pid, "SIGTERM");
-        for (let i = 0; i < 300; i++) {
-          process.kill(pid, 0);
-          await new Promise((r) => setTimeout(r, 100));
-        }
-      } catch {
-        // exited
-      }
-    }
+    await stopLocalAgent(join(base, "home"));
     await rm(base, { recursive: true, force: true });
   }
 }

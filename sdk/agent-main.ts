@@ -9,6 +9,7 @@
  * mounted volumes), `images/` (the image cache; STRATA_IMAGE_CACHE overrides it),
  * `logs/agent.log` (the log of a daemonized agent).
  */
+import { processAlive, terminateProcess } from "./process.js";
 import { spawn } from "node:child_process";
 import { closeSync, existsSync, openSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
@@ -49,14 +50,6 @@ function agentCommand(): { args: string[]; cwd: string } {
   return { args: ts ? ["--import", "tsx", main, "agent"] : [main, "agent"], cwd: root };
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -96,9 +89,18 @@ export async function connectLocalAgent(env: NodeJS.ProcessEnv = process.env, op
   throw AgentError.AGENT_UNAVAILABLE(socket, new Error(tail ? `the agent did not start: ${tail}` : "the agent did not start within 60 s"));
 }
 
+/**
+ * Stops the local agent of a STRATA_HOME, if one runs: SIGTERM (it syncs and unmounts what it
+ * holds), then SIGKILL after `graceMs`. Resolves once it is gone.
+ */
+export async function stopLocalAgent(home: string, graceMs = 30_000): Promise<void> {
+  const pid = Number((await readFile(join(home, "agent.pid"), "utf8").catch(() => "")).trim());
+  await terminateProcess(pid, graceMs);
+}
+
 async function otherAgentAlive(config: StrataConfig): Promise<boolean> {
   const pid = Number((await readFile(join(config.home, "agent.pid"), "utf8").catch(() => "")).trim());
-  return pid > 0 && alive(pid);
+  return pid > 0 && processAlive(pid);
 }
 
 async function spawnDaemon(config: StrataConfig, env: NodeJS.ProcessEnv) {
@@ -128,7 +130,7 @@ async function takePidFile(path: string): Promise<void> {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
       const pid = Number((await readFile(path, "utf8").catch(() => "")).trim());
-      if (pid > 0 && alive(pid)) {
+      if (pid > 0 && processAlive(pid)) {
         throw new AgentError("ALREADY_EXISTS", `start agent: one already runs with pid ${pid}`, { op: "start agent", hint: `stop it with \`kill ${pid}\`` });
       }
       await rm(path, { force: true });

@@ -21,5 +21,5 @@ export { StrataError, MetadataError } from "../metadata/index.js";
 export { VolumeError, type ConflictPolicy, type TreeDiff } from "../volumefs/index.js";
 export { Container, SandboxClient, Sandbox, parseDuration, parseGpu, type ContainerOptions, type SandboxOptions, type SandboxCreateOptions, type SandboxClientOptions, type MountVolumeOptions, type ExecOutput, type ContainerProcess, type ProcessExit, type SpawnOptions } from "./container.js";
 export { Image, type AddLocalOptions } from "./image.js";
-export { connectLocalAgent, agentSocketPath } from "./agent-main.js";
+export { connectLocalAgent, agentSocketPath, stopLocalAgent } from "./agent-main.js";
 export type { SandboxRecord, VolumeSyncResult, StopSandboxResult, GpuRequest, VolumeMountRequest, BuildImageResult, AgentClient } from "../agent/index.js";

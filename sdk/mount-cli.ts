@@ -7,6 +7,7 @@
  * control files (`DIR/.strata/sync`, `reload`, `status`, `version`; protocol in
  * volumefs/vfs/control.ts), so they work the same from inside a sandbox that sees only DIR.
  */
+import { processAlive } from "./process.js";
 import { usageError, stringOpt, type CliIO, type Command, type ParsedArgs } from "./command.js";
 import { spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
@@ -49,14 +50,6 @@ function mountPidFile(home: string, abs: string): string {
   return join(home, "mounts", `${abs.replace(/[^A-Za-z0-9._-]+/g, "_")}.pid`);
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
 
 /**
  * Opens the `MountFs` of volume `name` on the client's store. Looked up at run time so that the
@@ -255,7 +248,7 @@ async function cmdUnmount(args: ParsedArgs, io: CliIO): Promise<void> {
   if (!(await forceUnmount(abs))) {
     throw new VolumeError("INVALID_ARGUMENT", `unmount ${abs}: not a mount point`, { hint: "list mounts with `grep fuse /proc/mounts`" });
   }
-  for (let waited = 0; pid !== undefined && alive(pid) && waited < 30_000; waited += 50) await sleep(50);
+  for (let waited = 0; pid !== undefined && processAlive(pid) && waited < 30_000; waited += 50) await sleep(50);
   await rm(pidFile, { force: true });
   io.stderr.write(`strata: unmounted ${abs}\n`);
 }

@@ -7,12 +7,12 @@
  */
 import { execFile } from "node:child_process";
 import { existsSync, lstatSync, readdirSync, readlinkSync } from "node:fs";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TEST_IMAGE_CACHE, testImage } from "../agent/testing.js";
-import { Container, Image, SandboxClient } from "../sdk/index.js";
+import { Container, Image, SandboxClient, stopLocalAgent } from "../sdk/index.js";
 import { makeTestS3Store, type TestS3Store } from "./support/s3.js";
 
 const ROOT = resolve(__dirname, "..");
@@ -60,19 +60,7 @@ async function makeEnv(extra: NodeJS.ProcessEnv = {}): Promise<Env> {
     base, env, cli, ok, client,
     async cleanup() {
       await client.close();
-      const pid = Number((await readFile(join(base, "home", "agent.pid"), "utf8").catch(() => "")).trim());
-      if (pid > 0) {
-        try {
-          process.kill(pid, "SIGTERM");
-          for (let i = 0; i < 300; i++) {
-            process.kill(pid, 0);
-            await new Promise((r) => setTimeout(r, 100));
-          }
-          process.kill(pid, "SIGKILL");
-        } catch {
-          // exited
-        }
-      }
+      await stopLocalAgent(join(base, "home"));
       await rm(base, { recursive: true, force: true });
     },
   };
