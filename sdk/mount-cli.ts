@@ -8,7 +8,7 @@
  * volumefs/vfs/control.ts), so they work the same from inside a sandbox that sees only DIR.
  */
 import { processAlive } from "./process.js";
-import { usageError, stringOpt, type CliIO, type Command, type ParsedArgs } from "./command.js";
+import { commands, usageError, stringOpt, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
 import { spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
 import { mkdir, open, readFile, rm, stat, writeFile } from "node:fs/promises";
@@ -315,35 +315,5 @@ async function cmdStatus(args: ParsedArgs, io: CliIO): Promise<void> {
   for (const p of out.staged.removed) io.stdout.write(`D ${p}\n`);
 }
 
-const commands = {
-  mount: {
-    usage: "mount NAME DIR [--at V] [--read-only] [--cache-dir D] [--cache-size 10G] [--daemon] [--label K=V]...",
-    summary: "serve a volume as a directory (FUSE) until unmounted; --daemon returns once it is live",
-    options: {
-      at: { type: "string" },
-      "read-only": { type: "boolean" },
-      "cache-dir": { type: "string" },
-      "cache-size": { type: "string" },
-      daemon: { type: "boolean" },
-      label: { type: "string", multiple: true },
-    },
-    run: cmdMount,
-  },
-  unmount: { usage: "unmount DIR", summary: "detach a mount, even one whose process died", run: cmdUnmount },
-  sync: {
-    usage: "sync DIR [--message M] [--on-conflict fail|ours|theirs]",
-    summary: "make the staged changes of a mount one new version; prints its id",
-    options: { message: { type: "string" }, "on-conflict": { type: "string" } },
-    run: cmdSync,
-  },
-  reload: {
-    usage: "reload DIR [--discard]",
-    summary: "move a mount to the newest head (refuses while changes are staged, unless --discard)",
-    options: { discard: { type: "boolean" } },
-    run: cmdReload,
-  },
-  status: { usage: "status DIR [--json]", summary: "a mount's volume, base version and staged changes", options: { json: { type: "boolean" } }, run: cmdStatus },
-} satisfies Record<string, Command>;
-
-/** The mount commands, for the CLI's command table. */
-export const mountCommands: Record<string, Command> = commands;
+/** The code of the mount commands, for cli.ts. */
+export const run: GroupRun<"mount"> = { mount: cmdMount, unmount: cmdUnmount, sync: cmdSync, reload: cmdReload, status: cmdStatus };

@@ -2,21 +2,17 @@
  * The sandbox commands of the `strata` CLI: `run`, `sandbox ls|exec|stop`, `image build` and
  * `agent`. They talk to the local node agent (`$STRATA_HOME/agent.sock`), which holds the
  * sandboxes and their volume mounts, so `sandbox ls/exec/stop` work across CLI invocations.
- * `run` and `image build` start an agent (detached) when none answers. The SDK and gRPC modules
- * are loaded only when one of these commands runs, so that other commands start as fast as before.
+ * `run` and `image build` start an agent (detached) when none answers. cli.ts loads this module
+ * (and with it the SDK's sandbox classes and gRPC) only when one of these commands runs.
  */
-import { usageError, stringOpt, type CliIO, type Command, type ParsedArgs } from "./command.js";
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, join, resolve } from "node:path";
 import type { ImageSpec, SandboxRecord, VolumeMountRequest } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
-import type { Sandbox } from "./container.js";
-import type { Image } from "./image.js";
-
-const sdk = async () => {
-  const [container, image, agentMain] = await Promise.all([import("./container.js"), import("./image.js"), import("./agent-main.js")]);
-  return { ...container, ...image, ...agentMain };
-};
+import { connectLocalAgent, runAgent } from "./agent-main.js";
+import { commands, usageError, stringOpt, timing, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
+import { SandboxClient, type Sandbox } from "./container.js";
+import { Image } from "./image.js";
 
 const usage = usageError;
 const str = stringOpt;
@@ -31,7 +27,6 @@ function list(v: ParsedArgs["values"][string]): string[] {
  * sources resolved against its directory) or a Dockerfile.
  */
 export async function resolveImageArg(arg: string): Promise<Image> {
-  const { Image } = await sdk();
   if (arg === "debian-slim") return Image.debianSlim();
   if (/^[0-9a-f]{64}$/.test(arg)) return Image.base(arg);
   const path = resolve(arg);
@@ -83,6 +78,7 @@ function parseEnv(list: string[]): Record<string, string> {
 /** Runs argv in `sb`, streaming its output to `io`; forwards SIGINT/SIGTERM; stdin only when `stdin`. */
 async function stream(sb: Sandbox, argv: string[], io: CliIO, stdin: boolean): Promise<{ exitCode: number; oom: boolean }> {
   const p = await sb.spawn(argv, { stdin });
+  p.stdout.once("data", () => timing(io, "first-output"));
   p.stdout.on("data", (b: Buffer) => io.stdout.write(b));
   p.stderr.on("data", (b: Buffer) => io.stderr.write(b));
   if (stdin && p.stdin) process.stdin.pipe(p.stdin);
@@ -118,10 +114,11 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
   if (!argv.length) throw usage("run: missing command", commands.run.usage);
   const volumes = [...list(args.values.volume).map(parseVolume), ...list(args.values.fork).map(parseFork)];
   const image = await resolveImageArg(str(args.values.image) ?? "debian-slim");
-  const { SandboxClient } = await sdk();
   const client = new SandboxClient({ env: io.env });
   let sb: Sandbox | undefined;
   try {
+    await client.agent();
+    timing(io, "connected");
     sb = await client.create({
       image, volumes, env: parseEnv(list(args.values.env)),
       ...(str(args.values.name) ? { name: str(args.values.name) } : {}),
@@ -130,6 +127,7 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
       ...(str(args.values.gpu) ? { gpu: str(args.values.gpu) } : {}),
       ...(str(args.values.lifetime) ? { lifetime: str(args.values.lifetime) } : {}),
     });
+    timing(io, "created");
     const r = await stream(sb, argv, io, args.values.interactive === true);
     const stopped = await sb.stop({ sync: args.values["no-sync"] !== true });
     sb = undefined;
@@ -155,7 +153,6 @@ export function sandboxJson(r: SandboxRecord): Record<string, unknown> {
 async function cmdSandbox(args: ParsedArgs, io: CliIO): Promise<number> {
   const [sub, id, ...rest] = args.positionals;
   const use = commands.sandbox.usage;
-  const { SandboxClient, connectLocalAgent } = await sdk();
   if (sub === "ls") {
     const agent = await connectLocalAgent(io.env, { start: false }).catch(() => undefined);
     const recs = agent ? await agent.list().finally(() => agent.close()) : [];
@@ -190,7 +187,6 @@ async function cmdSandbox(args: ParsedArgs, io: CliIO): Promise<number> {
 async function cmdImage(args: ParsedArgs, io: CliIO): Promise<void> {
   const [sub, spec] = args.positionals;
   if (sub !== "build" || !spec) throw usage("image: want `image build SPEC`", commands.image.usage);
-  const { SandboxClient } = await sdk();
   const client = new SandboxClient({ env: io.env });
   try {
     const r = await client.buildImage(await resolveImageArg(spec));
@@ -200,39 +196,10 @@ async function cmdImage(args: ParsedArgs, io: CliIO): Promise<void> {
   }
 }
 
-const commands = {
-  run: {
-    usage: "run [--image debian-slim|PATH|HASH] [--cpu N] [--memory 1Gi] [--gpu TYPE[:N]] [--lifetime 1h] [-v NAME:/path[:ro]]... [--fork SRC:NEWNAME:/path]... [-e K=V]... [--name ID] [-i] [--no-sync] -- CMD...",
-    summary: "run a command in a new sandbox with volumes mounted; streams its output, syncs the volumes, exits with its code",
-    options: {
-      image: { type: "string" },
-      cpu: { type: "string" },
-      memory: { type: "string" },
-      gpu: { type: "string" },
-      lifetime: { type: "string" },
-      volume: { type: "string", short: "v", multiple: true },
-      fork: { type: "string", multiple: true },
-      env: { type: "string", short: "e", multiple: true },
-      name: { type: "string" },
-      interactive: { type: "boolean", short: "i" },
-      "no-sync": { type: "boolean" },
-    },
-    run: cmdRun,
-  },
-  sandbox: {
-    usage: "sandbox ls [--json] | sandbox exec ID [-i] -- CMD... | sandbox stop ID [--no-sync]",
-    summary: "list the local agent's sandboxes, run a command in one, stop one (syncing its volumes)",
-    options: { json: { type: "boolean" }, interactive: { type: "boolean", short: "i" }, "no-sync": { type: "boolean" } },
-    run: cmdSandbox,
-  },
-  image: { usage: "image build SPEC", summary: "build an image (spec JSON, Dockerfile, OCI layout or debian-slim); prints its hash", run: cmdImage },
-  agent: {
-    usage: "agent [--daemon]",
-    summary: "serve this node's sandboxes and their volume mounts (gRPC on $STRATA_HOME/agent.sock)",
-    options: { daemon: { type: "boolean" } },
-    run: async (args, io) => (await sdk()).runAgent(io, { daemon: args.values.daemon === true }),
-  },
-} satisfies Record<string, Command>;
-
-/** The sandbox commands, for the CLI's command table. */
-export const sandboxCommands: Record<string, Command> = commands;
+/** The code of the sandbox commands, for cli.ts. */
+export const run: GroupRun<"sandbox"> = {
+  run: cmdRun,
+  sandbox: cmdSandbox,
+  image: cmdImage,
+  agent: (args, io) => runAgent(io, { daemon: args.values.daemon === true }),
+};
