@@ -29,7 +29,7 @@ describe("toErrno", () => {
   });
 });
 
-describe("mountFs over a pass-through", () => {
+describe.each(["kernel", "fuse-native"] as const)("mountFs over a pass-through (%s driver)", (driver) => {
   let base: string;
   let src: string;
   let mnt: string;
@@ -41,7 +41,7 @@ describe("mountFs over a pass-through", () => {
     mnt = join(base, "mnt");
     await mkdir(src);
     await writeFile(join(src, "hello.txt"), "hello\n");
-    m = await mountFs(new PassthroughFs(src), mnt);
+    m = await mountFs(new PassthroughFs(src), mnt, { driver });
   });
   afterAll(async () => {
     await m?.unmount().catch(() => undefined);
@@ -105,13 +105,13 @@ describe("mountFs over a pass-through", () => {
     await expect(mountFs(new PassthroughFs(src), mnt)).rejects.toMatchObject({ code: "ALREADY_EXISTS" });
     await m!.unmount();
     expect(await isFuseMountPoint(mnt)).toBe(false);
-    m = await mountFs(new PassthroughFs(src), mnt);
+    m = await mountFs(new PassthroughFs(src), mnt, { driver });
     expect(await readdir(mnt)).toEqual(["hello.txt"]);
   });
 
   it("makes writes fail with EROFS on a read-only mount", async () => {
     const ro = join(base, "ro");
-    const r = await mountFs(new PassthroughFs(src), ro, { readOnly: true });
+    const r = await mountFs(new PassthroughFs(src), ro, { readOnly: true, driver });
     try {
       expect(await readFile(join(ro, "hello.txt"), "utf8")).toBe("hello\n");
       await expect(writeFile(join(ro, "new"), "x")).rejects.toMatchObject({ code: "EROFS" });

@@ -23,7 +23,7 @@
 import { execFile } from "node:child_process";
 import { constants as fsConstants } from "node:fs";
 import { constants } from "node:os";
-import { mkdir, readdir, readFile, stat } from "node:fs/promises";
+import { mkdir, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import { promisify } from "node:util";
 import Fuse from "fuse-native";
@@ -31,6 +31,8 @@ import { VolumeError } from "../errors.js";
 import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
 import type { FileAttr, MountFs } from "../vfs/mount-types.js";
 import { NAME_TOO_LONG, toErrno } from "./errno.js";
+import { FuseDevice } from "./kernel.js";
+import { KernelSession } from "./kernel-mount.js";
 
 const run = promisify(execFile);
 const E = constants.errno;
@@ -58,8 +60,17 @@ export interface FuseMountOptions {
   debug?: boolean;
   /** Name shown as the mount's source in /proc/mounts. Default "strata". */
   name?: string;
-  /** Raw libfuse options appended last (they win), e.g. ["attr_timeout=1"]; for experiments. */
+  /** Raw libfuse options appended last (they win), e.g. ["attr_timeout=1"]; fuse-native driver only. */
   extraOptions?: string[];
+  /**
+   * "kernel" (default): the FUSE protocol spoken over /dev/fuse by kernel-mount.ts, with
+   * per-entry caching and invalidation. "fuse-native": libfuse 2.9's high-level API through
+   * fuse-native, kept as the reference the kernel driver is measured against. The environment
+   * variable STRATA_FUSE_DRIVER sets the default.
+   */
+  driver?: "kernel" | "fuse-native";
+  /** Device reads kept outstanding by the kernel driver. Default 2. */
+  readers?: number;
 }
 
 /** A live mount. */
@@ -189,6 +200,39 @@ function fuseOptions(opts: FuseMountOptions): ConstructorParameters<typeof Fuse>
 export async function mountFs(fs: MountFs, dir: string, opts: FuseMountOptions = {}): Promise<FuseMount> {
   const abs = resolve(dir);
   await prepareDir(abs);
+  const driver = opts.driver ?? (process.env.STRATA_FUSE_DRIVER === "fuse-native" ? "fuse-native" : "kernel");
+  return driver === "kernel" ? mountKernel(fs, abs, opts) : mountNative(fs, abs, opts);
+}
+
+/** Kernel read-ahead of a mount, in KiB (the kernel's default for FUSE is 128). */
+const READ_AHEAD_KB = 8192;
+
+async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Promise<FuseMount> {
+  const dev = await FuseDevice.mount(abs, { fsname: opts.name ?? "strata" });
+  const session = new KernelSession(fs, dev, { readOnly: opts.readOnly === true, immutable: opts.immutable === true, debug: opts.debug === true });
+  dev.start(session, opts.readers ?? 2);
+  const timeout = new Promise<"timeout">((res) => setTimeout(() => res("timeout"), 10_000).unref());
+  if ((await Promise.race([session.initialized, timeout])) === "timeout") {
+    await dev.unmount();
+    throw VolumeError.IO(`mount ${abs}`, new Error("the kernel did not start the FUSE session"), { hint: "check dmesg for fuse errors" });
+  }
+  if (dev.connection !== undefined) {
+    await writeFile(`/sys/class/bdi/0:${dev.connection}/read_ahead_kb`, String(READ_AHEAD_KB)).catch(() => undefined);
+  }
+  let closing: Promise<void> | undefined;
+  return {
+    dir: abs,
+    unmount() {
+      closing ??= (async () => {
+        await dev.unmount();
+        await fs.close();
+      })();
+      return closing;
+    },
+  };
+}
+
+async function mountNative(fs: MountFs, abs: string, opts: FuseMountOptions): Promise<FuseMount> {
   const debug = opts.debug === true;
   const readOnly = opts.readOnly === true;
 

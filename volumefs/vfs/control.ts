@@ -26,7 +26,7 @@ import type { ConflictPolicy } from "./build.js";
 import type { FileAttr, MountStatus, MountSyncOptions, MountSyncResult } from "./mount-types.js";
 import type { Repository } from "./repo.js";
 import type { Snapshot } from "./snapshot.js";
-import type { Entry } from "./tree.js";
+import { blake3Hex, type Entry, type FileEntry } from "./tree.js";
 
 /** What the control directory needs from its mount. */
 export interface ControlHost {
@@ -232,5 +232,21 @@ export function parseSyncCommand(text: string): MountSyncOptions {
 /** stat(2) attributes of a stored entry. */
 export function entryAttr(e: Entry, immutable = true): FileAttr {
   const size = e.kind === "file" ? e.size : e.kind === "symlink" ? Buffer.byteLength(e.target) : 0;
-  return { kind: e.kind, mode: e.mode & 0o7777, size, mtime: e.mtime, atime: e.mtime, ctime: e.mtime, nlink: e.kind === "dir" ? 2 : 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: immutable && e.kind !== "dir" };
+  const a: FileAttr = { kind: e.kind, mode: e.mode & 0o7777, size, mtime: e.mtime, atime: e.mtime, ctime: e.mtime, nlink: e.kind === "dir" ? 2 : 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: immutable && e.kind !== "dir" };
+  if (e.kind === "file") a.tag = contentTag(e);
+  else if (e.kind === "symlink") a.tag = e.target;
+  return a;
+}
+
+const tags = new WeakMap<FileEntry, string>();
+
+/** Names a stored file's bytes: its chunk ids, hashed when there are many. */
+function contentTag(e: FileEntry): string {
+  let t = tags.get(e);
+  if (t === undefined) {
+    const ids = e.list ?? e.chunks.map((c) => c.id).join(",");
+    t = ids.length > 256 ? blake3Hex(Buffer.from(ids)) : ids;
+    tags.set(e, t);
+  }
+  return t;
 }

@@ -25,6 +25,8 @@ export interface FileAttr {
   gid: number;
   /** True when the file's bytes and attributes come from the immutable base version. */
   immutable: boolean;
+  /** Names the content: equal tags mean equal bytes. Absent when unknown. */
+  tag?: string;
 }
 
 /** What `status` reports. */
@@ -54,6 +56,8 @@ export interface MountSyncResult {
 /** A POSIX file system over a volume; what the FUSE adapter calls. */
 export interface MountFs {
   getattr(path: string): Promise<FileAttr>;
+  /** Attributes of an open file, also after its name was removed. Optional. */
+  fgetattr?(fh: number): Promise<FileAttr>;
   /** Names in a directory (without "." and ".."). */
   readdir(path: string): Promise<string[]>;
   readlink(path: string): Promise<string>;
@@ -92,6 +96,13 @@ export interface MountFs {
   /** Moves the base to the volume's newest head; refuses (CONFLICT-free error) while changes are staged unless `discard`. */
   reload(opts?: { discard?: boolean }): Promise<string | null>;
   status(): Promise<MountStatus>;
+  /**
+   * Registers `listener`, called after the tree changed other than through this file system's
+   * own calls (a reload, or a sync that took in other writers' versions), so that an adapter can
+   * drop what the kernel cached. The base move resolves only after the listener's promise.
+   * Optional.
+   */
+  onExternalChange?(listener: () => Promise<void>): void;
   /** Flushes staging to disk and releases resources; idempotent. */
   close(): Promise<void>;
 }

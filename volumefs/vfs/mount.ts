@@ -230,6 +230,7 @@ export class MountedVolume implements MountFs {
   private readonly staging: StagingDir | undefined;
   private readonly contents = new Map<string, StagedContent>();
   private readonly handles = new Map<number, Handle>();
+  private readonly changeListeners: (() => Promise<void>)[] = [];
   private nextHandle = 1;
   private lock: Promise<unknown> = Promise.resolve();
   private syncing: Promise<MountSyncResult> | undefined;
@@ -526,7 +527,7 @@ export class MountedVolume implements MountFs {
   private attrOf(segs: string[], e: StagedEntry): FileAttr {
     const c = contentOf(e);
     if (c) {
-      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false };
+      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: `staged:${c.id}` };
     }
     return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
   }
@@ -593,6 +594,22 @@ export class MountedVolume implements MountFs {
       return { ...entryAttr(r, false), mode: this.readOnly ? 0o555 : 0o755 };
     }
     return this.attrOf(segs, await this.mustLookup(segs, "stat"));
+  }
+
+  /** Attributes of an open file, also after its name was removed. */
+  async fgetattr(fh: number): Promise<FileAttr> {
+    const h = this.handle(fh);
+    if (h.kind !== "file") throw new VolumeError("BAD_HANDLE", `stat file handle ${fh}: not a regular file`);
+    return this.attrOf(h.segs ?? [], await this.entryOf(h));
+  }
+
+  /** See MountFs.onExternalChange: called after a reload and after a sync that took in other writers' versions. */
+  onExternalChange(listener: () => Promise<void>): void {
+    this.changeListeners.push(listener);
+  }
+
+  private async externalChange(): Promise<void> {
+    for (const l of this.changeListeners) await l().catch(() => undefined);
   }
 
   /** Names in a directory, sorted; "/" does not list `.strata`. */
@@ -946,7 +963,8 @@ export class MountedVolume implements MountFs {
     })();
     this.syncing = run;
     try {
-      const r = await run;
+      const { rebased, ...r } = await run;
+      if (rebased) await this.externalChange();
       this.control.recordSync(r);
       return r;
     } catch (err) {
@@ -957,7 +975,8 @@ export class MountedVolume implements MountFs {
     }
   }
 
-  private async runSync(opts: MountSyncOptions): Promise<MountSyncResult> {
+  /** Runs one sync; `rebased` when the new base took in versions other writers committed meanwhile. */
+  private async runSync(opts: MountSyncOptions): Promise<MountSyncResult & { rebased: boolean }> {
     const staging = this.staging!;
     const frozen = await this.exclusive(async () => {
       if (this.overlay.isEmpty()) return undefined;
@@ -969,7 +988,7 @@ export class MountedVolume implements MountFs {
       staging.writeManifest({ ...staging.manifest, syncing: { token, upTo } }, true);
       return { upTo, clone, contents, token, base: this.base };
     });
-    if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [] };
+    if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [], rebased: false };
     let res: { version: VersionRecord | null; changed: boolean; conflicts: string[] };
     try {
       res = await this.repo.sync(this.volume, frozen.base, frozen.clone, {
@@ -1005,7 +1024,10 @@ export class MountedVolume implements MountFs {
       staging.deleteData(dead);
       for (const id of dead) this.contents.delete(id);
     });
-    return { version: res.version?.id ?? null, changed: res.changed, conflicts: res.conflicts };
+    const parents = res.version?.parents ?? [];
+    const ours = frozen.base ? parents.length === 1 && parents[0] === frozen.base.id : parents.length === 0;
+    const rebased = res.version !== null && res.version.id !== frozen.base?.id && !ours;
+    return { version: res.version?.id ?? null, changed: res.changed, conflicts: res.conflicts, rebased };
   }
 
   private freezeNode(n: OverlayNode, frozen: StagedContent[]): OverlayNode {
@@ -1036,7 +1058,7 @@ export class MountedVolume implements MountFs {
   async reload(opts: { discard?: boolean } = {}): Promise<string | null> {
     if (this.pinned) throw new VolumeError("INVALID_ARGUMENT", `reload volume ${JSON.stringify(this.volume)}: mounted at a fixed version`, { volume: this.volume });
     if (this.syncing) await this.syncing.catch(() => undefined);
-    return this.exclusive(async () => {
+    const id = await this.exclusive(async () => {
       if (!this.overlay.isEmpty() && !opts.discard) {
         throw new VolumeError("NOT_EMPTY", `reload volume ${JSON.stringify(this.volume)}: ${this.overlay.changedPaths().length} staged change(s)`, {
           volume: this.volume,
@@ -1057,6 +1079,8 @@ export class MountedVolume implements MountFs {
       }
       return head?.id ?? null;
     });
+    await this.externalChange();
+    return id;
   }
 
   /** The base and the staged changes relative to it (paths without a leading slash; dirs end in "/"). */

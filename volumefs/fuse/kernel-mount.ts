@@ -1,0 +1,681 @@
+/**
+ * Serves a path-based `MountFs` over the kernel FUSE protocol (kernel.ts): the node table that
+ * turns the kernel's node ids into paths, the cache policy, and one handler per request.
+ *
+ * Cache policy. Every change to a mounted volume passes through this mount, except a base move
+ * (a reload, or a sync that took in other writers' versions), which the MountFs announces through
+ * `onExternalChange`. So names and attributes are cached by the kernel for a day, page cache is
+ * kept across opens (FOPEN_KEEP_CACHE), and missing names are cached for a minute; after a base
+ * move the session asks again for every node the kernel knows and invalidates exactly the
+ * entries and inodes whose content changed, and every missing name it had let the kernel cache.
+ * Control files under `/.strata/` (except the immutable `versions/` tree) are never cached:
+ * their attributes expire at once and they are opened with direct I/O.
+ *
+ * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
+ * inode number) for when the kernel looks the name up again.
+ */
+import { constants as fsConstants } from "node:fs";
+import { constants } from "node:os";
+import { VolumeError } from "../errors.js";
+import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
+import type { FileAttr, MountFs } from "../vfs/mount-types.js";
+import { NAME_TOO_LONG, toErrno } from "./errno.js";
+import {
+  attrOut,
+  cstring,
+  direntSize,
+  entryOut,
+  Fattr,
+  FOPEN_DIRECT_IO,
+  FOPEN_KEEP_CACHE,
+  FuseDevice,
+  GETATTR_FH,
+  Init,
+  MAX_IO,
+  negativeEntryOut,
+  NOTIFY_INVAL_ENTRY,
+  NOTIFY_INVAL_INODE,
+  Op,
+  openOut,
+  sizeOut,
+  u64,
+  writeDirent,
+  type KernelAttr,
+  type Request,
+} from "./kernel.js";
+
+const E = constants.errno;
+const O = fsConstants;
+const S_IFMT = 0o170000;
+const S_IFREG = 0o100000;
+const S_IFDIR = 0o040000;
+const S_IFLNK = 0o120000;
+const ROOT = 1;
+/** Cache time of names and attributes the mount itself keeps coherent, in seconds. */
+const LONG = 86400;
+/** Cache time of a missing name, in seconds. */
+const NEGATIVE = 60;
+/** Missing names tracked for invalidation at most; beyond it they are not cached. */
+const MAX_NEGATIVE = 65536;
+/** Forgotten nodes kept for their ids before the oldest leaves are dropped. */
+const MAX_FORGOTTEN = 200_000;
+const FOPEN_CACHE_DIR = 1 << 3;
+const RENAME_NOREPLACE = 1;
+const DT_DIR = 4;
+
+interface Node {
+  id: number;
+  /** null for the root and for a node whose name was removed. */
+  parent: Node | null;
+  name: string;
+  /** Lookups the kernel holds. */
+  lookups: number;
+  children?: Map<string, Node>;
+  /** Open file handles through this node (getattr of an unlinked open file uses one). */
+  fhs?: Set<number>;
+  /** What the kernel was last told: kind, size, mtime, mode, owner and content tag. */
+  sig?: string;
+}
+
+/** Options of `serveKernel`. */
+export interface KernelServeOptions {
+  /** Refuse every change (EROFS) except writes to the control files. */
+  readOnly: boolean;
+  /** The content never changes while mounted: cache directory listings too. */
+  immutable: boolean;
+  /** Log each failed call on stderr. */
+  debug: boolean;
+}
+
+function typeBits(kind: FileAttr["kind"]): number {
+  return kind === "dir" ? S_IFDIR : kind === "symlink" ? S_IFLNK : S_IFREG;
+}
+
+function signature(a: FileAttr): string {
+  return `${a.kind}:${a.size}:${a.mtime}:${a.mode}:${a.uid}:${a.gid}:${a.tag ?? ""}`;
+}
+
+function tooLong(name: string): boolean {
+  return name.length > NAME_MAX / 4 && Buffer.byteLength(name) > NAME_MAX;
+}
+
+function isControl(path: string): boolean {
+  return path === `/${RESERVED_NAME}` || path.startsWith(`/${RESERVED_NAME}/`);
+}
+
+/** Control paths whose content changes behind the kernel (all but the immutable versions tree). */
+function isLiveControl(path: string): boolean {
+  return isControl(path) && !path.startsWith(`/${RESERVED_NAME}/versions/`);
+}
+
+/** The session: one per mount. */
+export class KernelSession {
+  private readonly nodes = new Map<number, Node>();
+  private nextId = ROOT + 1;
+  private forgotten = 0;
+  private readonly dirs = new Map<number, { node: Node; names?: string[] }>();
+  private nextDir = 1;
+  private readonly fhNode = new Map<number, Node>();
+  private readonly negatives = new Map<string, { parent: Node; name: string; at: number }>();
+  private resolveInit!: () => void;
+  /** Resolves once the kernel's INIT has been answered. */
+  readonly initialized = new Promise<void>((res) => (this.resolveInit = res));
+
+  constructor(
+    private readonly fs: MountFs,
+    private readonly dev: FuseDevice,
+    private readonly opts: KernelServeOptions,
+  ) {
+    this.nodes.set(ROOT, { id: ROOT, parent: null, name: "", lookups: 1, children: new Map() });
+    fs.onExternalChange?.(() => this.revalidate());
+  }
+
+  // ---- nodes ----
+
+  private node(id: number): Node {
+    const n = this.nodes.get(id);
+    if (!n) throw new VolumeError("BAD_HANDLE", `node ${id}: unknown`);
+    return n;
+  }
+
+  /** The node's path, or null when its name was removed. */
+  private pathOf(n: Node): string | null {
+    if (n.id === ROOT) return "/";
+    const parts: string[] = [];
+    for (let c: Node | null = n; c && c.id !== ROOT; c = c.parent) {
+      if (!c.parent) return null;
+      parts.push(c.name);
+    }
+    return "/" + parts.reverse().join("/");
+  }
+
+  private mustPath(n: Node): string {
+    const p = this.pathOf(n);
+    if (p === null) throw VolumeError.NOT_FOUND("a removed file", { op: "resolve" });
+    return p;
+  }
+
+  private childPath(parent: Node, name: string): string {
+    if (tooLong(name)) {
+      throw new VolumeError("INVALID_PATH", `check name ${JSON.stringify(name.slice(0, 32))}…: longer than ${NAME_MAX} bytes`, { details: NAME_TOO_LONG });
+    }
+    const p = this.mustPath(parent);
+    return p === "/" ? "/" + name : p + "/" + name;
+  }
+
+  /** The child node for `name` (made on first sight), with one more kernel lookup. */
+  private lookedUp(parent: Node, name: string): Node {
+    parent.children ??= new Map();
+    let c = parent.children.get(name);
+    if (!c) {
+      c = { id: this.nextId++, parent, name, lookups: 0 };
+      parent.children.set(name, c);
+      this.nodes.set(c.id, c);
+    } else if (c.lookups === 0) this.forgotten--;
+    c.lookups++;
+    return c;
+  }
+
+  private detach(parent: Node, name: string): void {
+    const c = parent.children?.get(name);
+    if (!c) return;
+    parent.children!.delete(name);
+    c.parent = null;
+    this.dropIfUnused(c);
+  }
+
+  private dropIfUnused(n: Node): void {
+    if (n.lookups > 0 || n.fhs?.size || n.children?.size || n.id === ROOT) return;
+    if (n.parent) return; // still named: kept for its id until the table is pruned
+    this.nodes.delete(n.id);
+  }
+
+  private forget(id: number, count: number): void {
+    const n = this.nodes.get(id);
+    if (!n || id === ROOT) return;
+    n.lookups = Math.max(0, n.lookups - count);
+    if (n.lookups > 0) return;
+    if (!n.parent) return this.dropIfUnused(n);
+    if (++this.forgotten > MAX_FORGOTTEN) this.prune();
+  }
+
+  /** Drops forgotten leaf nodes (their ids are then given anew on the next lookup). */
+  private prune(): void {
+    for (const n of this.nodes.values()) {
+      if (n.lookups === 0 && n.parent && !n.children?.size && !n.fhs?.size) {
+        n.parent.children!.delete(n.name);
+        this.nodes.delete(n.id);
+        this.forgotten--;
+      }
+    }
+  }
+
+  // ---- attributes and cache times ----
+
+  private kattr(n: Node, a: FileAttr): KernelAttr {
+    n.sig = signature(a);
+    return { ino: n.id, size: a.size, mode: typeBits(a.kind) | (a.mode & 0o7777), nlink: a.nlink, uid: a.uid, gid: a.gid, atime: a.atime, mtime: a.mtime, ctime: a.ctime };
+  }
+
+  private attrTimeout(path: string): number {
+    return isLiveControl(path) ? 0 : LONG;
+  }
+
+  private async attrOfNode(n: Node, fh?: number): Promise<FileAttr> {
+    const path = this.pathOf(n);
+    if (fh !== undefined && this.fs.fgetattr) return this.fs.fgetattr(fh);
+    if (path !== null) return this.fs.getattr(path);
+    const open = n.fhs?.values().next().value;
+    if (open !== undefined && this.fs.fgetattr) return this.fs.fgetattr(open);
+    throw VolumeError.NOT_FOUND("a removed file", { op: "stat" });
+  }
+
+  /** The entry reply for a name that exists (made by the caller when `owner` is given: owned by the caller). */
+  private async entry(parent: Node, name: string, path: string, owner?: { uid: number; gid: number }): Promise<{ out: Buffer; node: Node }> {
+    if (owner && (owner.uid !== 0 || owner.gid !== 0)) await this.fs.chown(path, owner.uid, owner.gid);
+    const a = await this.fs.getattr(path);
+    const node = this.lookedUp(parent, name);
+    return { out: entryOut(node.id, this.kattr(node, a), LONG, this.attrTimeout(path)), node };
+  }
+
+  private guard(path: string): void {
+    if (this.opts.readOnly && !isControl(path)) throw VolumeError.READ_ONLY(JSON.stringify(path), { op: "change" });
+  }
+
+  // ---- the request loop ----
+
+  /** Handles one request (called by the device with a body valid only during the call). */
+  request(req: Request): void {
+    const b = req.body;
+    const op = req.opcode;
+    switch (op) {
+      case Op.INIT:
+        return this.init(req);
+      case Op.FORGET:
+        return this.forget(req.nodeid, u64(b, 0));
+      case Op.BATCH_FORGET: {
+        const count = b.readUInt32LE(0);
+        for (let i = 0; i < count; i++) this.forget(u64(b, 8 + i * 16), u64(b, 16 + i * 16));
+        return;
+      }
+      case Op.INTERRUPT:
+        return;
+      case Op.DESTROY:
+        return this.dev.reply(req.unique, 0);
+      case Op.ACCESS:
+        // No permission checks beyond the kernel's: ENOSYS makes it stop asking.
+        return this.dev.reply(req.unique, -E.ENOSYS);
+      case Op.LOOKUP: {
+        const [name] = cstring(b, 0);
+        return this.run(req, "lookup", () => this.lookup(req.nodeid, name));
+      }
+      case Op.GETATTR: {
+        const flags = b.readUInt32LE(0);
+        const fh = flags & GETATTR_FH ? u64(b, 8) : undefined;
+        return this.run(req, "getattr", async () => {
+          const n = this.node(req.nodeid);
+          const a = await this.attrOfNode(n, fh);
+          return [attrOut(this.kattr(n, a), this.attrTimeout(this.pathOf(n) ?? ""))];
+        });
+      }
+      case Op.SETATTR: {
+        const valid = b.readUInt32LE(0);
+        const set = {
+          valid,
+          fh: u64(b, 8),
+          size: u64(b, 16),
+          atime: u64(b, 32) * 1000 + Math.floor(b.readUInt32LE(56) / 1e6),
+          mtime: u64(b, 40) * 1000 + Math.floor(b.readUInt32LE(60) / 1e6),
+          mode: b.readUInt32LE(68),
+          uid: b.readUInt32LE(76),
+          gid: b.readUInt32LE(80),
+        };
+        return this.run(req, "setattr", () => this.setattr(req.nodeid, set));
+      }
+      case Op.READLINK:
+        return this.run(req, "readlink", async () => [Buffer.from(await this.fs.readlink(this.mustPath(this.node(req.nodeid))))]);
+      case Op.SYMLINK: {
+        const [name, at] = cstring(b, 0);
+        const [target] = cstring(b, at);
+        return this.run(req, "symlink", async () => {
+          const parent = this.node(req.nodeid);
+          const path = this.childPath(parent, name);
+          this.guard(path);
+          await this.fs.symlink(target, path);
+          return [(await this.entry(parent, name, path, req)).out];
+        });
+      }
+      case Op.MKNOD: {
+        const mode = b.readUInt32LE(0);
+        const [name] = cstring(b, 16);
+        return this.run(req, "mknod", async () => {
+          const parent = this.node(req.nodeid);
+          const path = this.childPath(parent, name);
+          this.guard(path);
+          if ((mode & S_IFMT) !== S_IFREG) throw new VolumeError("PERMISSION", `make node ${JSON.stringify(path)}: only regular files`);
+          await this.fs.release(await this.fs.create(path, mode & 0o7777, O.O_CREAT | O.O_EXCL | O.O_WRONLY));
+          return [(await this.entry(parent, name, path, req)).out];
+        });
+      }
+      case Op.MKDIR: {
+        const mode = b.readUInt32LE(0);
+        const [name] = cstring(b, 8);
+        return this.run(req, "mkdir", async () => {
+          const parent = this.node(req.nodeid);
+          const path = this.childPath(parent, name);
+          this.guard(path);
+          await this.fs.mkdir(path, mode & 0o7777);
+          return [(await this.entry(parent, name, path, req)).out];
+        });
+      }
+      case Op.UNLINK:
+      case Op.RMDIR: {
+        const [name] = cstring(b, 0);
+        return this.run(req, op === Op.UNLINK ? "unlink" : "rmdir", async () => {
+          const parent = this.node(req.nodeid);
+          const path = this.childPath(parent, name);
+          this.guard(path);
+          await (op === Op.UNLINK ? this.fs.unlink(path) : this.fs.rmdir(path));
+          this.detach(parent, name);
+          return [];
+        });
+      }
+      case Op.RENAME:
+      case Op.RENAME2: {
+        const newdir = u64(b, 0);
+        const flags = op === Op.RENAME2 ? b.readUInt32LE(8) : 0;
+        const [from, at] = cstring(b, op === Op.RENAME2 ? 16 : 8);
+        const [to] = cstring(b, at);
+        return this.run(req, "rename", () => this.rename(req.nodeid, from, newdir, to, flags));
+      }
+      case Op.LINK: {
+        const old = u64(b, 0);
+        const [name] = cstring(b, 8);
+        return this.run(req, "link", async () => {
+          const parent = this.node(req.nodeid);
+          const path = this.childPath(parent, name);
+          this.guard(path);
+          await this.fs.link(this.mustPath(this.node(old)), path);
+          return [(await this.entry(parent, name, path)).out];
+        });
+      }
+      case Op.OPEN: {
+        const flags = b.readUInt32LE(0);
+        return this.run(req, "open", async () => {
+          const n = this.node(req.nodeid);
+          const path = this.mustPath(n);
+          if ((flags & 3) !== O.O_RDONLY || flags & O.O_TRUNC) this.guard(path);
+          const fh = await this.fs.open(path, flags);
+          this.opened(n, fh);
+          return [openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE)];
+        });
+      }
+      case Op.CREATE: {
+        const flags = b.readUInt32LE(0);
+        const mode = b.readUInt32LE(4);
+        const [name] = cstring(b, 16);
+        return this.run(req, "create", async () => {
+          const parent = this.node(req.nodeid);
+          const path = this.childPath(parent, name);
+          this.guard(path);
+          const fh = await this.fs.create(path, mode & 0o7777, flags);
+          try {
+            const { out, node } = await this.entry(parent, name, path, req);
+            this.opened(node, fh);
+            return [out, openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE)];
+          } catch (err) {
+            await this.fs.release(fh).catch(() => undefined);
+            throw err;
+          }
+        });
+      }
+      case Op.READ: {
+        const fh = u64(b, 0);
+        const offset = u64(b, 8);
+        const size = b.readUInt32LE(16);
+        return this.run(req, "read", async () => [await this.fs.read(fh, Math.min(size, MAX_IO), offset)]);
+      }
+      case Op.WRITE: {
+        const fh = u64(b, 0);
+        const offset = u64(b, 8);
+        const size = b.readUInt32LE(16);
+        const data = Buffer.from(b.subarray(40, 40 + size));
+        return this.run(req, "write", async () => {
+          const n = this.fhNode.get(fh);
+          if (this.opts.readOnly && !(n && isControl(this.pathOf(n) ?? ""))) throw VolumeError.READ_ONLY("a file", { op: "write" });
+          return [sizeOut(await this.fs.write(fh, data, offset))];
+        });
+      }
+      case Op.STATFS:
+        return this.run(req, "statfs", async () => {
+          const s = await this.fs.statfs();
+          const out = Buffer.alloc(80);
+          [s.blocks, s.bfree, s.bavail, s.files, s.ffree].forEach((v, i) => out.writeBigUInt64LE(BigInt(Math.max(0, Math.floor(v))), i * 8));
+          out.writeUInt32LE(s.bsize, 40);
+          out.writeUInt32LE(s.namemax, 44);
+          out.writeUInt32LE(s.bsize, 48);
+          return [out];
+        });
+      case Op.RELEASE: {
+        const fh = u64(b, 0);
+        return this.run(req, "release", async () => {
+          const n = this.fhNode.get(fh);
+          this.fhNode.delete(fh);
+          if (n) {
+            n.fhs?.delete(fh);
+            this.dropIfUnused(n);
+          }
+          await this.fs.release(fh);
+          return [];
+        });
+      }
+      case Op.FLUSH:
+        return this.run(req, "flush", async () => (await this.fs.flush(u64(b, 0)), []));
+      case Op.FSYNC: {
+        const fh = u64(b, 0);
+        const datasync = (b.readUInt32LE(8) & 1) !== 0;
+        return this.run(req, "fsync", async () => (await this.fs.fsync(fh, datasync), []));
+      }
+      case Op.SETXATTR: {
+        const size = b.readUInt32LE(0);
+        const flags = b.readUInt32LE(4);
+        const [name, at] = cstring(b, 8);
+        const value = Buffer.from(b.subarray(at, at + size));
+        return this.run(req, "setxattr", async () => {
+          const path = this.mustPath(this.node(req.nodeid));
+          this.guard(path);
+          await this.fs.setxattr(path, name, value, flags);
+          return [];
+        });
+      }
+      case Op.GETXATTR: {
+        const size = b.readUInt32LE(0);
+        const [name] = cstring(b, 8);
+        return this.run(req, "getxattr", async () => sized(await this.fs.getxattr(this.mustPath(this.node(req.nodeid)), name), size));
+      }
+      case Op.LISTXATTR: {
+        const size = b.readUInt32LE(0);
+        return this.run(req, "listxattr", async () => {
+          const names = await this.fs.listxattr(this.mustPath(this.node(req.nodeid)));
+          return sized(Buffer.from(names.map((n) => n + "\0").join("")), size);
+        });
+      }
+      case Op.REMOVEXATTR: {
+        const [name] = cstring(b, 0);
+        return this.run(req, "removexattr", async () => {
+          const path = this.mustPath(this.node(req.nodeid));
+          this.guard(path);
+          await this.fs.removexattr(path, name);
+          return [];
+        });
+      }
+      case Op.OPENDIR:
+        return this.run(req, "opendir", async () => {
+          const n = this.node(req.nodeid);
+          const dfh = this.nextDir++;
+          this.dirs.set(dfh, { node: n });
+          return [openOut(dfh, this.opts.immutable ? FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE : 0)];
+        });
+      case Op.READDIR: {
+        const dfh = u64(b, 0);
+        const offset = u64(b, 8);
+        const size = b.readUInt32LE(16);
+        return this.run(req, "readdir", () => this.readdir(dfh, offset, size));
+      }
+      case Op.RELEASEDIR:
+        this.dirs.delete(u64(b, 0));
+        return this.dev.reply(req.unique, 0);
+      case Op.FSYNCDIR:
+        return this.dev.reply(req.unique, 0);
+      default:
+        return this.dev.reply(req.unique, -E.ENOSYS);
+    }
+  }
+
+  /** Runs a handler and answers with its payload, or with its error's errno. */
+  private run(req: Request, op: string, fn: () => Promise<Uint8Array[]>): void {
+    fn().then(
+      (payload) => this.dev.reply(req.unique, 0, ...payload),
+      (err) => {
+        const errno = toErrno(err);
+        if (this.opts.debug && errno !== -E.ENOENT) process.stderr.write(`strata fuse: ${op} (node ${req.nodeid}): ${(err as Error)?.message ?? String(err)} (${errno})\n`);
+        this.dev.reply(req.unique, errno);
+      },
+    );
+  }
+
+  private opened(n: Node, fh: number): void {
+    (n.fhs ??= new Set()).add(fh);
+    this.fhNode.set(fh, n);
+  }
+
+  private init(req: Request): void {
+    const b = req.body;
+    const major = b.readUInt32LE(0);
+    const maxReadahead = b.readUInt32LE(8);
+    const offered = b.readUInt32LE(12);
+    if (major !== 7) {
+      this.dev.reply(req.unique, -E.EPROTO);
+      return;
+    }
+    const want = Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS;
+    const out = Buffer.alloc(64);
+    out.writeUInt32LE(7, 0);
+    out.writeUInt32LE(31, 4);
+    out.writeUInt32LE(maxReadahead, 8);
+    out.writeUInt32LE((offered & want) >>> 0, 12);
+    out.writeUInt16LE(64, 16); // max_background
+    out.writeUInt16LE(48, 18); // congestion_threshold
+    out.writeUInt32LE(MAX_IO, 20); // max_write
+    out.writeUInt32LE(1, 24); // time_gran: nanoseconds
+    out.writeUInt16LE(MAX_IO / 4096, 28); // max_pages
+    this.dev.reply(req.unique, 0, out);
+    this.resolveInit();
+  }
+
+  private async lookup(parentId: number, name: string): Promise<Uint8Array[]> {
+    const parent = this.node(parentId);
+    const path = this.childPath(parent, name);
+    try {
+      return [(await this.entry(parent, name, path)).out];
+    } catch (err) {
+      if (toErrno(err) !== -E.ENOENT || isControl(path)) throw err;
+      if (this.opts.immutable) return [negativeEntryOut(LONG)];
+      if (!this.trackNegative(parent, name)) throw err;
+      return [negativeEntryOut(NEGATIVE)];
+    }
+  }
+
+  /** Remembers a missing name the kernel may cache; false when too many are tracked already. */
+  private trackNegative(parent: Node, name: string): boolean {
+    const now = Date.now();
+    if (this.negatives.size >= MAX_NEGATIVE) {
+      for (const [k, v] of this.negatives) if (now - v.at > NEGATIVE * 1000) this.negatives.delete(k);
+      if (this.negatives.size >= MAX_NEGATIVE) return false;
+    }
+    this.negatives.set(`${parent.id}/${name}`, { parent, name, at: now });
+    return true;
+  }
+
+  private async setattr(id: number, s: { valid: number; fh: number; size: number; atime: number; mtime: number; mode: number; uid: number; gid: number }): Promise<Uint8Array[]> {
+    const n = this.node(id);
+    const path = this.pathOf(n);
+    const fh = s.valid & Fattr.FH ? s.fh : undefined;
+    if (path !== null) this.guard(path);
+    else if (this.opts.readOnly) throw VolumeError.READ_ONLY("a removed file", { op: "change" });
+    if (s.valid & Fattr.SIZE) {
+      if (fh !== undefined) await this.fs.ftruncate(fh, s.size);
+      else await this.fs.truncate(this.mustPath(n), s.size);
+    }
+    if (s.valid & Fattr.MODE) await this.fs.chmod(this.mustPath(n), s.mode & 0o7777);
+    if (s.valid & (Fattr.UID | Fattr.GID)) {
+      const cur = await this.attrOfNode(n, fh);
+      await this.fs.chown(this.mustPath(n), s.valid & Fattr.UID ? s.uid : cur.uid, s.valid & Fattr.GID ? s.gid : cur.gid);
+    }
+    if (s.valid & (Fattr.ATIME | Fattr.MTIME | Fattr.ATIME_NOW | Fattr.MTIME_NOW)) {
+      const cur = await this.attrOfNode(n, fh);
+      const now = Date.now();
+      const atime = s.valid & Fattr.ATIME_NOW ? now : s.valid & Fattr.ATIME ? s.atime : cur.atime;
+      const mtime = s.valid & Fattr.MTIME_NOW ? now : s.valid & Fattr.MTIME ? s.mtime : cur.mtime;
+      await this.fs.utimens(this.mustPath(n), atime, mtime);
+    }
+    const a = await this.attrOfNode(n, fh);
+    return [attrOut(this.kattr(n, a), this.attrTimeout(path ?? ""))];
+  }
+
+  private async rename(fromDir: number, from: string, toDir: number, to: string, flags: number): Promise<Uint8Array[]> {
+    if (flags & ~RENAME_NOREPLACE) throw new VolumeError("INVALID_ARGUMENT", "rename: only RENAME_NOREPLACE is supported");
+    const src = this.node(fromDir);
+    const dst = this.node(toDir);
+    const srcPath = this.childPath(src, from);
+    const dstPath = this.childPath(dst, to);
+    this.guard(srcPath);
+    this.guard(dstPath);
+    if (flags & RENAME_NOREPLACE) {
+      const exists = await this.fs.getattr(dstPath).then(
+        () => true,
+        () => false,
+      );
+      if (exists) throw VolumeError.ALREADY_EXISTS(JSON.stringify(dstPath), { op: "rename" });
+    }
+    await this.fs.rename(srcPath, dstPath);
+    const moving = src.children?.get(from);
+    if (srcPath === dstPath) return [];
+    this.detach(dst, to);
+    if (moving) {
+      src.children!.delete(from);
+      moving.parent = dst;
+      moving.name = to;
+      (dst.children ??= new Map()).set(to, moving);
+    }
+    return [];
+  }
+
+  private async readdir(dfh: number, offset: number, size: number): Promise<Uint8Array[]> {
+    const d = this.dirs.get(dfh);
+    if (!d) throw new VolumeError("BAD_HANDLE", `read directory handle ${dfh}: not open`);
+    if (!d.names || offset === 0) d.names = [".", "..", ...(await this.fs.readdir(this.mustPath(d.node)))];
+    const out = Buffer.alloc(Math.min(size, 128 * 1024));
+    let used = 0;
+    for (let i = offset; i < d.names.length; i++) {
+      const name = d.names[i]!;
+      if (used + direntSize(name) > out.length) break;
+      const child = i === 0 ? d.node : i === 1 ? (d.node.parent ?? d.node) : d.node.children?.get(name);
+      used += writeDirent(out, used, child?.id ?? 0xffffffff, i + 1, name, i < 2 ? DT_DIR : 0);
+    }
+    return [out.subarray(0, used)];
+  }
+
+  /**
+   * After a base move: asks again for every node the kernel knows and invalidates the ones whose
+   * content or attributes changed (dropping the names that are gone), and every missing name the
+   * kernel may cache. Resolves when the kernel has been told.
+   */
+  private async revalidate(): Promise<void> {
+    const sends: Promise<void>[] = [];
+    for (const n of [...this.nodes.values()]) {
+      if (n.id === ROOT && !n.sig) continue;
+      if (n.lookups === 0 && n.id !== ROOT) continue;
+      const path = this.pathOf(n);
+      if (path === null || isLiveControl(path)) continue;
+      let a: FileAttr | undefined;
+      try {
+        a = await this.fs.getattr(path);
+      } catch {
+        a = undefined;
+      }
+      if (a && signature(a) === n.sig) continue;
+      if (!a || (n.sig && !n.sig.startsWith(a.kind + ":"))) {
+        if (n.parent) sends.push(this.invalEntry(n.parent, n.name));
+      }
+      sends.push(this.invalInode(n.id, a?.kind === "dir" ? -1 : 0));
+      n.sig = undefined;
+    }
+    for (const { parent, name } of this.negatives.values()) sends.push(this.invalEntry(parent, name));
+    this.negatives.clear();
+    await Promise.all(sends);
+  }
+
+  /** Drops a node's cached attributes, and its cached pages from `offset` on when offset ≥ 0. */
+  private invalInode(id: number, offset: number): Promise<void> {
+    const b = Buffer.alloc(24);
+    b.writeBigUInt64LE(BigInt(id), 0);
+    b.writeBigInt64LE(BigInt(offset), 8);
+    return this.dev.notify(NOTIFY_INVAL_INODE, b);
+  }
+
+  private invalEntry(parent: Node, name: string): Promise<void> {
+    const nameBuf = Buffer.from(name + "\0");
+    const b = Buffer.alloc(16);
+    b.writeBigUInt64LE(BigInt(parent.id), 0);
+    b.writeUInt32LE(nameBuf.length - 1, 8);
+    return this.dev.notify(NOTIFY_INVAL_ENTRY, b, nameBuf);
+  }
+}
+
+/** An xattr value or name list answered the getxattr way: its size when asked with 0, ERANGE when too small. */
+function sized(v: Uint8Array, size: number): Uint8Array[] {
+  if (size === 0) return [sizeOut(v.length)];
+  if (v.length > size) throw Object.assign(new Error("buffer too small"), { code: "ERANGE" });
+  return [v];
+}

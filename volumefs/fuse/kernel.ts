@@ -1,0 +1,405 @@
+/**
+ * The FUSE kernel protocol spoken directly over /dev/fuse: the device, the mount, the request
+ * loop, replies and notifications. No libfuse: the kernel ABI (linux/fuse.h, protocol 7.31 as
+ * negotiated here) is small, stable and documented, and speaking it ourselves gives what the
+ * high-level libfuse 2.9 API of fuse-native cannot: inode-based requests, per-entry cache
+ * timeouts, cache invalidation notifications, per-open direct I/O or kept page cache, 1 MiB
+ * requests, and no thread hop per request beyond the read of the device.
+ *
+ * Reads of the device block, so they run on libuv's thread pool (two at a time by default;
+ * bin/strata raises the pool to 16 threads). Replies are written synchronously: the kernel never
+ * blocks a reply. Notifications can block (an entry invalidation takes the directory's lock,
+ * which a request we have not answered yet may hold), so they are written from the pool, one at
+ * a time.
+ */
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import { constants } from "node:os";
+import { VolumeError } from "../errors.js";
+
+const E = constants.errno;
+
+/** Request opcodes (enum fuse_opcode). */
+export const Op = {
+  LOOKUP: 1,
+  FORGET: 2,
+  GETATTR: 3,
+  SETATTR: 4,
+  READLINK: 5,
+  SYMLINK: 6,
+  MKNOD: 8,
+  MKDIR: 9,
+  UNLINK: 10,
+  RMDIR: 11,
+  RENAME: 12,
+  LINK: 13,
+  OPEN: 14,
+  READ: 15,
+  WRITE: 16,
+  STATFS: 17,
+  RELEASE: 18,
+  FSYNC: 20,
+  SETXATTR: 21,
+  GETXATTR: 22,
+  LISTXATTR: 23,
+  REMOVEXATTR: 24,
+  FLUSH: 25,
+  INIT: 26,
+  OPENDIR: 27,
+  READDIR: 28,
+  RELEASEDIR: 29,
+  FSYNCDIR: 30,
+  ACCESS: 34,
+  CREATE: 35,
+  INTERRUPT: 36,
+  DESTROY: 38,
+  BATCH_FORGET: 42,
+  RENAME2: 45,
+} as const;
+
+/** INIT flags we ask for (when the kernel offers them). */
+export const Init = {
+  ASYNC_READ: 1 << 0,
+  ATOMIC_O_TRUNC: 1 << 3,
+  BIG_WRITES: 1 << 5,
+  PARALLEL_DIROPS: 1 << 18,
+  MAX_PAGES: 1 << 22,
+  CACHE_SYMLINKS: 1 << 23,
+} as const;
+
+/** open_flags of an open or create reply. */
+export const FOPEN_DIRECT_IO = 1 << 0;
+export const FOPEN_KEEP_CACHE = 1 << 1;
+
+/** setattr `valid` bits. */
+export const Fattr = {
+  MODE: 1 << 0,
+  UID: 1 << 1,
+  GID: 1 << 2,
+  SIZE: 1 << 3,
+  ATIME: 1 << 4,
+  MTIME: 1 << 5,
+  FH: 1 << 6,
+  ATIME_NOW: 1 << 7,
+  MTIME_NOW: 1 << 8,
+} as const;
+
+export const GETATTR_FH = 1 << 0;
+export const NOTIFY_INVAL_INODE = 2;
+export const NOTIFY_INVAL_ENTRY = 3;
+
+/** The protocol version we speak. */
+const MAJOR = 7;
+const MINOR = 31;
+/** Largest READ/WRITE payload: 256 pages. */
+export const MAX_IO = 1024 * 1024;
+const IN_HEADER = 40;
+const OUT_HEADER = 16;
+/** Size of `struct fuse_attr`. */
+export const ATTR_SIZE = 88;
+/** Size of `struct fuse_entry_out`. */
+export const ENTRY_SIZE = 40 + ATTR_SIZE;
+
+/** One request from the kernel; `body` is only valid until the handler returns (its buffer is reused). */
+export interface Request {
+  opcode: number;
+  unique: bigint;
+  nodeid: number;
+  uid: number;
+  gid: number;
+  pid: number;
+  body: Buffer;
+}
+
+/** Attributes as the kernel wants them. Times in ms since the epoch. */
+export interface KernelAttr {
+  ino: number;
+  size: number;
+  mode: number;
+  nlink: number;
+  uid: number;
+  gid: number;
+  atime: number;
+  mtime: number;
+  ctime: number;
+}
+
+/** Writes `struct fuse_attr` at `off`. */
+export function writeAttr(b: Buffer, off: number, a: KernelAttr): void {
+  b.writeBigUInt64LE(BigInt(a.ino), off);
+  b.writeBigUInt64LE(BigInt(a.size), off + 8);
+  b.writeBigUInt64LE(BigInt(Math.ceil(a.size / 512)), off + 16);
+  const t = (ms: number, at: number, nsAt: number) => {
+    const s = Math.floor(ms / 1000);
+    b.writeBigInt64LE(BigInt(s), off + at);
+    b.writeUInt32LE(Math.round((ms - s * 1000) * 1e6) % 1e9, off + nsAt);
+  };
+  t(a.atime, 24, 48);
+  t(a.mtime, 32, 52);
+  t(a.ctime, 40, 56);
+  b.writeUInt32LE(a.mode >>> 0, off + 60);
+  b.writeUInt32LE(a.nlink, off + 64);
+  b.writeUInt32LE(a.uid >>> 0, off + 68);
+  b.writeUInt32LE(a.gid >>> 0, off + 72);
+  b.writeUInt32LE(0, off + 76);
+  b.writeUInt32LE(MAX_IO, off + 80);
+  b.writeUInt32LE(0, off + 84);
+}
+
+/** Writes a cache timeout (seconds, may be fractional) as u64 seconds at `secAt` and u32 ns at `nsAt`. */
+export function writeTimeout(b: Buffer, seconds: number, secAt: number, nsAt: number): void {
+  const s = Math.floor(seconds);
+  b.writeBigUInt64LE(BigInt(s), secAt);
+  b.writeUInt32LE(Math.round((seconds - s) * 1e9), nsAt);
+}
+
+/** `struct fuse_entry_out`. */
+export function entryOut(nodeid: number, attr: KernelAttr, entryTimeout: number, attrTimeout: number): Buffer {
+  const b = Buffer.alloc(ENTRY_SIZE);
+  b.writeBigUInt64LE(BigInt(nodeid), 0);
+  writeTimeout(b, entryTimeout, 16, 32);
+  writeTimeout(b, attrTimeout, 24, 36);
+  writeAttr(b, 40, attr);
+  return b;
+}
+
+/** A negative entry: "no such name", cached for `timeout` seconds. */
+export function negativeEntryOut(timeout: number): Buffer {
+  const b = Buffer.alloc(ENTRY_SIZE);
+  writeTimeout(b, timeout, 16, 32);
+  return b;
+}
+
+/** `struct fuse_attr_out`. */
+export function attrOut(attr: KernelAttr, attrTimeout: number): Buffer {
+  const b = Buffer.alloc(16 + ATTR_SIZE);
+  writeTimeout(b, attrTimeout, 0, 8);
+  writeAttr(b, 16, attr);
+  return b;
+}
+
+/** `struct fuse_open_out`. */
+export function openOut(fh: number, flags: number): Buffer {
+  const b = Buffer.alloc(16);
+  b.writeBigUInt64LE(BigInt(fh), 0);
+  b.writeUInt32LE(flags, 8);
+  return b;
+}
+
+/** A u32 then padding: write_out, getxattr_out. */
+export function sizeOut(n: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeUInt32LE(n, 0);
+  return b;
+}
+
+/** Reads a NUL-terminated name at `off`; returns it and the offset after the NUL. */
+export function cstring(b: Buffer, off: number): [string, number] {
+  let end = b.indexOf(0, off);
+  if (end < 0) end = b.length;
+  return [b.toString("utf8", off, end), end + 1];
+}
+
+/** Reads a u64 as a number (node ids, handles and offsets stay far below 2^53). */
+export function u64(b: Buffer, off: number): number {
+  return b.readUInt32LE(off) + b.readUInt32LE(off + 4) * 0x1_0000_0000;
+}
+
+/** One `struct fuse_dirent` (d_off is the offset of the next entry). */
+export function direntSize(name: string): number {
+  return (24 + Buffer.byteLength(name) + 7) & ~7;
+}
+
+export function writeDirent(b: Buffer, off: number, ino: number, next: number, name: string, type: number): number {
+  const len = b.write(name, off + 24, "utf8");
+  b.writeBigUInt64LE(BigInt(ino), off);
+  b.writeBigUInt64LE(BigInt(next), off + 8);
+  b.writeUInt32LE(len, off + 16);
+  b.writeUInt32LE(type, off + 20);
+  const size = (24 + len + 7) & ~7;
+  b.fill(0, off + 24 + len, off + size);
+  return size;
+}
+
+/** What the device delivers to its owner. */
+export interface DeviceHandler {
+  /** Handles one request; must copy what it needs from `req.body` before returning. */
+  request(req: Request): void;
+}
+
+/** Options of `FuseDevice.mount`. */
+export interface DeviceMountOptions {
+  /** Shown as the source in /proc/mounts. */
+  fsname: string;
+  /** Device reads kept outstanding. Default 2. */
+  readers?: number;
+}
+
+/**
+ * An open /dev/fuse mounted at a directory. `start` begins serving; `closed` resolves when the
+ * kernel ends the session (unmount or abort).
+ */
+export class FuseDevice {
+  private ended = false;
+  private notifyChain: Promise<void> = Promise.resolve();
+  private running = 0;
+  private resolveClosed!: () => void;
+  /** Resolves when the session has ended and no read is outstanding. */
+  readonly closed = new Promise<void>((res) => (this.resolveClosed = res));
+
+  private constructor(
+    readonly fd: number,
+    readonly dir: string,
+    /** The connection's number in /sys/fs/fuse/connections (the mount's minor device), if found. */
+    readonly connection: number | undefined,
+  ) {}
+
+  /** Opens /dev/fuse and mounts it at `dir` (mount(8) with the device as fd 3). */
+  static async mount(dir: string, opts: DeviceMountOptions): Promise<FuseDevice> {
+    let fd: number;
+    try {
+      fd = fs.openSync("/dev/fuse", "r+");
+    } catch (err) {
+      throw VolumeError.IO("open /dev/fuse", err, { hint: "FUSE needs the fuse kernel module and /dev/fuse (run as root: bash scripts/setup.sh)" });
+    }
+    const uid = process.getuid?.() ?? 0;
+    const gid = process.getgid?.() ?? 0;
+    const options = [`fd=3`, `rootmode=40000`, `user_id=${uid}`, `group_id=${gid}`, "allow_other", `max_read=${MAX_IO}`].join(",");
+    const fsname = opts.fsname.replace(/[\s,\\]/g, "_");
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const child = spawn("mount", ["-i", "-t", "fuse.strata", "-o", options, fsname, dir], { stdio: ["ignore", "ignore", "pipe", fd] });
+        let stderr = "";
+        child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+        child.on("error", reject);
+        child.on("exit", (code) => (code === 0 ? resolve() : reject(new Error(stderr.trim() || `mount exited with ${code}`))));
+      });
+    } catch (err) {
+      fs.closeSync(fd);
+      throw VolumeError.IO(`mount ${dir}`, err, { hint: "mounting FUSE needs root (or CAP_SYS_ADMIN) and mount(8)" });
+    }
+    return new FuseDevice(fd, dir, await connectionOf(dir));
+  }
+
+  /** Starts `readers` outstanding reads, each with its own buffer, feeding `handler`. */
+  start(handler: DeviceHandler, readers = 2): void {
+    for (let i = 0; i < readers; i++) this.readLoop(handler, Buffer.allocUnsafe(MAX_IO + 4096));
+  }
+
+  private readLoop(handler: DeviceHandler, buf: Buffer): void {
+    this.running++;
+    const next = (): void => {
+      if (this.ended) return this.readerDone();
+      fs.read(this.fd, buf, 0, buf.length, null, (err, n) => {
+        if (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          // ENOENT: the request was interrupted before we read it; EINTR/EAGAIN: try again.
+          if (code === "ENOENT" || code === "EINTR" || code === "EAGAIN") return next();
+          this.ended = true; // ENODEV: unmounted or aborted
+          return this.readerDone();
+        }
+        if (n >= IN_HEADER) {
+          const req: Request = {
+            opcode: buf.readUInt32LE(4),
+            unique: buf.readBigUInt64LE(8),
+            nodeid: u64(buf, 16),
+            uid: buf.readUInt32LE(24),
+            gid: buf.readUInt32LE(28),
+            pid: buf.readUInt32LE(32),
+            body: buf.subarray(IN_HEADER, n),
+          };
+          try {
+            handler.request(req);
+          } catch (e) {
+            this.reply(req.unique, -E.EIO);
+            process.stderr.write(`strata fuse: request ${req.opcode}: ${(e as Error).message}\n`);
+          }
+        }
+        next();
+      });
+    };
+    next();
+  }
+
+  private readerDone(): void {
+    if (--this.running === 0) {
+      try {
+        fs.closeSync(this.fd);
+      } catch {
+        // already closed
+      }
+      this.resolveClosed();
+    }
+  }
+
+  /** True once the kernel ended the session. */
+  get isEnded(): boolean {
+    return this.ended;
+  }
+
+  /** Answers request `unique` with `error` (0 or a negative errno) and the payload parts. */
+  reply(unique: bigint, error: number, ...payload: Uint8Array[]): void {
+    if (this.ended) return;
+    let len = OUT_HEADER;
+    for (const p of payload) len += p.length;
+    const h = Buffer.allocUnsafe(OUT_HEADER);
+    h.writeUInt32LE(len, 0);
+    h.writeInt32LE(error, 4);
+    h.writeBigUInt64LE(unique, 8);
+    try {
+      if (payload.length === 0) fs.writeSync(this.fd, h);
+      else fs.writevSync(this.fd, [h, ...payload]);
+    } catch (err) {
+      // ENOENT: the request was interrupted meanwhile; ENODEV: the session ended.
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === "ENODEV") this.ended = true;
+      else if (code !== "ENOENT") throw err;
+    }
+  }
+
+  /** Sends a notification (e.g. an invalidation) after those queued before it. Never rejects. */
+  notify(code: number, ...payload: Uint8Array[]): Promise<void> {
+    const run = async () => {
+      if (this.ended) return;
+      let len = OUT_HEADER;
+      for (const p of payload) len += p.length;
+      const h = Buffer.alloc(OUT_HEADER);
+      h.writeUInt32LE(len, 0);
+      h.writeInt32LE(code, 4);
+      await new Promise<void>((res) => fs.writev(this.fd, [h, ...payload], () => res()));
+    };
+    this.notifyChain = this.notifyChain.then(run);
+    return this.notifyChain;
+  }
+
+  /** Detaches the mount (lazily: open files do not block it) and aborts the connection. */
+  async unmount(): Promise<void> {
+    await new Promise<void>((res) => spawn("umount", ["-l", this.dir], { stdio: "ignore" }).on("exit", () => res()).on("error", () => res()));
+    if (!this.ended && this.connection !== undefined) {
+      // Wakes the reads still blocked on the device (a lazily detached mount keeps the session
+      // alive while files are open in it).
+      try {
+        fs.writeFileSync(`/sys/fs/fuse/connections/${this.connection}/abort`, "1");
+      } catch {
+        // fusectl not mounted: the reads end when the last file is closed
+      }
+    }
+    this.ended = true;
+    await Promise.race([this.closed, new Promise((r) => setTimeout(r, 2000).unref())]);
+  }
+}
+
+/**
+ * The minor device number of the FUSE mount at `dir`, from /proc/self/mountinfo (never from a
+ * stat of the mount, which this process must not do synchronously while it serves it).
+ */
+async function connectionOf(dir: string): Promise<number | undefined> {
+  const text = await fs.promises.readFile("/proc/self/mountinfo", "utf8");
+  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
+  let found: number | undefined;
+  for (const line of text.split("\n")) {
+    const f = line.split(" ");
+    if (f.length > 4 && unescape(f[4]!) === dir && line.includes(" - fuse")) found = Number(f[2]!.split(":")[1]);
+  }
+  return found;
+}
