@@ -39,6 +39,15 @@ export function envList(env: Record<string, string> | undefined): string[] {
   return Object.entries(merged).map(([k, v]) => `${k}=${v}`);
 }
 
+/**
+ * The environment GPUs add for the NVIDIA user-space libraries in the image: which devices are
+ * visible, and which driver features. Empty without GPUs.
+ */
+export function gpuEnv(spec: Pick<SandboxSpec, "gpus">): Record<string, string> {
+  if (!spec.gpus?.uuids.length) return {};
+  return { NVIDIA_VISIBLE_DEVICES: spec.gpus.uuids.join(","), NVIDIA_DRIVER_CAPABILITIES: "compute,utility" };
+}
+
 /** The OCI runtime config (config.json) for one sandbox. Throws INVALID_SPEC on bad paths or limits. */
 export function bundleConfig(spec: SandboxSpec, opts: BundleOptions): Record<string, unknown> {
   if (!isAbsolute(spec.rootfs)) throw AgentError.INVALID_SPEC("rootfs", "must be an absolute path");
@@ -80,7 +89,7 @@ export function bundleConfig(spec: SandboxSpec, opts: BundleOptions): Record<str
       terminal: false,
       user: { uid: opts.uid, gid: opts.gid },
       args: opts.init ?? ["sleep", "infinity"],
-      env: envList(spec.env),
+      env: envList({ ...gpuEnv(spec), ...spec.env }),
       cwd: workdir,
       capabilities: { bounding: CAPS, effective: CAPS, permitted: CAPS },
       rlimits: [{ type: "RLIMIT_NOFILE", hard: 1048576, soft: 1048576 }],
@@ -89,7 +98,13 @@ export function bundleConfig(spec: SandboxSpec, opts: BundleOptions): Record<str
     root: { path: spec.rootfs, readonly: false },
     hostname: "sandbox",
     mounts,
-    linux: { cgroupsPath: opts.cgroupsPath, resources, namespaces },
+    linux: {
+      cgroupsPath: opts.cgroupsPath, resources, namespaces,
+      // nvproxy (runsc --nvproxy) serves the GPUs whose nodes are listed here; /dev/nvidiactl among them turns it on.
+      ...(spec.gpus?.devices.length
+        ? { devices: spec.gpus.devices.map((d) => ({ path: d.path, type: "c", major: d.major, minor: d.minor, fileMode: 0o666, uid: 0, gid: 0 })) }
+        : {}),
+    },
   };
 }
 

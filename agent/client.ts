@@ -12,13 +12,19 @@ import * as protoLoader from "@grpc/proto-loader";
 import { StrataError } from "../metadata/index.js";
 import { AgentError, type AgentErrorCode } from "./errors.js";
 import type { ImageSpec } from "./image.js";
-import type { ExecOptions, ExecProcess, ExecResult, SandboxExit } from "./runtime.js";
+import type { ExecOptions, ExecProcess, ExecResult, NetworkSpec, SandboxExit } from "./runtime.js";
 
 /** A GPU request: a product type (e.g. "a100") and how many. */
 export interface GpuRequest {
   type: string;
   /** At least 1. */
   count: number;
+}
+
+/** GPUs a sandbox was given. */
+export interface SandboxGpu extends GpuRequest {
+  /** The devices it holds, in index order (empty once it stopped and released them). */
+  devices: { index: number; uuid: string; name: string }[];
 }
 
 /** A volume to mount into a new sandbox. */
@@ -45,7 +51,10 @@ export interface CreateSandboxRequest {
   cpu?: number;
   /** Memory limit in bytes. Default unlimited. */
   memoryBytes?: number;
-  /** GPUs; fails NO_GPU when the node has none of that type. */
+  /**
+   * GPUs, whole devices of one type (matched as agent/gpu.ts says); fails NO_GPU when the node
+   * has fewer of that type, GPU_UNAVAILABLE when other sandboxes hold them.
+   */
   gpu?: GpuRequest;
   /** Milliseconds after start at which the sandbox is stopped (and its volumes synced). */
   lifetimeMs?: number;
@@ -59,6 +68,8 @@ export interface CreateSandboxRequest {
   runId?: string;
   /** Free-form labels, returned by `list`. */
   labels?: Record<string, string>;
+  /** Default `{ mode: "none" }` (loopback only); `{ mode: "egress", allow }` for an allow-listed way out. */
+  network?: NetworkSpec;
 }
 
 /** A volume as mounted in a sandbox. */
@@ -83,12 +94,15 @@ export interface SandboxRecord {
   cpu: number | null;
   /** Memory limit in bytes, or null for unlimited. */
   memoryBytes: number | null;
-  gpu: GpuRequest | null;
+  /** The GPUs it asked for and holds; null without. */
+  gpu: SandboxGpu | null;
   volumes: SandboxVolume[];
   /** Milliseconds since the epoch. */
   startedAt: number;
   runId: string;
   labels: Record<string, string>;
+  /** Its network: `{ mode: "none" }` or the egress allow-list as resolved. */
+  network: NetworkSpec;
   /** Set once it stopped. */
   exit?: SandboxExit;
 }
@@ -162,7 +176,7 @@ export function toWireError(err: unknown): WireError {
 
 /** Rebuilds an error from its wire form: an AgentError for agent codes, else a StrataError with the same code. */
 export function fromWireError(w: WireError): StrataError {
-  const agentCodes: AgentErrorCode[] = ["INVALID_SPEC", "NOT_FOUND", "ALREADY_EXISTS", "NOT_RUNNING", "RUNTIME", "NETWORK", "IMAGE_NOT_FOUND", "IMAGE_STEP_FAILED", "DOCKERFILE", "IO", "NO_GPU", "AGENT_UNAVAILABLE"];
+  const agentCodes: AgentErrorCode[] = ["INVALID_SPEC", "NOT_FOUND", "ALREADY_EXISTS", "NOT_RUNNING", "RUNTIME", "NETWORK", "IMAGE_NOT_FOUND", "IMAGE_STEP_FAILED", "DOCKERFILE", "IO", "NO_GPU", "GPU_UNAVAILABLE", "AGENT_UNAVAILABLE"];
   if ((agentCodes as string[]).includes(w.code)) return new AgentError(w.code as AgentErrorCode, w.message, { hint: w.hint });
   return new StrataError(w.code, w.message, { hint: w.hint });
 }
@@ -198,18 +212,18 @@ export function recordToWire(r: SandboxRecord): WireRecord {
   return {
     id: r.id, node: r.node, state: r.state, image: r.image, cpu: r.cpu ?? 0, memoryBytes: r.memoryBytes ?? 0,
     gpu: r.gpu ?? undefined, startedAt: r.startedAt, exitReason: r.exit?.reason ?? "", oom: r.exit?.oom ?? false,
-    runId: r.runId, labels: r.labels,
+    runId: r.runId, labels: r.labels, network: networkToWire(r.network),
     volumes: r.volumes.map((v) => ({ name: v.name, path: v.path, readOnly: v.readOnly, at: v.at ?? "", forkedFrom: v.forkedFrom ?? "" })),
   };
 }
 
 /** A SandboxRecord from the proto's shape. */
 export function recordFromWire(w: WireRecord): SandboxRecord {
-  const g = w.gpu as { type: string; count: number } | null | undefined;
+  const g = w.gpu as { type: string; count: number; devices?: { index: number; uuid: string; name: string }[] } | null | undefined;
   const rec: SandboxRecord = {
     id: w.id as string, node: w.node as string, state: w.state as SandboxRecord["state"], image: w.image as string,
     cpu: (w.cpu as number) || null, memoryBytes: (w.memoryBytes as number) || null,
-    gpu: g && g.type ? { type: g.type, count: g.count } : null,
+    gpu: g && g.type ? { type: g.type, count: g.count, devices: (g.devices ?? []).map((d) => ({ index: d.index, uuid: d.uuid, name: d.name })) } : null,
     volumes: ((w.volumes as Record<string, unknown>[]) ?? []).map((v) => {
       const out: SandboxVolume = { name: v.name as string, path: v.path as string, readOnly: v.readOnly as boolean };
       if (v.at) out.at = v.at as string;
@@ -217,9 +231,21 @@ export function recordFromWire(w: WireRecord): SandboxRecord {
       return out;
     }),
     startedAt: w.startedAt as number, runId: w.runId as string, labels: { ...(w.labels as Record<string, string>) },
+    network: networkFromWire(w.network),
   };
   if (w.exitReason) rec.exit = { reason: w.exitReason as SandboxExit["reason"], oom: w.oom as boolean };
   return rec;
+}
+
+/** Wire form of a network spec. */
+export function networkToWire(n: NetworkSpec | undefined): { mode: string; allow: string[] } {
+  return n?.mode === "egress" ? { mode: "egress", allow: [...n.allow] } : { mode: "none", allow: [] };
+}
+
+/** A network spec from its wire form (absent or empty mode: none). */
+export function networkFromWire(w: unknown): NetworkSpec {
+  const n = w as { mode?: string; allow?: string[] } | null | undefined;
+  return n?.mode === "egress" ? { mode: "egress", allow: [...(n.allow ?? [])] } : { mode: "none" };
 }
 
 /** Wire form of volume sync results. */
@@ -295,7 +321,7 @@ export class GrpcAgentClient implements AgentClient {
     const w = await this.call<WireRecord>("create", {
       imageSpecJson: JSON.stringify(req.image), id: req.id ?? "", cpu: req.cpu ?? 0, memoryBytes: req.memoryBytes ?? 0,
       gpu: req.gpu, lifetimeMs: req.lifetimeMs ?? 0, env: req.env ?? {}, runId: req.runId ?? "", labels: req.labels ?? {},
-      workdir: req.workdir ?? "",
+      workdir: req.workdir ?? "", network: networkToWire(req.network),
       volumes: (req.volumes ?? []).map((v) => ({ name: v.name, path: v.path, readOnly: !!v.readOnly, at: v.at ?? "", forkFrom: v.forkFrom ?? "" })),
     });
     return recordFromWire(w);

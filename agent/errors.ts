@@ -13,6 +13,7 @@ export type AgentErrorCode =
   | "DOCKERFILE"
   | "IO"
   | "NO_GPU"
+  | "GPU_UNAVAILABLE"
   | "AGENT_UNAVAILABLE";
 
 /** Errors of the node agent: sandboxes under runsc, their network, and image builds. */
@@ -85,11 +86,20 @@ export class AgentError extends StrataError {
   static IO(op: string, cause: unknown, ctx: StrataErrorContext = {}): AgentError {
     return new AgentError("IO", `${op}: ${causeText(cause)}`, { op, cause, ...ctx });
   }
-  /** A sandbox asked for GPUs that no node (here: this node) has. */
-  static NO_GPU(type: string, count: number): AgentError {
-    return new AgentError("NO_GPU", `create sandbox: no node has gpu ${type}${count > 1 ? ` x${count}` : ""}`, {
+  /** A sandbox asked for more GPUs of a type than this node has at all; `has` says what it has ("2 x a100", "none"). */
+  static NO_GPU(type: string, count: number, has: string): AgentError {
+    return new AgentError("NO_GPU", `create sandbox: this node has no gpu ${type}${count > 1 ? ` x${count}` : ""} (it has ${has})`, {
       op: "create sandbox",
-      hint: "run without --gpu, or on a node whose agent registered that gpu type",
+      hint: "run without --gpu, ask for a type and count the node has, or run on a node with that gpu",
+      details: { type, count, has },
+    });
+  }
+  /** The node has enough GPUs of the type, but other sandboxes hold them. */
+  static GPU_UNAVAILABLE(type: string, count: number, free: number, total: number): AgentError {
+    return new AgentError("GPU_UNAVAILABLE", `create sandbox: gpu ${type} x${count} busy (${free} of ${total} free)`, {
+      op: "create sandbox",
+      hint: "stop a sandbox that holds one (strata sandbox ls), or try again later",
+      details: { type, count, free, total },
     });
   }
   /** No node agent answers at `address`, and none could be started. */

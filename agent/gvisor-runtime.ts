@@ -10,16 +10,19 @@
  * Every runsc command of one sandbox gets the same global flags (runsc re-reads them each time).
  * A sandbox is "running" from `create` until `stop`, its lifetime, OOM or its init dying; after
  * that, `runsc delete`, network teardown and removal of the bundle run in the background.
+ * Sandboxes outlive this object's process (runsc detaches them): `state()` describes one as JSON,
+ * and a later GvisorRuntime on the same `stateDir` takes it over with `adopt()` (it asks
+ * `runsc state` whether it still runs) or removes its remains with `discard()`.
  */
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { constants as osConstants } from "node:os";
 import { join, resolve } from "node:path";
-import { bundleConfig, envList, resolveUser } from "./bundle.js";
+import { bundleConfig, envList, gpuEnv, resolveUser } from "./bundle.js";
 import { AgentError } from "./errors.js";
 import { commandError, runCommand } from "./exec-util.js";
-import { setupEgress, type EgressNetwork } from "./network.js";
+import { findEgress, setupEgress, teardownEgress, type EgressNetwork } from "./network.js";
 import type {
   ExecOptions,
   ExecProcess,
@@ -29,6 +32,7 @@ import type {
   SandboxHandle,
   SandboxInfo,
   SandboxSpec,
+  SandboxState,
   StopOptions,
   StopReason,
 } from "./runtime.js";
@@ -95,13 +99,14 @@ export class GvisorRuntime implements Runtime {
   }
 
   /** The runsc argv prefix (binary and global flags) that every command of a sandbox with `spec` uses. */
-  runscArgv(spec: Pick<SandboxSpec, "network">): string[] {
+  runscArgv(spec: Pick<SandboxSpec, "network" | "gpus">): string[] {
     const overlay = this.opts.overlay === "memory" ? "root:memory" : `root:${resolve(this.opts.overlay)}`;
     return [
       this.opts.runsc,
       `--root=${join(this.opts.stateDir, "runsc")}`,
       `--overlay2=${overlay}`,
       `--network=${spec.network?.mode === "egress" ? "sandbox" : "none"}`,
+      ...(spec.gpus?.devices.length ? ["--nvproxy"] : []),
       ...this.opts.runscFlags,
     ];
   }
@@ -161,7 +166,7 @@ export class GvisorRuntime implements Runtime {
   exec(id: string, opts: ExecOptions): ExecProcess {
     const sb = this.running(id, "exec in sandbox");
     if (!opts.argv.length) throw AgentError.INVALID_SPEC("exec argv", "must not be empty");
-    const env = envList({ ...sb.spec.env, ...opts.env });
+    const env = envList({ ...gpuEnv(sb.spec), ...sb.spec.env, ...opts.env });
     const user = opts.user ?? `${sb.uid}:${sb.gid}`;
     const pidFile = join(sb.bundle, `exec-${++this.execSeq}.pid`);
     const argv = [
@@ -254,6 +259,74 @@ export class GvisorRuntime implements Runtime {
     this.watcher = undefined;
   }
 
+  async state(id: string): Promise<SandboxState> {
+    const sb = this.sandboxes.get(id);
+    if (!sb) throw AgentError.NOT_FOUND(id, "describe sandbox");
+    return {
+      id: sb.id, spec: sb.spec, flags: sb.flags, bundle: sb.bundle, cgroup: sb.cgroup, pid: sb.pid, uid: sb.uid, gid: sb.gid,
+      startedAt: sb.startedAt, deadline: sb.spec.lifetimeMs !== undefined ? sb.startedAt + sb.spec.lifetimeMs : null,
+      ...(sb.net ? { allowed: sb.net.allowed } : {}),
+    };
+  }
+
+  async adopt(state: SandboxState): Promise<SandboxHandle | null> {
+    if (this.closed) throw AgentError.RUNTIME("adopt sandbox", new Error("runtime is closed"));
+    const { id, spec } = state;
+    if (!ID_RE.test(id) || !spec || typeof spec.rootfs !== "string") throw AgentError.INVALID_SPEC(`state of sandbox ${JSON.stringify(id)}`, "needs a valid id and spec");
+    if (this.sandboxes.has(id)) throw AgentError.ALREADY_EXISTS(id);
+    const flags = this.stateFlags(state);
+    const r = await runCommand([...flags, "state", id]).catch(() => undefined);
+    let status = "";
+    let pid = 0;
+    try {
+      const j = JSON.parse(r?.code === 0 ? r.stdout.toString() : "{}") as { status?: string; pid?: number };
+      status = j.status ?? "";
+      pid = j.pid ?? 0;
+    } catch {
+      status = "";
+    }
+    if (status !== "running" || !(pid > 0)) {
+      await this.discard(state);
+      return null;
+    }
+    let resolveExit!: (e: SandboxExit) => void;
+    const exited = new Promise<SandboxExit>((res) => (resolveExit = res));
+    const { uid, gid } = typeof state.uid === "number" && typeof state.gid === "number"
+      ? { uid: state.uid, gid: state.gid }
+      : await resolveUser(spec.rootfs, spec.user).catch(() => ({ uid: 0, gid: 0 }));
+    const sb: Sandbox = {
+      id, spec, flags, pid, uid, gid, resolveExit, exited,
+      bundle: join(this.opts.stateDir, "bundles", id),
+      cgroup: typeof state.cgroup === "string" ? state.cgroup : `${this.opts.cgroupParent.replace(/\/$/, "")}/${id}`,
+      startedAt: typeof state.startedAt === "number" ? state.startedAt : Date.now(),
+      labels: { ...spec.labels },
+    };
+    if (spec.network?.mode === "egress") sb.net = await findEgress(id, Array.isArray(state.allowed) ? (state.allowed as string[]) : spec.network.allow);
+    this.sandboxes.set(id, sb);
+    if (spec.lifetimeMs !== undefined) {
+      const left = sb.startedAt + spec.lifetimeMs - Date.now();
+      sb.lifetime = setTimeout(() => void this.halt(sb, "lifetime", 0), Math.max(0, left));
+      sb.lifetime.unref();
+    }
+    this.ensureWatcher();
+    return { ...this.describe(sb), exited };
+  }
+
+  async discard(state: SandboxState): Promise<void> {
+    if (!ID_RE.test(state.id)) return;
+    const flags = this.stateFlags(state);
+    await runCommand([...flags, "kill", "--all", state.id, "SIGKILL"]).catch(() => undefined);
+    await runCommand([...flags, "delete", "--force", state.id]).catch(() => undefined);
+    await teardownEgress(state.id);
+    await rm(join(this.opts.stateDir, "bundles", state.id), { recursive: true, force: true }).catch(() => undefined);
+  }
+
+  /** The runsc flags a sandbox from an earlier process was started with (the stored ones, else derived from its spec). */
+  private stateFlags(state: SandboxState): string[] {
+    const stored = state.flags;
+    return Array.isArray(stored) && stored.every((f) => typeof f === "string") && stored.length ? (stored as string[]) : this.runscArgv(state.spec ?? {});
+  }
+
   private running(id: string, op: string): Sandbox {
     const sb = this.sandboxes.get(id);
     if (!sb) throw AgentError.NOT_FOUND(id, op);
@@ -275,9 +348,13 @@ export class GvisorRuntime implements Runtime {
         const err: Buffer[] = [];
         child.stderr!.on("data", (b: Buffer) => err.push(b));
         child.on("error", rej);
-        child.on("exit", (c) => {
+        // "exit", not "close": `run --detach` leaves the sandbox holding stdio open. On failure, wait
+        // for stderr's end, which may already have come (then there is no later "close" to wait for).
+        child.on("exit", (c, signal) => {
           if (c === 0) return res(0);
-          child.stderr!.on("close", () => rej(AgentError.RUNTIME(`${op} ${JSON.stringify(sb.id)}`, new Error(Buffer.concat(err).toString().trim()))));
+          const fail = () => rej(AgentError.RUNTIME(`${op} ${JSON.stringify(sb.id)}`, new Error(Buffer.concat(err).toString().trim() || `runsc exited with ${c ?? signal}`)));
+          if (child.stderr!.readableEnded || child.stderr!.destroyed) fail();
+          else child.stderr!.once("close", fail);
         });
       });
       return Buffer.alloc(code ?? 0);

@@ -16,11 +16,14 @@
  * await rt.close();
  * ```
  *
- * The node agent service (`strata agent`) wraps these: `AgentService` owns sandboxes and the FUSE
- * mounts of their volumes, `serveAgent` serves it over gRPC, `GrpcAgentClient` talks to it:
+ * The node agent service (`strata agent`) wraps these: `AgentService` owns sandboxes, the FUSE
+ * mounts of their volumes and the node's GPUs (`GpuInventory`), keeps durable records of them
+ * (`SandboxStore`) so that a restarted agent adopts or cleans up what a killed one left
+ * (`recover()`), `serveAgent` serves it over gRPC, `GrpcAgentClient` talks to it:
  *
  * ```ts
  * const agent = new AgentService({ runtime: rt, images, repo, stateDir: "/run/strata", stagingRoot });
+ * await agent.recover();     // adopt or clean up what an earlier agent process left
  * const server = await serveAgent(agent, "/run/strata/agent.sock");
  * const client = await GrpcAgentClient.connect("/run/strata/agent.sock");
  * const sb = await client.create({ image: { base: { kind: "debian-slim" }, steps: [] }, volumes: [{ name: "data", path: "/data" }] });
@@ -32,9 +35,11 @@
 export * from "./errors.js";
 export * from "./runtime.js";
 export { GvisorRuntime, type GvisorRuntimeOptions } from "./gvisor-runtime.js";
-export { bundleConfig, resolveUser, DEFAULT_PATH, type BundleOptions } from "./bundle.js";
+export { bundleConfig, gpuEnv, resolveUser, DEFAULT_PATH, type BundleOptions } from "./bundle.js";
+export * from "./gpu.js";
 export * from "./image.js";
 export * from "./dockerfile.js";
-export { setupEgress, EGRESS_SUBNET, type EgressNetwork } from "./network.js";
+export { setupEgress, teardownEgress, egressNames, EGRESS_SUBNET, type EgressNetwork } from "./network.js";
 export * from "./client.js";
-export { AgentService, serveAgent, type AgentServiceOptions, type AgentServer } from "./server.js";
+export { AgentService, serveAgent, type AgentServiceOptions, type AgentServer, type RecoveryReport } from "./server.js";
+export * from "./sandbox-store.js";

@@ -8,8 +8,11 @@
  * - on the host: veth `sv<8 hex of sha256(id)>` = 4N + 1 /30.
  * - nftables, table `inet strata`: chains `forward` and `input` dispatch on the veth's name
  *   (`iifname vmap @sandboxes`) to the sandbox's own chain `sb_<hex>`, which accepts only the
- *   allow-listed destinations and drops the rest (the host itself included); table `ip strata_nat`
- *   masquerades 10.213.0.0/16 leaving through any other interface.
+ *   allow-listed destinations (an address or CIDR, optionally one TCP/UDP port) and drops the rest
+ *   (the host itself included); table `ip strata_nat` masquerades 10.213.0.0/16 leaving through
+ *   any other interface.
+ * Every name derives from the sandbox id alone (`egressNames`), so a later agent process can tear
+ * down what a killed one set up (`teardownEgress`) without any record of the address.
  * Invariant: an interface listed in the vmap always has its chain; teardown removes the element
  * before the chain. Needs root, iproute2, nftables; sets net.ipv4.ip_forward=1 on the host.
  */
@@ -34,7 +37,7 @@ export interface EgressNetwork {
   hostIp: string;
   /** The sandbox's address. */
   sandboxIp: string;
-  /** The resolved allow-list, as IPv4 addresses or CIDRs. */
+  /** The resolved allow-list: IPv4 addresses or CIDRs, each optionally with ":PORT". */
   allowed: string[];
   /** Removes the filter, the veth and the namespace. Idempotent; never rejects. */
   teardown(): Promise<void>;
@@ -48,25 +51,51 @@ function addr(n: number, host: number): string {
   return `10.213.${(v >> 8) & 255}.${v & 255}`;
 }
 
-async function resolveAllow(allow: string[]): Promise<string[]> {
-  const out: string[] = [];
+interface AllowRule {
+  /** An IPv4 address or CIDR. */
+  dest: string;
+  /** Only this TCP/UDP port; undefined: every protocol and port. */
+  port?: number;
+}
+
+function ruleText(r: AllowRule): string {
+  return r.port === undefined ? r.dest : `${r.dest}:${r.port}`;
+}
+
+/**
+ * Parses and resolves an allow-list: entries "ADDR", "ADDR/BITS", "HOST", each optionally
+ * followed by ":PORT". Host names are resolved now (IPv4 only). Fails INVALID_SPEC or NETWORK.
+ */
+async function resolveAllow(allow: string[]): Promise<AllowRule[]> {
+  const out = new Map<string, AllowRule>();
   for (const a of allow) {
-    const [host, bits] = a.split("/", 2) as [string, string | undefined];
+    if (typeof a !== "string") throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not a string");
+    if (a.split(":").length > 2) throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "IPv6 is not supported");
+    const [target, portText] = a.split(":", 2) as [string, string | undefined];
+    let port: number | undefined;
+    if (portText !== undefined) {
+      port = Number(portText);
+      if (!/^\d+$/.test(portText) || port < 1 || port > 65535) throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "port must be 1-65535");
+    }
+    const [host, bits] = target.split("/", 2) as [string, string | undefined];
+    const dests: string[] = [];
     if (isIP(host) === 4) {
       if (bits !== undefined && !(/^\d+$/.test(bits) && Number(bits) <= 32)) throw AgentError.INVALID_SPEC(`network allow ${a}`, "bad prefix length");
-      out.push(a);
-    } else if (isIP(host) === 6) {
-      throw AgentError.INVALID_SPEC(`network allow ${a}`, "IPv6 is not supported");
-    } else if (bits === undefined && /^[a-z0-9.-]+$/i.test(host)) {
+      dests.push(target);
+    } else if (bits === undefined && /^[a-z0-9.-]+$/i.test(host) && !/^[\d.]+$/.test(host)) {
       const found = await lookup(host, { family: 4, all: true }).catch((e) => {
         throw AgentError.NETWORK(`resolve ${host}`, e);
       });
-      for (const f of found) out.push(f.address);
+      for (const f of found) dests.push(f.address);
     } else {
-      throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not an IPv4 address, CIDR or host name");
+      throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not an IPv4 address, CIDR or host name (each optionally with :PORT)");
+    }
+    for (const dest of dests) {
+      const r: AllowRule = port === undefined ? { dest } : { dest, port };
+      out.set(ruleText(r), r);
     }
   }
-  return [...new Set(out)];
+  return [...out.values()];
 }
 
 async function ensureBase(): Promise<void> {
@@ -104,36 +133,32 @@ async function takenIndexes(): Promise<Set<number>> {
 
 /**
  * Creates the namespace, veth, addresses, route and filter for sandbox `id`, allowing only
- * `allow` (IPv4 addresses, CIDRs, or host names resolved now). Fails INVALID_SPEC or NETWORK;
+ * `allow` (IPv4 addresses, CIDRs, or host names resolved now; each optionally ":PORT", which
+ * then allows only that TCP/UDP port). Fails INVALID_SPEC or NETWORK;
  * on failure nothing is left behind.
  */
 export async function setupEgress(id: string, allow: string[]): Promise<EgressNetwork> {
-  const allowed = await resolveAllow(allow);
+  const rules = await resolveAllow(allow);
   try {
     await ensureBase();
   } catch (e) {
     throw AgentError.NETWORK("set up host network filter", e);
   }
-  const tag = createHash("sha256").update(id).digest("hex").slice(0, 8);
+  const names = egressNames(id);
   const taken = await takenIndexes();
   let n = 0;
   while (used.has(n) || taken.has(n)) n++;
   if (n >= 16384) throw AgentError.NETWORK("allocate sandbox address", new Error(`no free /30 left in ${EGRESS_SUBNET}`));
   used.add(n);
   const net: EgressNetwork = {
-    netns: `strata-${id}`,
-    netnsPath: `/var/run/netns/strata-${id}`,
-    hostIf: `sv${tag}`,
+    netns: names.netns,
+    netnsPath: names.netnsPath,
+    hostIf: names.hostIf,
     hostIp: addr(n, 1),
     sandboxIp: addr(n, 2),
-    allowed,
+    allowed: rules.map(ruleText),
     teardown: async () => {
-      await runCommand(["nft", "-f", "-"], {
-        input: `delete element inet strata sandboxes { "sv${tag}" }\n`,
-      });
-      await runCommand(["nft", "-f", "-"], { input: `flush chain inet strata sb_${tag}\ndelete chain inet strata sb_${tag}\n` });
-      await runCommand(["ip", "link", "del", `sv${tag}`]);
-      await runCommand(["ip", "netns", "del", `strata-${id}`]);
+      await teardownEgress(id);
       used.delete(n);
     },
   };
@@ -146,17 +171,57 @@ export async function setupEgress(id: string, allow: string[]): Promise<EgressNe
     await mustRun(["ip", "-n", net.netns, "link", "set", "eth0", "up"]);
     await mustRun(["ip", "-n", net.netns, "link", "set", "lo", "up"]);
     await mustRun(["ip", "-n", net.netns, "route", "add", "default", "via", net.hostIp]);
-    const accept = allowed.length ? `  ip daddr { ${allowed.join(", ")} } accept\n` : "";
+    const accept = rules
+      .map((r) => (r.port === undefined ? `  ip daddr ${r.dest} accept\n` : `  ip daddr ${r.dest} meta l4proto { tcp, udp } th dport ${r.port} accept\n`))
+      .join("");
     await mustRun(["nft", "-f", "-"], {
       input:
-        `add chain inet strata sb_${tag}\n` +
-        `flush chain inet strata sb_${tag}\n` +
-        `table inet strata {\n chain sb_${tag} {\n${accept}  drop\n }\n}\n` +
-        `add element inet strata sandboxes { "${net.hostIf}" : jump sb_${tag} }\n`,
+        `add chain inet strata ${names.chain}\n` +
+        `flush chain inet strata ${names.chain}\n` +
+        `table inet strata {\n chain ${names.chain} {\n${accept}  drop\n }\n}\n` +
+        `add element inet strata sandboxes { "${net.hostIf}" : jump ${names.chain} }\n`,
     });
   } catch (e) {
     await net.teardown();
     throw AgentError.NETWORK(`set up network of sandbox ${JSON.stringify(id)}`, e);
   }
   return net;
+}
+
+/** The names of a sandbox's network pieces; they depend on its id only. */
+export function egressNames(id: string): { netns: string; netnsPath: string; hostIf: string; chain: string } {
+  const tag = createHash("sha256").update(id).digest("hex").slice(0, 8);
+  return { netns: `strata-${id}`, netnsPath: `/var/run/netns/strata-${id}`, hostIf: `sv${tag}`, chain: `sb_${tag}` };
+}
+
+/**
+ * Removes the filter element and chain, the veth and the namespace of sandbox `id`, whichever
+ * exist, also when another (killed) process set them up. Idempotent; never rejects.
+ */
+export async function teardownEgress(id: string): Promise<void> {
+  const names = egressNames(id);
+  await runCommand(["nft", "-f", "-"], { input: `delete element inet strata sandboxes { "${names.hostIf}" }\n` }).catch(() => undefined);
+  await runCommand(["nft", "-f", "-"], { input: `flush chain inet strata ${names.chain}\ndelete chain inet strata ${names.chain}\n` }).catch(() => undefined);
+  await runCommand(["ip", "link", "del", names.hostIf]).catch(() => undefined);
+  await runCommand(["ip", "netns", "del", names.netns]).catch(() => undefined);
+}
+
+/**
+ * The network of a sandbox set up by an earlier process, when its namespace still exists: its
+ * addresses are read back from the host veth. Undefined when there is none.
+ */
+export async function findEgress(id: string, allowed: string[] = []): Promise<EgressNetwork | undefined> {
+  const names = egressNames(id);
+  const r = await runCommand(["ip", "-4", "-o", "addr", "show", "dev", names.hostIf]).catch(() => undefined);
+  const m = r && r.code === 0 ? /inet (10\.213\.(\d+)\.(\d+))\//.exec(r.stdout.toString()) : null;
+  if (!m) return undefined;
+  const n = ((Number(m[2]) << 8) + Number(m[3])) >> 2;
+  used.add(n);
+  return {
+    netns: names.netns, netnsPath: names.netnsPath, hostIf: names.hostIf, hostIp: addr(n, 1), sandboxIp: addr(n, 2), allowed,
+    teardown: async () => {
+      await teardownEgress(id);
+      used.delete(n);
+    },
+  };
 }

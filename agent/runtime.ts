@@ -11,7 +11,8 @@ export type NetworkSpec =
   | { mode: "none" }
   /**
    * Outbound traffic only to `allow`: IPv4 addresses, CIDRs ("10.0.0.0/8") or host names, which
-   * are resolved once, at create time. Everything else, including the host itself, is dropped.
+   * are resolved once, at create time, each optionally with ":PORT" (then only that TCP/UDP
+   * port). Everything else, including the host itself, is dropped.
    */
   | { mode: "egress"; allow: string[] };
 
@@ -23,6 +24,22 @@ export interface MountSpec {
   destination: string;
   /** True: writes fail with EROFS inside the sandbox. Default false. */
   readOnly?: boolean;
+}
+
+/** A character device node as the OCI spec's `linux.devices` wants it. */
+export interface DeviceNode {
+  /** Absolute path, the same on the host and in the sandbox (e.g. /dev/nvidia0). */
+  path: string;
+  major: number;
+  minor: number;
+}
+
+/** GPUs given to a sandbox (whole devices, through gVisor's nvproxy). */
+export interface SandboxGpus {
+  /** The GPUs' UUIDs, in index order: the sandbox's NVIDIA_VISIBLE_DEVICES. */
+  uuids: string[];
+  /** Device nodes to create in the sandbox: each GPU's /dev/nvidiaN plus the driver's control nodes. */
+  devices: DeviceNode[];
 }
 
 /** Everything needed to start one sandbox; JSON-serialisable. */
@@ -47,14 +64,31 @@ export interface SandboxSpec {
   lifetimeMs?: number;
   /** Default `{ mode: "none" }`. */
   network?: NetworkSpec;
+  /** GPUs; runsc then runs with `--nvproxy`. Default none. */
+  gpus?: SandboxGpus;
   /** Bind mounts, in order. */
   mounts?: MountSpec[];
   /** Free-form labels, returned by `list()`. */
   labels?: Record<string, string>;
 }
 
-/** Why a sandbox stopped running. */
-export type StopReason = "stopped" | "lifetime" | "oom" | "exited";
+/**
+ * Why a sandbox stopped running: asked to, its lifetime ended, killed for memory, its init died,
+ * or stopped by a restarted agent because what it depended on (its volumes' FUSE mounts, served
+ * by the previous agent process) died with that process.
+ */
+export type StopReason = "stopped" | "lifetime" | "oom" | "exited" | "agent_restart";
+
+/**
+ * What a runtime needs to find one of its sandboxes again from another process (JSON; the
+ * agent stores it). `{ id, spec }` alone is a valid state: the runtime derives the rest.
+ */
+export interface SandboxState {
+  id: string;
+  spec: SandboxSpec;
+  /** Anything else the runtime keeps (pid, bundle, start time…). */
+  [key: string]: unknown;
+}
 
 /** How a sandbox ended; `oom` is true when the host killed it for exceeding `memoryBytes`. */
 export interface SandboxExit {
@@ -145,4 +179,15 @@ export interface Runtime {
   readFile(id: string, path: string): Promise<Buffer>;
   /** Stops every sandbox and waits for all background cleanup to finish. Idempotent. */
   close(): Promise<void>;
+  /** The durable state of a sandbox it runs, for `adopt`/`discard` in a later process; NOT_FOUND if unknown. */
+  state(id: string): Promise<SandboxState>;
+  /**
+   * Takes over a sandbox that an earlier process (of the same runtime configuration) started:
+   * when it still runs, it becomes this runtime's (exec, stop, list; its lifetime still counts
+   * from its start) and its handle is returned; when it no longer runs, what is left of it is
+   * removed and null returned. Fails ALREADY_EXISTS when this runtime already has the id.
+   */
+  adopt(state: SandboxState): Promise<SandboxHandle | null>;
+  /** Kills a sandbox an earlier process started (if it still runs) and removes what is left of it. Idempotent; never rejects. */
+  discard(state: SandboxState): Promise<void>;
 }

@@ -1,42 +1,59 @@
 /**
- * The node agent: `AgentService` owns this node's sandboxes and the FUSE mounts of their volumes
- * (a mount needs a live serving process, so the agent is a long-lived one), and `serveAgent`
- * exposes any `AgentClient` over gRPC (proto/agent.proto).
+ * The node agent: `AgentService` owns this node's sandboxes, the FUSE mounts of their volumes
+ * (a mount needs a live serving process, so the agent is a long-lived one) and its GPUs, and
+ * `serveAgent` exposes any `AgentClient` over gRPC (proto/agent.proto).
  *
  * Layout under `stateDir`: `mounts/<sandbox id>/<n>/` the host mount point of the sandbox's n-th
- * volume, bind-mounted into its bundle. Invariants: a sandbox's volumes are mounted before it
- * starts and unmounted only after nothing in it runs; a stop syncs every writable volume
- * (provenance labels `sandbox` and `run`) before it unmounts, unless asked not to, in which case
- * the staged writes are discarded. A sandbox that ends by itself (lifetime, OOM, its init dying)
- * is stopped the same way, with a sync. Records live in memory: an agent restart forgets them
- * (runsc state and staged writes stay on disk).
+ * volume, bind-mounted into its bundle; `sandboxes.db` the durable records (sandbox-store.ts).
+ * Invariants: a sandbox's volumes are mounted before it starts and unmounted only after nothing
+ * in it runs; a stop syncs every writable volume (provenance labels `sandbox` and `run`) before it
+ * unmounts, unless asked not to, in which case the staged writes are discarded. A sandbox that
+ * ends by itself (lifetime, OOM, its init dying) is stopped the same way, with a sync. A mount
+ * point directory is removed with rmdir only, never recursively: a mount that failed to detach
+ * must not have its volume's files deleted through it.
+ *
+ * After a crash (kill -9 included), `recover()` in the next agent process reads the records:
+ * - a running sandbox without volumes is adopted: listed, exec and stop work, its lifetime still
+ *   ends it, its GPUs stay reserved;
+ * - a sandbox with volumes is stopped (reason "agent_restart"): its volumes were FUSE mounts
+ *   served by the dead process, and a bind mount of a dead FUSE connection inside a running
+ *   sandbox cannot be revived (a new mount at the same host path is a new file system the
+ *   sandbox's gofer never sees), so it could only ever read "transport endpoint is not
+ *   connected" there. Its dead mount points are detached, and each writable volume's staged
+ *   writes (they survive the crash in `<stagingRoot>/<env>/<volume>/`, which this code never
+ *   deletes) are synced as its stop would have done; if that sync fails they stay staged and
+ *   the next mount of the volume recovers them;
+ * - a sandbox that died meanwhile, or whose create or stop the crash interrupted, is cleaned up
+ *   the same way (runsc state, network, bundle, mount points, staged writes synced).
  */
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, rm, unlink } from "node:fs/promises";
+import { mkdir, readdir, rmdir, unlink } from "node:fs/promises";
 import { hostname } from "node:os";
 import { isAbsolute, join, posix } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { isCode } from "../metadata/index.js";
-import { MountedVolume, mountFs, type FuseMount, type MountFs, type Repository } from "../volumefs/index.js";
+import { MountedVolume, forceUnmount, mountFs, type FuseMount, type MountFs, type Repository } from "../volumefs/index.js";
 import {
   ERROR_METADATA_KEY,
   grpcTarget,
   loadAgentService,
+  networkFromWire,
   recordToWire,
   syncsToWire,
   toWireError,
   type AgentClient,
   type BuildImageResult,
   type CreateSandboxRequest,
-  type GpuRequest,
   type SandboxRecord,
   type StopSandboxResult,
   type VolumeSyncResult,
 } from "./client.js";
 import { AgentError } from "./errors.js";
+import { GpuAllocator, NvidiaGpuInventory, sandboxGpus, type GpuAllocation, type GpuInventory } from "./gpu.js";
 import { sandboxSpecFor, type ImageBuilder, type ImageSpec } from "./image.js";
-import type { ExecOptions, ExecProcess, Runtime } from "./runtime.js";
+import type { ExecOptions, ExecProcess, NetworkSpec, Runtime, SandboxExit, SandboxHandle, SandboxState } from "./runtime.js";
+import { SqliteSandboxStore, type SandboxStore, type StoredSandbox } from "./sandbox-store.js";
 
 /** Options of `AgentService`. */
 export interface AgentServiceOptions {
@@ -46,16 +63,26 @@ export interface AgentServiceOptions {
   images: ImageBuilder;
   /** The store volumes live in. */
   repo: Repository;
-  /** Where mount points live (`<stateDir>/mounts/`); created if missing. */
+  /** Where mount points and the sandbox records live; created if missing. */
   stateDir: string;
   /** Staging directories of mounted volumes (e.g. $STRATA_HOME/staging). */
   stagingRoot: string;
   /** This node's name in records. Default the host name. */
   node?: string;
-  /** GPUs this node has, by type. Default none. */
-  gpus?: GpuRequest[];
+  /** This node's GPUs. Default `NvidiaGpuInventory` (nvidia-smi and /dev/nvidia*; none on a node without). */
+  gpus?: GpuInventory;
+  /** Where sandbox records are kept. Default `SqliteSandboxStore` at `<stateDir>/sandboxes.db`. */
+  store?: SandboxStore;
   /** How long a stopped sandbox stays listed, in ms. Default 10 minutes. */
   keepStoppedMs?: number;
+}
+
+/** What `recover()` found. */
+export interface RecoveryReport {
+  /** Sandboxes still running and now served by this agent. */
+  adopted: string[];
+  /** Sandboxes stopped or found dead, and cleaned up (their volumes' staged writes synced). */
+  cleaned: string[];
 }
 
 interface VolumeMount {
@@ -69,22 +96,128 @@ interface VolumeMount {
 interface Entry {
   record: SandboxRecord;
   mounts: VolumeMount[];
+  phase: StoredSandbox["phase"];
+  runtime: SandboxState | null;
+  deadline: number | null;
+  syncOnStop: boolean;
+  gpus?: GpuAllocation;
   stopping?: Promise<StopSandboxResult>;
+}
+
+function checkNetwork(n: NetworkSpec | undefined): NetworkSpec {
+  if (n === undefined || n.mode === "none") return { mode: "none" };
+  if (n.mode !== "egress") throw AgentError.INVALID_SPEC(`network mode ${JSON.stringify((n as { mode: unknown }).mode)}`, 'use "none" or "egress"');
+  if (!Array.isArray(n.allow) || !n.allow.every((a) => typeof a === "string" && a.length > 0)) {
+    throw AgentError.INVALID_SPEC("network allow", "must be a list of addresses, CIDRs or host names, each optionally with :PORT");
+  }
+  return { mode: "egress", allow: [...n.allow] };
 }
 
 /** The node agent in-process: an `AgentClient` whose sandboxes run here. */
 export class AgentService implements AgentClient {
   private readonly sandboxes = new Map<string, Entry>();
   private readonly node: string;
+  private readonly gpus: GpuAllocator;
+  private readonly store: SandboxStore;
   private closed = false;
 
   constructor(private readonly opts: AgentServiceOptions) {
     this.node = opts.node ?? hostname();
+    this.gpus = new GpuAllocator(opts.gpus ?? new NvidiaGpuInventory());
+    this.store = opts.store ?? new SqliteSandboxStore(join(opts.stateDir, "sandboxes.db"));
+  }
+
+  /**
+   * Takes over what an earlier agent process on the same state directory left (see the file's
+   * doc): adopts running sandboxes without volumes, stops and cleans up the rest. Call once,
+   * before serving. Never fails for one sandbox: a sandbox that cannot be cleaned keeps its record
+   * for the next attempt.
+   */
+  async recover(): Promise<RecoveryReport> {
+    const report: RecoveryReport = { adopted: [], cleaned: [] };
+    for (const s of await this.store.all()) {
+      const id = s.record.id;
+      if (this.sandboxes.has(id)) continue;
+      try {
+        let wasRunning = false;
+        if (s.phase === "running" && s.runtime) {
+          const handle = await this.opts.runtime.adopt(s.runtime);
+          if (handle && s.record.volumes.length === 0) {
+            await this.adopt(s, handle);
+            report.adopted.push(id);
+            continue;
+          }
+          if (handle) {
+            wasRunning = true;
+            await this.opts.runtime.stop(id);
+          }
+        } else {
+          await this.opts.runtime.discard(s.runtime ?? { id, spec: { rootfs: "/" } });
+        }
+        const reason = s.record.exit?.reason ?? (s.phase === "stopping" ? "stopped" : wasRunning ? "agent_restart" : "exited");
+        await this.cleanUp(s, { reason, oom: s.record.exit?.oom ?? false });
+        report.cleaned.push(id);
+      } catch {
+        // left for the next start: its record stays
+      }
+    }
+    return report;
+  }
+
+  private async adopt(s: StoredSandbox, handle: SandboxHandle): Promise<void> {
+    const id = s.record.id;
+    const entry: Entry = { record: { ...s.record, state: "running" }, mounts: [], phase: "running", runtime: s.runtime, deadline: s.deadline, syncOnStop: s.syncOnStop };
+    if (s.record.gpu && s.gpuUuids.length) {
+      entry.gpus = await this.gpus.reserve(id, s.record.gpu.type, s.gpuUuids);
+      entry.record.gpu = { ...s.record.gpu, devices: entry.gpus.devices.map((d) => ({ index: d.index, uuid: d.uuid, name: d.name })) };
+    }
+    this.sandboxes.set(id, entry);
+    entry.runtime = await this.opts.runtime.state(id).catch(() => s.runtime);
+    await this.save(entry);
+    this.watchExit(entry, handle);
+  }
+
+  /** Removes the mount points of a sandbox of an earlier process that no longer runs, syncs its volumes' staged writes, forgets its record. */
+  private async cleanUp(s: StoredSandbox, exit: SandboxExit): Promise<void> {
+    const id = s.record.id;
+    const root = join(this.opts.stateDir, "mounts", id);
+    for (const n of await readdir(root).catch(() => [] as string[])) {
+      const dir = join(root, n);
+      await forceUnmount(dir);
+      await rmdir(dir).catch(() => undefined);
+    }
+    await rmdir(root).catch(() => undefined);
+    const volumes: VolumeSyncResult[] = [];
+    for (const v of s.record.volumes) if (!v.readOnly && !v.at) volumes.push(await this.recoverVolume(s, v.name));
+    await this.store.delete(id);
+    const record: SandboxRecord = { ...s.record, state: "stopped", exit, ...(s.record.gpu ? { gpu: { ...s.record.gpu, devices: [] } } : {}) };
+    const entry: Entry = { record, mounts: [], phase: "stopping", runtime: null, deadline: null, syncOnStop: false };
+    entry.stopping = Promise.resolve({ sandbox: record, volumes });
+    this.sandboxes.set(id, entry);
+    this.forgetLater(entry);
+  }
+
+  /** Syncs (or, after a stop without sync, drops) the staged writes a dead sandbox left in volume `name`. */
+  private async recoverVolume(s: StoredSandbox, name: string): Promise<VolumeSyncResult> {
+    const labels = { sandbox: s.record.id, run: s.record.runId };
+    let fs: MountedVolume | undefined;
+    try {
+      fs = await MountedVolume.open({ repo: this.opts.repo, volume: name, stagingRoot: this.opts.stagingRoot, labels });
+      if (!s.syncOnStop) {
+        await fs.reload({ discard: true });
+        return { name, version: null, changed: false };
+      }
+      const r = await fs.sync({ labels, message: `sandbox ${s.record.id} (after agent restart)` });
+      return { name, version: r.version, changed: r.changed };
+    } catch (err) {
+      return { name, version: null, changed: false, error: toWireError(err).message };
+    } finally {
+      await fs?.close().catch(() => undefined);
+    }
   }
 
   async create(req: CreateSandboxRequest): Promise<SandboxRecord> {
     if (this.closed) throw AgentError.RUNTIME("create sandbox", new Error("agent is shutting down"));
-    if (req.gpu && req.gpu.count > 0) this.checkGpu(req.gpu);
     const id = req.id || `sb-${randomBytes(6).toString("hex")}`;
     if (this.sandboxes.has(id)) throw AgentError.ALREADY_EXISTS(id);
     const volumes = req.volumes ?? [];
@@ -95,19 +228,29 @@ export class AgentService implements AgentClient {
       seen.add(posix.normalize(v.path));
       if (v.forkFrom && (v.at || v.readOnly)) throw AgentError.INVALID_SPEC(`volume ${JSON.stringify(v.name)}`, "a fork is mounted writable at its head");
     }
-    const image = await this.opts.images.build(req.image);
-    const runId = req.runId || id;
-    const labels = { sandbox: id, run: runId };
+    const network = checkNetwork(req.network);
+    const gpuReq = req.gpu && req.gpu.count > 0 ? req.gpu : undefined;
     const entry: Entry = {
       record: {
-        id, node: this.node, state: "running", image: image.hash, cpu: req.cpu || null, memoryBytes: req.memoryBytes || null,
-        gpu: req.gpu && req.gpu.count > 0 ? { ...req.gpu } : null, volumes: [], startedAt: Date.now(), runId, labels: { ...req.labels },
+        id, node: this.node, state: "running", image: "", cpu: req.cpu || null, memoryBytes: req.memoryBytes || null,
+        gpu: null, volumes: [], startedAt: Date.now(), runId: req.runId || id, labels: { ...req.labels }, network,
       },
-      mounts: [],
+      mounts: [], phase: "creating", runtime: null, deadline: null, syncOnStop: true,
     };
     this.sandboxes.set(id, entry);
     const forked: string[] = [];
+    let saved = false;
     try {
+      if (gpuReq) {
+        entry.gpus = await this.gpus.allocate(id, gpuReq.type, gpuReq.count);
+        entry.record.gpu = { type: gpuReq.type, count: gpuReq.count, devices: entry.gpus.devices.map((d) => ({ index: d.index, uuid: d.uuid, name: d.name })) };
+      }
+      const image = await this.opts.images.build(req.image);
+      entry.record.image = image.hash;
+      const runId = entry.record.runId;
+      const labels = { sandbox: id, run: runId };
+      await this.save(entry);
+      saved = true;
       for (const [i, v] of volumes.entries()) {
         const readOnly = !!v.readOnly || !!v.at;
         if (v.forkFrom) {
@@ -135,27 +278,54 @@ export class AgentService implements AgentClient {
         });
       }
       const spec = sandboxSpecFor(image, {
-        id, env: req.env, labels: req.labels,
+        id, env: req.env, labels: req.labels, network,
         mounts: entry.mounts.map((m, i) => ({ source: m.dir, destination: entry.record.volumes[i]!.path, readOnly: !m.writable })),
         ...(req.cpu ? { cpu: req.cpu } : {}),
         ...(req.memoryBytes ? { memoryBytes: req.memoryBytes } : {}),
         ...(req.lifetimeMs ? { lifetimeMs: req.lifetimeMs } : {}),
         ...(req.workdir ? { workdir: req.workdir } : {}),
+        ...(entry.gpus ? { gpus: sandboxGpus(entry.gpus) } : {}),
       });
+      // Saved before runsc runs: a crash from here on leaves a record the next agent cleans up by.
+      entry.runtime = { id, spec };
+      await this.save(entry);
       const handle = await this.opts.runtime.create(spec);
       entry.record.startedAt = handle.startedAt;
-      void handle.exited.then((exit) => {
-        entry.record.exit = exit;
-        if (!entry.stopping && !this.closed) void this.stop(id).catch(() => undefined);
-      });
+      entry.deadline = req.lifetimeMs ? handle.startedAt + req.lifetimeMs : null;
+      entry.runtime = await this.opts.runtime.state(id).catch(() => entry.runtime);
+      entry.phase = "running";
+      await this.save(entry);
+      this.watchExit(entry, handle);
     } catch (err) {
       this.sandboxes.delete(id);
+      this.gpus.release(id);
       for (const m of entry.mounts) await m.fuse.unmount().catch(() => undefined);
-      await rm(join(this.opts.stateDir, "mounts", id), { recursive: true, force: true }).catch(() => undefined);
+      await this.removeMountDirs(id);
       for (const name of forked) await this.opts.repo.deleteVolume(name).catch(() => undefined);
+      if (saved) await this.store.delete(id).catch(() => undefined);
       throw err;
     }
     return structuredClone(entry.record);
+  }
+
+  private watchExit(entry: Entry, handle: SandboxHandle): void {
+    void handle.exited.then((exit: SandboxExit) => {
+      entry.record.exit = exit;
+      if (!entry.stopping && !this.closed) void this.stop(entry.record.id).catch(() => undefined);
+    });
+  }
+
+  private async save(entry: Entry): Promise<void> {
+    await this.store.put({
+      record: entry.record, phase: entry.phase, mounts: entry.mounts.map((m) => ({ name: m.name, dir: m.dir, writable: m.writable })),
+      gpuUuids: entry.gpus?.devices.map((d) => d.uuid) ?? [], deadline: entry.deadline, syncOnStop: entry.syncOnStop, runtime: entry.runtime,
+    });
+  }
+
+  private async removeMountDirs(id: string): Promise<void> {
+    const root = join(this.opts.stateDir, "mounts", id);
+    for (const n of await readdir(root).catch(() => [] as string[])) await rmdir(join(root, n)).catch(() => undefined);
+    await rmdir(root).catch(() => undefined);
   }
 
   async exec(id: string, opts: ExecOptions): Promise<ExecProcess> {
@@ -177,6 +347,9 @@ export class AgentService implements AgentClient {
   private async finish(entry: Entry, sync: boolean): Promise<StopSandboxResult> {
     const rec = entry.record;
     rec.state = "stopping";
+    entry.phase = "stopping";
+    entry.syncOnStop = sync;
+    await this.save(entry).catch(() => undefined);
     await this.opts.runtime.stop(rec.id).catch((err) => {
       if (!isCode(err, "NOT_FOUND")) throw err;
     });
@@ -188,13 +361,20 @@ export class AgentService implements AgentClient {
       else if (m.writable) await m.fs.reload({ discard: true }).catch(() => undefined);
       await m.fuse.unmount().catch(() => undefined);
     }
-    await rm(join(this.opts.stateDir, "mounts", rec.id), { recursive: true, force: true }).catch(() => undefined);
+    await this.removeMountDirs(rec.id);
+    this.gpus.release(rec.id);
+    if (rec.gpu) rec.gpu = { ...rec.gpu, devices: [] };
     rec.state = "stopped";
     rec.exit ??= { reason: "stopped", oom: false };
-    setTimeout(() => {
-      if (this.sandboxes.get(rec.id) === entry) this.sandboxes.delete(rec.id);
-    }, this.opts.keepStoppedMs ?? 600_000).unref();
+    await this.store.delete(rec.id).catch(() => undefined);
+    this.forgetLater(entry);
     return { sandbox: structuredClone(rec), volumes };
+  }
+
+  private forgetLater(entry: Entry): void {
+    setTimeout(() => {
+      if (this.sandboxes.get(entry.record.id) === entry) this.sandboxes.delete(entry.record.id);
+    }, this.opts.keepStoppedMs ?? 600_000).unref();
   }
 
   private async syncOne(entry: Entry, m: VolumeMount): Promise<VolumeSyncResult> {
@@ -207,7 +387,7 @@ export class AgentService implements AgentClient {
   }
 
   async list(): Promise<SandboxRecord[]> {
-    return [...this.sandboxes.values()].map((e) => structuredClone(e.record));
+    return [...this.sandboxes.values()].filter((e) => e.phase !== "creating").map((e) => structuredClone(e.record));
   }
 
   async putFile(id: string, path: string, data: Buffer | string, opts?: { mode?: number }): Promise<void> {
@@ -237,26 +417,19 @@ export class AgentService implements AgentClient {
     return { hash: image.hash, cached: s.basesBuilt + s.stepsRun === before };
   }
 
-  /** Stops every sandbox (syncing its volumes), then the runtime. Idempotent. */
+  /** Stops every sandbox (syncing its volumes), then the runtime, then closes the records. Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     await Promise.all([...this.sandboxes.values()].map((e) => (e.stopping ??= this.finish(e, true)).catch(() => undefined)));
     await this.opts.runtime.close();
+    await this.store.close();
   }
 
   private entry(id: string, op: string): Entry {
     const e = this.sandboxes.get(id);
-    if (!e) throw AgentError.NOT_FOUND(id, op);
+    if (!e || e.phase === "creating") throw AgentError.NOT_FOUND(id, op);
     return e;
-  }
-
-  private checkGpu(gpu: GpuRequest): void {
-    const have = (this.opts.gpus ?? []).filter((g) => g.type === gpu.type).reduce((n, g) => n + g.count, 0);
-    const used = [...this.sandboxes.values()]
-      .filter((e) => e.record.state !== "stopped" && e.record.gpu?.type === gpu.type)
-      .reduce((n, e) => n + e.record.gpu!.count, 0);
-    if (have - used < gpu.count) throw AgentError.NO_GPU(gpu.type, gpu.count);
   }
 }
 
@@ -369,6 +542,7 @@ export async function serveAgent(agent: AgentClient, address: string, info: { no
       if (r.lifetimeMs) req.lifetimeMs = r.lifetimeMs as number;
       if (r.runId) req.runId = r.runId as string;
       if (r.workdir) req.workdir = r.workdir as string;
+      if (r.network) req.network = networkFromWire(r.network);
       return recordToWire(await agent.create(req));
     }),
     exec: execHandler(agent),

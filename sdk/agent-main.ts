@@ -15,7 +15,7 @@ import { closeSync, existsSync, openSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { AgentError, AgentService, GrpcAgentClient, GvisorRuntime, ImageBuilder, serveAgent, type GpuRequest } from "../agent/index.js";
+import { AgentError, AgentService, GrpcAgentClient, GvisorRuntime, ImageBuilder, NvidiaGpuInventory, serveAgent } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
 import { Strata } from "./client.js";
 import { loadConfig, type StrataConfig } from "./config.js";
@@ -113,14 +113,6 @@ async function spawnDaemon(config: StrataConfig, env: NodeJS.ProcessEnv) {
   return child;
 }
 
-function parseGpus(text: string | undefined): GpuRequest[] {
-  if (!text) return [];
-  return text.split(",").filter(Boolean).map((g) => {
-    const [type, n] = g.split(":");
-    return { type: type!, count: n ? Number(n) : 1 };
-  });
-}
-
 /** Takes `$STRATA_HOME/agent.pid` exclusively; fails ALREADY_EXISTS when a live agent holds it. */
 async function takePidFile(path: string): Promise<void> {
   for (let i = 0; i < 2; i++) {
@@ -141,8 +133,10 @@ async function takePidFile(path: string): Promise<void> {
 
 /**
  * Runs the agent in this process until SIGINT or SIGTERM; with `daemon`, starts it detached
- * instead and prints its pid once it answers. GPUs of the node come from STRATA_AGENT_GPUS
- * ("TYPE:N,…"; default none: this agent refuses GPU requests with NO_GPU).
+ * instead and prints its pid once it answers. The node's GPUs are detected with nvidia-smi and
+ * /dev/nvidia* (none found: GPU requests fail NO_GPU). Before serving, it takes over what a
+ * killed agent of the same home left (`AgentService.recover`): running sandboxes without
+ * volumes are adopted, the others stopped and their volumes' staged writes synced.
  */
 export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Promise<number> {
   const config = loadConfig(io.env);
@@ -161,11 +155,15 @@ export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Pr
   const runtime = new GvisorRuntime({ stateDir });
   const images = new ImageBuilder({ cacheDir: agentImageCache(config, io.env) });
   const agent = new AgentService({
-    runtime, images, repo: strata.repo, stateDir, stagingRoot: join(config.home, "staging"), gpus: parseGpus(io.env.STRATA_AGENT_GPUS),
+    runtime, images, repo: strata.repo, stateDir, stagingRoot: join(config.home, "staging"), gpus: new NvidiaGpuInventory(),
   });
   const socket = agentSocketPath(config, io.env);
   let server;
   try {
+    const found = await agent.recover();
+    if (found.adopted.length || found.cleaned.length) {
+      io.stderr.write(`strata: agent adopted ${found.adopted.length} sandbox(es) [${found.adopted.join(" ")}], cleaned up ${found.cleaned.length} [${found.cleaned.join(" ")}]\n`);
+    }
     server = await serveAgent(agent, socket);
   } catch (err) {
     await agent.close();

@@ -14,7 +14,7 @@
  * ```
  */
 import type { Readable, Writable } from "node:stream";
-import type { AgentClient, BuildImageResult, GpuRequest, SandboxRecord, StopSandboxResult, VolumeMountRequest, VolumeSyncResult } from "../agent/index.js";
+import type { AgentClient, BuildImageResult, GpuRequest, NetworkSpec, SandboxRecord, StopSandboxResult, VolumeMountRequest, VolumeSyncResult } from "../agent/index.js";
 import { AgentError } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
 import { connectLocalAgent } from "./agent-main.js";
@@ -89,6 +89,12 @@ export interface SandboxOptions {
   workdir?: string;
   /** The provenance label "run" of versions its volumes sync; default the sandbox id. */
   runId?: string;
+  /**
+   * The sandbox's network. Default "none": loopback only. `{ egress: [...] }`: outbound traffic
+   * only to these destinations ("10.0.0.1", "10.0.0.0/8", "example.internal", each optionally
+   * ":PORT"; host names resolved at start), everything else (the host included) dropped.
+   */
+  network?: "none" | { egress: string[] };
 }
 
 /** Options of `SandboxClient.create`. */
@@ -104,6 +110,13 @@ export function parseDuration(v: number | string, what = "duration"): number {
   if (!m) throw new StrataError("INVALID_ARGUMENT", `parse ${what} ${JSON.stringify(v)}: not a duration`, { hint: "use e.g. 90s, 30m, 1h" });
   const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? "ms") as "ms"];
   return Math.round(Number(m[1]) * mult);
+}
+
+/** The agent's network spec for a `SandboxOptions.network`. */
+export function parseNetwork(v: SandboxOptions["network"]): NetworkSpec {
+  if (v === undefined || v === "none") return { mode: "none" };
+  if (typeof v === "object" && v !== null && Array.isArray(v.egress) && v.egress.every((a) => typeof a === "string")) return { mode: "egress", allow: [...v.egress] };
+  throw new StrataError("INVALID_ARGUMENT", `parse network ${JSON.stringify(v)}: want "none" or { egress: [...] }`, { hint: 'e.g. network: { egress: ["10.0.0.1:8080"] }' });
 }
 
 /** Parses "TYPE" or "TYPE:N" into a GPU request. */
@@ -127,6 +140,7 @@ function createRequest(o: SandboxCreateOptions) {
     ...(o.env ? { env: o.env } : {}),
     ...(o.workdir ? { workdir: o.workdir } : {}),
     ...(o.runId ? { runId: o.runId } : {}),
+    ...(o.network !== undefined ? { network: parseNetwork(o.network) } : {}),
     volumes: o.volumes ?? [],
   };
 }

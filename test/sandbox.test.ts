@@ -5,66 +5,14 @@
  * (the TypeScript sources through tsx); the SDK cases (`Container`, `SandboxClient`) run in this
  * process against the same agent. Each environment's agent is stopped (SIGTERM) in afterAll.
  */
-import { execFile } from "node:child_process";
 import { existsSync, lstatSync, readdirSync, readlinkSync } from "node:fs";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { mkdir, writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { TEST_IMAGE_CACHE, testImage } from "../agent/testing.js";
-import { Container, Image, SandboxClient, stopLocalAgent } from "../sdk/index.js";
+import { testImage } from "../agent/testing.js";
+import { Container, Image } from "../sdk/index.js";
 import { makeTestS3Store, type TestS3Store } from "./support/s3.js";
-
-const ROOT = resolve(__dirname, "..");
-
-interface Result {
-  code: number;
-  stdout: Buffer;
-  stderr: string;
-}
-
-interface Env {
-  base: string;
-  env: NodeJS.ProcessEnv;
-  cli(...args: string[]): Promise<Result>;
-  ok(...args: string[]): Promise<string>;
-  client: SandboxClient;
-  cleanup(): Promise<void>;
-}
-
-async function makeEnv(extra: NodeJS.ProcessEnv = {}): Promise<Env> {
-  const base = await mkdtemp(join(tmpdir(), "strata-sandbox-"));
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    STRATA_HOME: join(base, "home"),
-    STRATA_IMAGE_CACHE: TEST_IMAGE_CACHE,
-    AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: "true",
-  };
-  delete env.STRATA_STORE;
-  delete env.STRATA_AGENT_SOCKET;
-  Object.assign(env, extra);
-  const cli = (...args: string[]) =>
-    new Promise<Result>((res) => {
-      execFile(process.execPath, ["--import", "tsx", join(ROOT, "sdk/main.ts"), ...args], { env, cwd: ROOT, encoding: "buffer", maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
-        const code = err ? ((err as { code?: number }).code ?? 1) : 0;
-        res({ code: typeof code === "number" ? code : 1, stdout, stderr: stderr.toString("utf8") });
-      });
-    });
-  const ok = async (...args: string[]) => {
-    const r = await cli(...args);
-    if (r.code !== 0) throw new Error(`strata ${args.join(" ")} exited ${r.code}: ${r.stderr}`);
-    return r.stdout.toString("utf8");
-  };
-  const client = new SandboxClient({ env });
-  return {
-    base, env, cli, ok, client,
-    async cleanup() {
-      await client.close();
-      await stopLocalAgent(join(base, "home"));
-      await rm(base, { recursive: true, force: true });
-    },
-  };
-}
+import { makeEnv, type Env } from "./support/sandbox-env.js";
 
 interface LsItem {
   path: string;
@@ -269,10 +217,12 @@ describe("sandboxes with volumes (file store)", () => {
     expect((await e.ok("image", "build", dockerfile)).trim()).toBe(h1);
   });
 
-  it("a GPU request fails with NO_GPU on a node without one, and bad flags are usage errors", async () => {
+  it("a GPU request fails with NO_GPU on a node without one (the real detector finds none here), and bad flags are usage errors", async () => {
     const r = await e.cli("run", "--gpu", "a100:1", "--", "true");
     expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/^strata: create sandbox: no node has gpu a100 \(NO_GPU\)$/m);
+    expect(r.stderr).toMatch(/^strata: create sandbox: this node has no gpu a100 \(it has none\) \(NO_GPU\)$/m);
+    expect(r.stderr).toMatch(/^hint: /m);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
     const bad = await e.cli("run", "-v", "nocolon", "--", "true");
     expect(bad.code).toBe(2);
     await expect(new Container({ client: e.client, gpu: "h100:2" }).run()).rejects.toMatchObject({ code: "NO_GPU" });

@@ -1,0 +1,206 @@
+/**
+ * Sandbox networking on real runsc, real network namespaces and real nftables.
+ *
+ * The test builds its own little network: a namespace `strata-test-srv-<pid>` joined to the host
+ * by a veth (host end 10.214.0.1/29; inside 10.214.0.2 and 10.214.0.3), a TCP server inside it on
+ * ports 18080 and 18081 of both addresses, and TCP servers on the host end (10.214.0.1). Nothing
+ * leaves the machine: every address probed is one of these. A sandbox in egress mode reaches the
+ * allow-listed address:port pairs only; one in mode none has no route at all (ENETUNREACH or
+ * EHOSTUNREACH); teardown leaves no namespace, veth, filter chain or map element behind.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { createServer, type Server } from "node:net";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Readable } from "node:stream";
+import { egressNames, GvisorRuntime, type Runtime } from "../agent/index.js";
+import { runCommand, mustRun } from "../agent/exec-util.js";
+import { testImage } from "../agent/testing.js";
+import { Container } from "../sdk/index.js";
+import { makeEnv, type Env } from "./support/sandbox-env.js";
+
+const SRV_NS = `strata-test-srv-${process.pid}`;
+const SRV_IF = `sts${(process.pid & 0xffffff).toString(16)}`;
+const HOST_IP = "10.214.0.1";
+const SRV_A = "10.214.0.2";
+const SRV_B = "10.214.0.3";
+
+/** Python run inside a sandbox: for each "HOST:PORT" argument prints "HOST:PORT ok <greeting>" or "HOST:PORT fail <errno>". */
+const PROBE = `
+import socket, sys
+for t in sys.argv[1:]:
+    h, p = t.rsplit(":", 1)
+    try:
+        s = socket.create_connection((h, int(p)), timeout=2)
+        print(t, "ok", s.recv(200).decode().strip())
+        s.close()
+    except OSError as e:
+        print(t, "fail", e.errno if e.errno is not None else type(e).__name__)
+`;
+
+function collect(s: Readable): Promise<Buffer> {
+  return new Promise((res, rej) => {
+    const parts: Buffer[] = [];
+    s.on("data", (b: Buffer) => parts.push(b));
+    s.on("end", () => res(Buffer.concat(parts)));
+    s.on("error", rej);
+  });
+}
+
+async function probe(rt: Runtime, id: string, targets: string[]): Promise<Map<string, string>> {
+  const p = rt.exec(id, { argv: ["python3", "-c", PROBE, ...targets] });
+  const [out, err, r] = await Promise.all([collect(p.stdout), collect(p.stderr), p.wait()]);
+  if (r.exitCode !== 0) throw new Error(`probe failed: ${err.toString()}`);
+  return parseProbe(out.toString());
+}
+
+function parseProbe(text: string): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const line of text.trim().split("\n")) {
+    const [t, ...rest] = line.split(" ");
+    m.set(t!, rest.join(" "));
+  }
+  return m;
+}
+
+function hostServer(port: number, greeting: string): Promise<Server> {
+  return new Promise((res, rej) => {
+    const s = createServer((c) => c.end(`${greeting}\n`));
+    s.once("error", rej);
+    s.listen(port, HOST_IP, () => res(s));
+  });
+}
+
+/** What is left on the host of sandbox `id`'s network: a list of descriptions, empty when nothing. */
+async function leftovers(id: string): Promise<string[]> {
+  const n = egressNames(id);
+  const out: string[] = [];
+  if ((await runCommand(["ip", "netns", "list"])).stdout.toString().split("\n").some((l) => l.split(" ")[0] === n.netns)) out.push(`netns ${n.netns}`);
+  if ((await runCommand(["ip", "link", "show", n.hostIf])).code === 0) out.push(`veth ${n.hostIf}`);
+  if ((await runCommand(["nft", "list", "chain", "inet", "strata", n.chain])).code === 0) out.push(`chain ${n.chain}`);
+  if ((await runCommand(["nft", "list", "map", "inet", "strata", "sandboxes"])).stdout.toString().includes(`"${n.hostIf}"`)) out.push(`map element ${n.hostIf}`);
+  return out;
+}
+
+describe("sandbox networks (real runsc, netns, nftables)", () => {
+  let dir: string;
+  let rt: GvisorRuntime;
+  let server: ChildProcess | undefined;
+  const hostServers: Server[] = [];
+  let allowedPort = 0;
+  let deniedPort = 0;
+
+  beforeAll(async () => {
+    await testImage();
+    dir = await mkdtemp(join(tmpdir(), "strata-net-"));
+    rt = new GvisorRuntime({ stateDir: join(dir, "state"), cgroupParent: `/strata-test-net-${process.pid}` });
+    await runCommand(["ip", "netns", "del", SRV_NS]);
+    await mustRun(["ip", "netns", "add", SRV_NS]);
+    await mustRun(["ip", "link", "add", SRV_IF, "type", "veth", "peer", "name", "eth0", "netns", SRV_NS]);
+    await mustRun(["ip", "addr", "add", `${HOST_IP}/29`, "dev", SRV_IF]);
+    await mustRun(["ip", "link", "set", SRV_IF, "up"]);
+    for (const a of [SRV_A, SRV_B]) await mustRun(["ip", "-n", SRV_NS, "addr", "add", `${a}/29`, "dev", "eth0"]);
+    await mustRun(["ip", "-n", SRV_NS, "link", "set", "eth0", "up"]);
+    await mustRun(["ip", "-n", SRV_NS, "link", "set", "lo", "up"]);
+    await mustRun(["ip", "-n", SRV_NS, "route", "add", "default", "via", HOST_IP]);
+    const script =
+      'const net = require("net"); let n = 0;' +
+      "for (const port of [18080, 18081]) net.createServer((c) => c.end(`hello ${c.localAddress}:${c.localPort}\\n`)).listen(port, \"0.0.0.0\", () => { if (++n === 2) console.log(\"ready\"); });";
+    server = spawn("ip", ["netns", "exec", SRV_NS, process.execPath, "-e", script], { stdio: ["ignore", "pipe", "inherit"] });
+    await new Promise<void>((res, rej) => {
+      server!.stdout!.once("data", () => res());
+      server!.once("exit", (c) => rej(new Error(`server in ${SRV_NS} exited with ${c}`)));
+    });
+    hostServers.push(await hostServer(0, "hello host"), await hostServer(0, "hello host, not allowed"));
+    allowedPort = (hostServers[0]!.address() as { port: number }).port;
+    deniedPort = (hostServers[1]!.address() as { port: number }).port;
+  }, 600_000);
+
+  afterAll(async () => {
+    await rt?.close();
+    server?.kill("SIGKILL");
+    for (const s of hostServers) s.close();
+    await runCommand(["ip", "link", "del", SRV_IF]);
+    await runCommand(["ip", "netns", "del", SRV_NS]);
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it("egress reaches allow-listed address:port pairs (host side and another namespace) and nothing else; teardown leaves nothing", async () => {
+    const sb = await rt.create({
+      rootfs: (await testImage()).rootfs,
+      network: { mode: "egress", allow: [`${HOST_IP}:${allowedPort}`, `${SRV_A}:18080`] },
+    });
+    expect(await leftovers(sb.id)).toHaveLength(4);
+    const r = await probe(rt, sb.id, [`${HOST_IP}:${allowedPort}`, `${SRV_A}:18080`, `${SRV_A}:18081`, `${SRV_B}:18080`, `${HOST_IP}:${deniedPort}`]);
+    expect(r.get(`${HOST_IP}:${allowedPort}`)).toBe("ok hello host");
+    expect(r.get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+    expect(r.get(`${SRV_A}:18081`)).toMatch(/^fail /);
+    expect(r.get(`${SRV_B}:18080`)).toMatch(/^fail /);
+    expect(r.get(`${HOST_IP}:${deniedPort}`)).toMatch(/^fail /);
+    await rt.stop(sb.id);
+    await rt.close();
+    expect(await leftovers(sb.id)).toEqual([]);
+    rt = new GvisorRuntime({ stateDir: join(dir, "state"), cgroupParent: `/strata-test-net-${process.pid}` });
+  });
+
+  it("an allow-listed address without a port allows every port of it", async () => {
+    const sb = await rt.create({ rootfs: (await testImage()).rootfs, network: { mode: "egress", allow: [`${SRV_B}/32`] } });
+    const r = await probe(rt, sb.id, [`${SRV_B}:18080`, `${SRV_B}:18081`, `${SRV_A}:18080`]);
+    expect(r.get(`${SRV_B}:18080`)).toBe(`ok hello ${SRV_B}:18080`);
+    expect(r.get(`${SRV_B}:18081`)).toBe(`ok hello ${SRV_B}:18081`);
+    expect(r.get(`${SRV_A}:18080`)).toMatch(/^fail /);
+    await rt.stop(sb.id);
+  });
+
+  it("network none has loopback only and no route anywhere", async () => {
+    const sb = await rt.create({ rootfs: (await testImage()).rootfs });
+    const p = rt.exec(sb.id, { argv: ["python3", "-c", "import socket; print(sorted(n for _, n in socket.if_nameindex()))"] });
+    const [out] = await Promise.all([collect(p.stdout), p.wait()]);
+    expect(out.toString().trim()).toBe("['lo']");
+    const r = await probe(rt, sb.id, [`${HOST_IP}:${allowedPort}`, `${SRV_A}:18080`]);
+    expect(r.get(`${HOST_IP}:${allowedPort}`)).toMatch(/^fail (101|113)$/);
+    expect(r.get(`${SRV_A}:18080`)).toMatch(/^fail (101|113)$/);
+    expect(await leftovers(sb.id)).toEqual([]);
+    await rt.stop(sb.id);
+  });
+
+  it("rejects bad allow-lists with INVALID_SPEC and leaves nothing behind", async () => {
+    const rootfs = (await testImage()).rootfs;
+    for (const allow of [["10.0.0.1:99999"], ["fe80::1"], ["10.0.0.0/40"], ["not a host"]]) {
+      await expect(rt.create({ id: "bad-net", rootfs, network: { mode: "egress", allow } })).rejects.toMatchObject({ code: "INVALID_SPEC" });
+    }
+    expect(await leftovers("bad-net")).toEqual([]);
+  });
+
+  describe("through the agent and the SDK", () => {
+    let e: Env;
+
+    beforeAll(async () => {
+      e = await makeEnv();
+    }, 600_000);
+
+    afterAll(async () => {
+      await e?.cleanup();
+    });
+
+    it("new Container({ network: { egress } }) reaches only its allow-list; the record shows it; stop tears the network down", async () => {
+      const c = await new Container({ client: e.client, network: { egress: [`${SRV_A}:18080`] } }).run();
+      const r = parseProbe((await c.exec("python3", "-c", PROBE, `${SRV_A}:18080`, `${SRV_B}:18080`)).stdoutText);
+      expect(r.get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+      expect(r.get(`${SRV_B}:18080`)).toMatch(/^fail /);
+      const rec = (await e.client.list()).find((s) => s.id === c.id)!;
+      expect(rec.network).toEqual({ mode: "egress", allow: [`${SRV_A}:18080`] });
+      await c.stop();
+      // Teardown runs in the agent's background after stop; wait (bounded) until it is done.
+      for (let i = 0; i < 100 && (await leftovers(c.id)).length; i++) await new Promise((res) => setTimeout(res, 100));
+      expect(await leftovers(c.id)).toEqual([]);
+      const plain = await new Container({ client: e.client }).run();
+      expect((await e.client.list()).find((s) => s.id === plain.id)!.network).toEqual({ mode: "none" });
+      expect(parseProbe((await plain.exec("python3", "-c", PROBE, `${SRV_A}:18080`)).stdoutText).get(`${SRV_A}:18080`)).toMatch(/^fail (101|113)$/);
+      await plain.stop();
+      await expect(new Container({ client: e.client, network: { egress: ["10.0.0.1:0"] } }).run()).rejects.toMatchObject({ code: "INVALID_SPEC" });
+    });
+  });
+});
