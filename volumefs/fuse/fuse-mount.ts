@@ -69,8 +69,6 @@ export interface FuseMountOptions {
    * variable STRATA_FUSE_DRIVER sets the default.
    */
   driver?: "kernel" | "fuse-native";
-  /** Device reads kept outstanding by the kernel driver. Default 2. */
-  readers?: number;
 }
 
 /** A live mount. */
@@ -210,7 +208,7 @@ const READ_AHEAD_KB = 8192;
 async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Promise<FuseMount> {
   const dev = await FuseDevice.mount(abs, { fsname: opts.name ?? "strata" });
   const session = new KernelSession(fs, dev, { readOnly: opts.readOnly === true, immutable: opts.immutable === true, debug: opts.debug === true });
-  dev.start(session, opts.readers ?? 2);
+  dev.start(session);
   const timeout = new Promise<"timeout">((res) => setTimeout(() => res("timeout"), 10_000).unref());
   if ((await Promise.race([session.initialized, timeout])) === "timeout") {
     await dev.unmount();
@@ -225,6 +223,10 @@ async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Pr
     unmount() {
       closing ??= (async () => {
         await dev.unmount();
+        if (process.env.STRATA_FUSE_STATS === "1") {
+          const rows = [...session.stats].sort((a, b) => b[1].ms - a[1].ms);
+          for (const [op, s] of rows) process.stderr.write(`strata fuse stats: ${op} ${s.n} calls, ${s.ms.toFixed(0)} ms, ${((s.ms / s.n) * 1000).toFixed(0)} us each\n`);
+        }
         await fs.close();
       })();
       return closing;

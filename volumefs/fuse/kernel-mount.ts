@@ -36,6 +36,9 @@ import {
   NOTIFY_INVAL_ENTRY,
   NOTIFY_INVAL_INODE,
   Op,
+  FATTR_KILL_SUIDGID,
+  OPEN_KILL_SUIDGID,
+  WRITE_KILL_SUIDGID,
   openOut,
   sizeOut,
   u64,
@@ -60,6 +63,8 @@ const MAX_NEGATIVE = 65536;
 /** Forgotten nodes kept for their ids before the oldest leaves are dropped. */
 const MAX_FORGOTTEN = 200_000;
 const FOPEN_CACHE_DIR = 1 << 3;
+/** close(2) sends no FLUSH: MountFs.flush needs no work by contract. */
+const FOPEN_NOFLUSH = 1 << 5;
 const RENAME_NOREPLACE = 1;
 const DT_DIR = 4;
 
@@ -75,6 +80,8 @@ interface Node {
   fhs?: Set<number>;
   /** What the kernel was last told: kind, size, mtime, mode, owner and content tag. */
   sig?: string;
+  /** Permission bits last told to the kernel. */
+  mode?: number;
 }
 
 /** Options of `serveKernel`. */
@@ -214,6 +221,7 @@ export class KernelSession {
 
   private kattr(n: Node, a: FileAttr): KernelAttr {
     n.sig = signature(a);
+    n.mode = a.mode;
     return { ino: n.id, size: a.size, mode: typeBits(a.kind) | (a.mode & 0o7777), nlink: a.nlink, uid: a.uid, gid: a.gid, atime: a.atime, mtime: a.mtime, ctime: a.ctime };
   }
 
@@ -361,13 +369,15 @@ export class KernelSession {
       }
       case Op.OPEN: {
         const flags = b.readUInt32LE(0);
+        const kill = (b.readUInt32LE(4) & OPEN_KILL_SUIDGID) !== 0;
         return this.run(req, "open", async () => {
           const n = this.node(req.nodeid);
           const path = this.mustPath(n);
           if ((flags & 3) !== O.O_RDONLY || flags & O.O_TRUNC) this.guard(path);
           const fh = await this.fs.open(path, flags);
+          if (kill) await this.killSuid(n);
           this.opened(n, fh);
-          return [openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE)];
+          return [openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH)];
         });
       }
       case Op.CREATE: {
@@ -382,7 +392,7 @@ export class KernelSession {
           try {
             const { out, node } = await this.entry(parent, name, path, req);
             this.opened(node, fh);
-            return [out, openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE)];
+            return [out, openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH)];
           } catch (err) {
             await this.fs.release(fh).catch(() => undefined);
             throw err;
@@ -399,11 +409,14 @@ export class KernelSession {
         const fh = u64(b, 0);
         const offset = u64(b, 8);
         const size = b.readUInt32LE(16);
+        const kill = (b.readUInt32LE(20) & WRITE_KILL_SUIDGID) !== 0;
         const data = Buffer.from(b.subarray(40, 40 + size));
         return this.run(req, "write", async () => {
           const n = this.fhNode.get(fh);
           if (this.opts.readOnly && !(n && isControl(this.pathOf(n) ?? ""))) throw VolumeError.READ_ONLY("a file", { op: "write" });
-          return [sizeOut(await this.fs.write(fh, data, offset))];
+          const written = await this.fs.write(fh, data, offset);
+          if (kill && n) await this.killSuid(n);
+          return [sizeOut(written)];
         });
       }
       case Op.STATFS:
@@ -492,16 +505,37 @@ export class KernelSession {
     }
   }
 
+  /** Per operation: calls and total milliseconds from request to reply (STRATA_FUSE_STATS=1 prints them at unmount). */
+  readonly stats = new Map<string, { n: number; ms: number }>();
+
   /** Runs a handler and answers with its payload, or with its error's errno. */
   private run(req: Request, op: string, fn: () => Promise<Uint8Array[]>): void {
+    const t0 = performance.now();
+    const done = () => {
+      const s = this.stats.get(op) ?? { n: 0, ms: 0 };
+      s.n++;
+      s.ms += performance.now() - t0;
+      this.stats.set(op, s);
+    };
     fn().then(
-      (payload) => this.dev.reply(req.unique, 0, ...payload),
+      (payload) => (this.dev.reply(req.unique, 0, ...payload), done()),
       (err) => {
+        done();
         const errno = toErrno(err);
         if (this.opts.debug && errno !== -E.ENOENT) process.stderr.write(`strata fuse: ${op} (node ${req.nodeid}): ${(err as Error)?.message ?? String(err)} (${errno})\n`);
         this.dev.reply(req.unique, errno);
       },
     );
+  }
+
+  /** Drops setuid/setgid bits (a write or truncation by a user without CAP_FSETID). */
+  private async killSuid(n: Node): Promise<void> {
+    if (n.mode === undefined || (n.mode & 0o6000) === 0) return;
+    const path = this.pathOf(n);
+    if (path === null) return;
+    await this.fs.chmod(path, n.mode & ~0o6000 & 0o7777);
+    n.mode &= ~0o6000;
+    n.sig = undefined;
   }
 
   private opened(n: Node, fh: number): void {
@@ -518,7 +552,7 @@ export class KernelSession {
       this.dev.reply(req.unique, -E.EPROTO);
       return;
     }
-    const want = Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS;
+    const want = Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS | Init.HANDLE_KILLPRIV_V2;
     const out = Buffer.alloc(64);
     out.writeUInt32LE(7, 0);
     out.writeUInt32LE(31, 4);
@@ -536,14 +570,14 @@ export class KernelSession {
   private async lookup(parentId: number, name: string): Promise<Uint8Array[]> {
     const parent = this.node(parentId);
     const path = this.childPath(parent, name);
-    try {
-      return [(await this.entry(parent, name, path)).out];
-    } catch (err) {
-      if (toErrno(err) !== -E.ENOENT || isControl(path)) throw err;
-      if (this.opts.immutable) return [negativeEntryOut(LONG)];
-      if (!this.trackNegative(parent, name)) throw err;
-      return [negativeEntryOut(NEGATIVE)];
+    const a = this.fs.lookup ? await this.fs.lookup(path) : await this.fs.getattr(path).catch((err) => (toErrno(err) === -E.ENOENT ? undefined : Promise.reject(err)));
+    if (a) {
+      const node = this.lookedUp(parent, name);
+      return [entryOut(node.id, this.kattr(node, a), LONG, this.attrTimeout(path))];
     }
+    if (this.opts.immutable) return [negativeEntryOut(LONG)];
+    if (isControl(path) || !this.trackNegative(parent, name)) return [negativeEntryOut(0)];
+    return [negativeEntryOut(NEGATIVE)];
   }
 
   /** Remembers a missing name the kernel may cache; false when too many are tracked already. */
@@ -568,6 +602,7 @@ export class KernelSession {
       else await this.fs.truncate(this.mustPath(n), s.size);
     }
     if (s.valid & Fattr.MODE) await this.fs.chmod(this.mustPath(n), s.mode & 0o7777);
+    else if (s.valid & FATTR_KILL_SUIDGID) await this.killSuid(n);
     if (s.valid & (Fattr.UID | Fattr.GID)) {
       const cur = await this.attrOfNode(n, fh);
       await this.fs.chown(this.mustPath(n), s.valid & Fattr.UID ? s.uid : cur.uid, s.valid & Fattr.GID ? s.gid : cur.gid);

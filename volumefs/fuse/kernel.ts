@@ -6,8 +6,8 @@
  * timeouts, cache invalidation notifications, per-open direct I/O or kept page cache, 1 MiB
  * requests, and no thread hop per request beyond the read of the device.
  *
- * Reads of the device block, so they run on libuv's thread pool (two at a time by default;
- * bin/strata raises the pool to 16 threads). Replies are written synchronously: the kernel never
+ * Reads of the device block, so a worker thread does them into slots of shared memory and wakes
+ * the main thread only when it is idle. Replies are written synchronously: the kernel never
  * blocks a reply. Notifications can block (an entry invalidation takes the directory's lock,
  * which a request we have not answered yet may hold), so they are written from the pool, one at
  * a time.
@@ -15,6 +15,7 @@
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import { constants } from "node:os";
+import { Worker } from "node:worker_threads";
 import { VolumeError } from "../errors.js";
 
 const E = constants.errno;
@@ -65,7 +66,14 @@ export const Init = {
   PARALLEL_DIROPS: 1 << 18,
   MAX_PAGES: 1 << 22,
   CACHE_SYMLINKS: 1 << 23,
+  /** We drop setuid/setgid bits on write, truncate and O_TRUNC when the kernel says so (FUSE_*_KILL_SUIDGID). */
+  HANDLE_KILLPRIV_V2: 1 << 28,
 } as const;
+
+/** write_flags, open_flags and setattr bits that ask us to drop setuid/setgid bits. */
+export const WRITE_KILL_SUIDGID = 1 << 2;
+export const OPEN_KILL_SUIDGID = 1 << 0;
+export const FATTR_KILL_SUIDGID = 1 << 11;
 
 /** open_flags of an open or create reply. */
 export const FOPEN_DIRECT_IO = 1 << 0;
@@ -124,14 +132,20 @@ export interface KernelAttr {
   ctime: number;
 }
 
+/** Writes a non-negative integer below 2^53 as a little-endian u64. */
+function w64(b: Buffer, v: number, off: number): void {
+  b.writeUInt32LE(v >>> 0, off);
+  b.writeUInt32LE(Math.floor(v / 0x1_0000_0000) >>> 0, off + 4);
+}
+
 /** Writes `struct fuse_attr` at `off`. */
 export function writeAttr(b: Buffer, off: number, a: KernelAttr): void {
-  b.writeBigUInt64LE(BigInt(a.ino), off);
-  b.writeBigUInt64LE(BigInt(a.size), off + 8);
-  b.writeBigUInt64LE(BigInt(Math.ceil(a.size / 512)), off + 16);
+  w64(b, a.ino, off);
+  w64(b, a.size, off + 8);
+  w64(b, Math.ceil(a.size / 512), off + 16);
   const t = (ms: number, at: number, nsAt: number) => {
-    const s = Math.floor(ms / 1000);
-    b.writeBigInt64LE(BigInt(s), off + at);
+    const s = Math.max(0, Math.floor(ms / 1000));
+    w64(b, s, off + at);
     b.writeUInt32LE(Math.round((ms - s * 1000) * 1e6) % 1e9, off + nsAt);
   };
   t(a.atime, 24, 48);
@@ -149,14 +163,14 @@ export function writeAttr(b: Buffer, off: number, a: KernelAttr): void {
 /** Writes a cache timeout (seconds, may be fractional) as u64 seconds at `secAt` and u32 ns at `nsAt`. */
 export function writeTimeout(b: Buffer, seconds: number, secAt: number, nsAt: number): void {
   const s = Math.floor(seconds);
-  b.writeBigUInt64LE(BigInt(s), secAt);
+  w64(b, s, secAt);
   b.writeUInt32LE(Math.round((seconds - s) * 1e9), nsAt);
 }
 
 /** `struct fuse_entry_out`. */
 export function entryOut(nodeid: number, attr: KernelAttr, entryTimeout: number, attrTimeout: number): Buffer {
   const b = Buffer.alloc(ENTRY_SIZE);
-  b.writeBigUInt64LE(BigInt(nodeid), 0);
+  w64(b, nodeid, 0);
   writeTimeout(b, entryTimeout, 16, 32);
   writeTimeout(b, attrTimeout, 24, 36);
   writeAttr(b, 40, attr);
@@ -181,7 +195,7 @@ export function attrOut(attr: KernelAttr, attrTimeout: number): Buffer {
 /** `struct fuse_open_out`. */
 export function openOut(fh: number, flags: number): Buffer {
   const b = Buffer.alloc(16);
-  b.writeBigUInt64LE(BigInt(fh), 0);
+  w64(b, fh, 0);
   b.writeUInt32LE(flags, 8);
   return b;
 }
@@ -212,8 +226,8 @@ export function direntSize(name: string): number {
 
 export function writeDirent(b: Buffer, off: number, ino: number, next: number, name: string, type: number): number {
   const len = b.write(name, off + 24, "utf8");
-  b.writeBigUInt64LE(BigInt(ino), off);
-  b.writeBigUInt64LE(BigInt(next), off + 8);
+  w64(b, ino, off);
+  w64(b, next, off + 8);
   b.writeUInt32LE(len, off + 16);
   b.writeUInt32LE(type, off + 20);
   const size = (24 + len + 7) & ~7;
@@ -231,9 +245,45 @@ export interface DeviceHandler {
 export interface DeviceMountOptions {
   /** Shown as the source in /proc/mounts. */
   fsname: string;
-  /** Device reads kept outstanding. Default 2. */
-  readers?: number;
 }
+
+/** Atomics.waitAsync (Node 16+; typed in lib es2024, newer than this project's target). */
+const waitAsync = (Atomics as unknown as { waitAsync(ta: Int32Array, index: number, value: number): { async: boolean; value: Promise<unknown> | string } }).waitAsync;
+
+/** Request slots shared with the reader thread. */
+const SLOTS = 8;
+
+/**
+ * The reader thread (plain JavaScript, evaluated as a worker): blocking reads of the device into
+ * the next free slot; a message to the main thread (Atomics.notify) only when it said it was idle; a message at the end.
+ * Control words: [0, slots) slot full flags, [slots, 2·slots) lengths, 2·slots the idle flag.
+ */
+const READER_SOURCE = `
+const { readSync } = require("node:fs");
+const { workerData, parentPort } = require("node:worker_threads");
+const { fd, sab, slots, slotSize, ctrlBytes } = workerData;
+const ctrl = new Int32Array(sab, 0, slots * 2 + 2);
+const views = Array.from({ length: slots }, (_, i) => new Uint8Array(sab, ctrlBytes + i * slotSize, slotSize));
+const IDLE = slots * 2;
+let i = 0;
+for (;;) {
+  while (Atomics.load(ctrl, i) !== 0) Atomics.wait(ctrl, i, 1);
+  let n;
+  try {
+    n = readSync(fd, views[i], 0, slotSize, null);
+  } catch (e) {
+    // ENOENT: the request was interrupted before it was read; EINTR, EAGAIN: try again; else
+    // (ENODEV) the session ended.
+    if (e.code === "ENOENT" || e.code === "EINTR" || e.code === "EAGAIN") continue;
+    break;
+  }
+  Atomics.store(ctrl, slots + i, n);
+  Atomics.store(ctrl, i, 1);
+  if (Atomics.compareExchange(ctrl, IDLE, 1, 0) === 1) Atomics.notify(ctrl, IDLE);
+  i = (i + 1) % slots;
+}
+parentPort.postMessage("end");
+`;
 
 /**
  * An open /dev/fuse mounted at a directory. `start` begins serving; `closed` resolves when the
@@ -242,7 +292,6 @@ export interface DeviceMountOptions {
 export class FuseDevice {
   private ended = false;
   private notifyChain: Promise<void> = Promise.resolve();
-  private running = 0;
   private resolveClosed!: () => void;
   /** Resolves when the session has ended and no read is outstanding. */
   readonly closed = new Promise<void>((res) => (this.resolveClosed = res));
@@ -281,56 +330,92 @@ export class FuseDevice {
     return new FuseDevice(fd, dir, await connectionOf(dir));
   }
 
-  /** Starts `readers` outstanding reads, each with its own buffer, feeding `handler`. */
-  start(handler: DeviceHandler, readers = 2): void {
-    for (let i = 0; i < readers; i++) this.readLoop(handler, Buffer.allocUnsafe(MAX_IO + 4096));
-  }
-
-  private readLoop(handler: DeviceHandler, buf: Buffer): void {
-    this.running++;
-    const next = (): void => {
-      if (this.ended) return this.readerDone();
-      fs.read(this.fd, buf, 0, buf.length, null, (err, n) => {
-        if (err) {
-          const code = (err as NodeJS.ErrnoException).code;
-          // ENOENT: the request was interrupted before we read it; EINTR/EAGAIN: try again.
-          if (code === "ENOENT" || code === "EINTR" || code === "EAGAIN") return next();
-          this.ended = true; // ENODEV: unmounted or aborted
-          return this.readerDone();
+  /**
+   * Starts serving: a worker thread reads requests into a ring of shared slots and wakes this
+   * thread only when it is idle; this thread decodes each request in place and frees its slot.
+   * (Reading on the thread pool costs a pool hand-off per request; this costs none while busy.)
+   */
+  start(handler: DeviceHandler): void {
+    const slotSize = MAX_IO + 4096;
+    const ctrlBytes = (SLOTS * 2 + 2) * 4;
+    const sab = new SharedArrayBuffer(ctrlBytes + SLOTS * slotSize);
+    const ctrl = new Int32Array(sab, 0, SLOTS * 2 + 2);
+    const views = Array.from({ length: SLOTS }, (_, i) => Buffer.from(sab, ctrlBytes + i * slotSize, slotSize));
+    const IDLE = SLOTS * 2;
+    Atomics.store(ctrl, IDLE, 1);
+    let head = 0;
+    const drain = (): void => {
+      for (;;) {
+        while (Atomics.load(ctrl, head) === 1) {
+          const n = Atomics.load(ctrl, SLOTS + head);
+          this.dispatch(handler, views[head]!, n);
+          Atomics.store(ctrl, head, 0);
+          Atomics.notify(ctrl, head);
+          head = (head + 1) % SLOTS;
         }
-        if (n >= IN_HEADER) {
-          const req: Request = {
-            opcode: buf.readUInt32LE(4),
-            unique: buf.readBigUInt64LE(8),
-            nodeid: u64(buf, 16),
-            uid: buf.readUInt32LE(24),
-            gid: buf.readUInt32LE(28),
-            pid: buf.readUInt32LE(32),
-            body: buf.subarray(IN_HEADER, n),
-          };
-          try {
-            handler.request(req);
-          } catch (e) {
-            this.reply(req.unique, -E.EIO);
-            process.stderr.write(`strata fuse: request ${req.opcode}: ${(e as Error).message}\n`);
-          }
-        }
-        next();
-      });
-    };
-    next();
-  }
-
-  private readerDone(): void {
-    if (--this.running === 0) {
-      try {
-        fs.closeSync(this.fd);
-      } catch {
-        // already closed
+        Atomics.store(ctrl, IDLE, 1);
+        // A request that landed after the last check and before IDLE was set: take it here,
+        // unless the reader has already claimed the wake-up (then its notify will come).
+        if (Atomics.load(ctrl, head) !== 1 || Atomics.compareExchange(ctrl, IDLE, 1, 0) !== 1) return sleep();
       }
-      this.resolveClosed();
+    };
+    const sleep = (): void => {
+      if (this.ended) return;
+      const w = waitAsync(ctrl, IDLE, 1);
+      if (w.async) void (w.value as Promise<unknown>).then(drain);
+      else drain();
+    };
+    const worker = new Worker(READER_SOURCE, { eval: true, workerData: { fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes } });
+    this.worker = worker;
+    sleep();
+    worker.on("message", () => {
+      drain();
+      this.ended = true;
+      Atomics.notify(ctrl, IDLE);
+      void worker.terminate();
+      this.finish();
+    });
+    worker.on("error", (err) => {
+      process.stderr.write(`strata fuse: device reader failed: ${err.message}\n`);
+      this.ended = true;
+      this.finish();
+    });
+  }
+
+  private worker: Worker | undefined;
+
+  private dispatch(handler: DeviceHandler, buf: Buffer, n: number): void {
+    if (n < IN_HEADER) return;
+    const req: Request = {
+      opcode: buf.readUInt32LE(4),
+      unique: buf.readBigUInt64LE(8),
+      nodeid: u64(buf, 16),
+      uid: buf.readUInt32LE(24),
+      gid: buf.readUInt32LE(28),
+      pid: buf.readUInt32LE(32),
+      body: buf.subarray(IN_HEADER, n),
+    };
+    try {
+      handler.request(req);
+    } catch (e) {
+      this.reply(req.unique, -E.EIO);
+      process.stderr.write(`strata fuse: request ${req.opcode}: ${(e as Error).message}\n`);
     }
   }
+
+  private finish(): void {
+    if (this.finished) return;
+    this.finished = true;
+    try {
+      fs.closeSync(this.fd);
+    } catch {
+      // already closed
+    }
+    this.resolveClosed();
+  }
+
+  private finished = false;
+  private readonly header = Buffer.alloc(OUT_HEADER);
 
   /** True once the kernel ended the session. */
   get isEnded(): boolean {
@@ -342,7 +427,7 @@ export class FuseDevice {
     if (this.ended) return;
     let len = OUT_HEADER;
     for (const p of payload) len += p.length;
-    const h = Buffer.allocUnsafe(OUT_HEADER);
+    const h = this.header; // written synchronously below, so one buffer serves every reply
     h.writeUInt32LE(len, 0);
     h.writeInt32LE(error, 4);
     h.writeBigUInt64LE(unique, 8);

@@ -56,6 +56,8 @@ export interface MountSyncResult {
 /** A POSIX file system over a volume; what the FUSE adapter calls. */
 export interface MountFs {
   getattr(path: string): Promise<FileAttr>;
+  /** Attributes of a path, or undefined when nothing is there (what getattr would fail NOT_FOUND for). Optional; cheaper than a thrown error on hot paths. */
+  lookup?(path: string): Promise<FileAttr | undefined>;
   /** Attributes of an open file, also after its name was removed. Optional. */
   fgetattr?(fh: number): Promise<FileAttr>;
   /** Names in a directory (without "." and ".."). */
@@ -71,6 +73,7 @@ export interface MountFs {
   write(fh: number, data: Uint8Array, position: number): Promise<number>;
   truncate(path: string, size: number): Promise<void>;
   ftruncate(fh: number, size: number): Promise<void>;
+  /** close(2) of a descriptor. Must need no work: adapters may tell the kernel to skip it (durability is `fsync`'s). */
   flush(fh: number): Promise<void>;
   fsync(fh: number, datasync: boolean): Promise<void>;
   release(fh: number): Promise<void>;

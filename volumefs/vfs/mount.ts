@@ -23,7 +23,7 @@ import { constants } from "node:fs";
 import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, type ChunkParams, type ChunkStore } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
-import type { VersionRecord } from "../../metadata/index.js";
+import { isCode, type VersionRecord } from "../../metadata/index.js";
 import { ControlDir, entryAttr, type ControlHandle, type VersionFileHandle } from "./control.js";
 import type { FileAttr, MountFs, MountStatus, MountSyncOptions, MountSyncResult } from "./mount-types.js";
 import { isPending, Overlay, type OverlayNode, type PendingContent, type PendingFileEntry, type StagedEntry } from "./overlay.js";
@@ -594,6 +594,14 @@ export class MountedVolume implements MountFs {
       return { ...entryAttr(r, false), mode: this.readOnly ? 0o555 : 0o755 };
     }
     return this.attrOf(segs, await this.mustLookup(segs, "stat"));
+  }
+
+  /** Attributes of a path, or undefined when nothing is there. */
+  async lookup(path: string): Promise<FileAttr | undefined> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME || segs.length === 0) return this.getattr(path).catch((err) => (isCode(err, "NOT_FOUND") ? undefined : Promise.reject(err)));
+    const e = await this.overlay.lookup(segs);
+    return e ? this.attrOf(segs, e) : undefined;
   }
 
   /** Attributes of an open file, also after its name was removed. */
