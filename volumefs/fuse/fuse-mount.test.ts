@@ -4,7 +4,7 @@
  * too), or through child processes.
  */
 import { execFile } from "node:child_process";
-import { appendFile, chmod, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rename, rm, rmdir, stat, symlink, truncate, unlink, writeFile, open } from "node:fs/promises";
+import { appendFile, chmod, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rename, rm, rmdir, stat, symlink, truncate, unlink, utimes, writeFile, open } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -99,6 +99,46 @@ describe.each(["kernel", "fuse-native"] as const)("mountFs over a pass-through (
     const { stdout } = await run("sh", ["-c", `grep -E '^[^ ]+ ${mnt} ' /proc/mounts`]);
     expect(stdout).toMatch(/^strata /);
     await unlink(join(mnt, "big"));
+  });
+
+  it.runIf(driver === "kernel")("keeps an mtime apart from the atime, and stats a file kept open after unlink", async () => {
+    const f = join(mnt, "times");
+    await writeFile(f, "t");
+    await utimes(f, new Date(1_000_000_000_000), new Date(1_500_000_000_000));
+    expect((await stat(join(src, "times"))).mtimeMs).toBe(1_500_000_000_000);
+    expect((await stat(f)).mtimeMs).toBe(1_500_000_000_000);
+    const fh = await open(f, "r+");
+    await unlink(f);
+    await fh.write(Buffer.from("more"), 0, 4, 1);
+    expect((await fh.stat()).size).toBe(5);
+    await fh.close();
+    await expect(stat(f)).rejects.toMatchObject({ code: "ENOENT" });
+  });
+
+  it.runIf(driver === "kernel")("keeps cached sizes and names right across changes through the mount", async () => {
+    const f = join(mnt, "grow");
+    await writeFile(f, "a");
+    expect((await stat(f)).size).toBe(1);
+    await appendFile(f, "bcd");
+    expect((await stat(f)).size).toBe(4);
+    await truncate(f, 2);
+    expect((await stat(f)).size).toBe(2);
+    await expect(stat(join(mnt, "later"))).rejects.toMatchObject({ code: "ENOENT" });
+    await rename(f, join(mnt, "later"));
+    expect(await readFile(join(mnt, "later"), "utf8")).toBe("ab");
+    await expect(stat(f)).rejects.toMatchObject({ code: "ENOENT" });
+    await unlink(join(mnt, "later"));
+  });
+
+  it.runIf(driver === "kernel")("drops setuid and setgid bits when another user writes", async () => {
+    const f = join(mnt, "suid");
+    await chmod(base, 0o755);
+    await writeFile(f, "#!/bin/sh\n");
+    await chmod(f, 0o6777);
+    await run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", `echo x >> ${f}`]);
+    expect((await stat(join(src, "suid"))).mode & 0o7777).toBe(0o777);
+    expect((await stat(f)).mode & 0o7777).toBe(0o777);
+    await unlink(f);
   });
 
   it("refuses a second mount on a live mount point, and detaches a dead one", async () => {

@@ -4,7 +4,7 @@
  * Local errors keep their Node `code` (ENOENT…), which `toErrno` maps one to one. No versions:
  * `sync` and `reload` do nothing, `status` reports nothing staged.
  */
-import { constants } from "node:fs";
+import { constants, type Stats } from "node:fs";
 import {
   chmod,
   chown,
@@ -66,19 +66,10 @@ export class PassthroughFs implements MountFs {
   }
 
   async getattr(path: string): Promise<FileAttr> {
-    const st = await lstat(this.real(path));
-    return {
-      kind: st.isDirectory() ? "dir" : st.isSymbolicLink() ? "symlink" : "file",
-      mode: st.mode & 0o7777,
-      size: st.size,
-      mtime: st.mtimeMs,
-      atime: st.atimeMs,
-      ctime: st.ctimeMs,
-      nlink: st.nlink,
-      uid: st.uid,
-      gid: st.gid,
-      immutable: false,
-    };
+    return attrOf(await lstat(this.real(path)));
+  }
+  async fgetattr(fh: number): Promise<FileAttr> {
+    return attrOf(await this.handle(fh).stat());
   }
   async readdir(path: string): Promise<string[]> {
     return readdir(this.real(path));
@@ -177,4 +168,19 @@ export class PassthroughFs implements MountFs {
     this.handles.clear();
     await Promise.all(hs.map((h) => h.close().catch(() => undefined)));
   }
+}
+
+function attrOf(st: Stats): FileAttr {
+  return {
+    kind: st.isDirectory() ? "dir" : st.isSymbolicLink() ? "symlink" : "file",
+    mode: st.mode & 0o7777,
+    size: st.size,
+    mtime: st.mtimeMs,
+    atime: st.atimeMs,
+    ctime: st.ctimeMs,
+    nlink: st.nlink,
+    uid: st.uid,
+    gid: st.gid,
+    immutable: false,
+  };
 }
