@@ -1,5 +1,7 @@
 /**
- * fuse: serves a `MountFs` (vfs/mount-types.ts) as a kernel FUSE mount through fuse-native.
+ * fuse: serves a `MountFs` (vfs/mount-types.ts) as a kernel FUSE mount: by default speaking the
+ * kernel's FUSE protocol over /dev/fuse (kernel.ts, kernel-mount.ts); fuse-native's high-level
+ * libfuse API is kept as a second driver (`driver: "fuse-native"`).
  *
  * ```ts
  * import { mountFs, PassthroughFs } from "../volumefs/fuse/index.js";
