@@ -11,11 +11,11 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createServer, type Server } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import type { Readable } from "node:stream";
-import { egressNames, GvisorRuntime, type Runtime } from "../agent/index.js";
+import { egressNames, GvisorRuntime, type Runtime, type SandboxState } from "../agent/index.js";
 import { runCommand, mustRun } from "../agent/exec-util.js";
 import { testImage } from "../agent/testing.js";
 import { Container } from "../sdk/index.js";
@@ -172,6 +172,45 @@ describe("sandbox networks (real runsc, netns, nftables)", () => {
       await expect(rt.create({ id: "bad-net", rootfs, network: { mode: "egress", allow } })).rejects.toMatchObject({ code: "INVALID_SPEC" });
     }
     expect(await leftovers("bad-net")).toEqual([]);
+  });
+
+  it("an egress sandbox outlives its runtime's process (SIGKILL): a new runtime adopts it with its filter, or discards it leaving nothing", async () => {
+    // The first runtime lives in a child process that prints the sandboxes' states and is then killed.
+    const script = join(dir, "first-runtime.mts");
+    await writeFile(script, [
+      `import { GvisorRuntime } from ${JSON.stringify(resolve(__dirname, "../agent/gvisor-runtime.ts"))};`,
+      `const rt = new GvisorRuntime({ stateDir: ${JSON.stringify(join(dir, "state"))}, cgroupParent: "/strata-test-net-${process.pid}" });`,
+      `const spec = { rootfs: ${JSON.stringify((await testImage()).rootfs)}, network: { mode: "egress", allow: ["${SRV_A}:18080"] } };`,
+      `const a = await rt.create({ ...spec, id: "kept-${process.pid}" });`,
+      `const b = await rt.create({ ...spec, id: "dropped-${process.pid}" });`,
+      `console.log(JSON.stringify([await rt.state(a.id), await rt.state(b.id)]));`,
+      `setInterval(() => {}, 1000);`,
+    ].join("\n"));
+    const child = spawn(process.execPath, ["--import", "tsx", script], { cwd: resolve(__dirname, ".."), stdio: ["ignore", "pipe", "inherit"] });
+    const line = await new Promise<string>((res, rej) => {
+      let buf = "";
+      child.stdout!.on("data", (b: Buffer) => {
+        buf += b.toString();
+        if (buf.includes("\n")) res(buf.split("\n")[0]!);
+      });
+      child.once("exit", (c) => rej(new Error(`first runtime exited with ${c}`)));
+    });
+    const [kept, dropped] = JSON.parse(line) as [SandboxState, SandboxState];
+    child.kill("SIGKILL");
+    await new Promise((res) => child.once("exit", res));
+
+    const handle = await rt.adopt(kept);
+    expect(handle).toMatchObject({ id: kept.id, state: "running" });
+    const r = await probe(rt, kept.id, [`${SRV_A}:18080`, `${SRV_B}:18080`]);
+    expect(r.get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+    expect(r.get(`${SRV_B}:18080`)).toMatch(/^fail /);
+    await rt.discard(dropped);
+    expect(await leftovers(dropped.id)).toEqual([]);
+    expect(await rt.adopt(dropped)).toBeNull();
+    await rt.stop(kept.id);
+    await rt.close();
+    expect(await leftovers(kept.id)).toEqual([]);
+    rt = new GvisorRuntime({ stateDir: join(dir, "state"), cgroupParent: `/strata-test-net-${process.pid}` });
   });
 
   describe("through the agent and the SDK", () => {
