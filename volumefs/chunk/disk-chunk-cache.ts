@@ -13,7 +13,8 @@
  * scan on open and refreshed by a rescan every `rescanMs`; bytes read back are verified against
  * their id, and a damaged file is deleted and reported as a miss.
  */
-import { mkdir, open, readdir, readFile, rename, stat, unlink, utimes } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, stat, unlink, utimes, writeFile } from "node:fs/promises";
+import { statSync } from "node:fs";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { VolumeError } from "../errors.js";
@@ -129,6 +130,9 @@ export class DiskChunkCache implements ChunkCache {
       .finally(() => (this.scanning = undefined));
   }
 
+  /** Prefix directories made (or found) by this process. */
+  private readonly made = new Set<string>();
+
   private forget(id: string): void {
     const e = this.entries.get(id);
     if (!e) return;
@@ -140,6 +144,9 @@ export class DiskChunkCache implements ChunkCache {
   async get(id: string): Promise<Uint8Array | undefined> {
     await this.open();
     const p = this.pathOf(id);
+    // An id we do not know (another process may have cached it since our last scan) is checked
+    // with one stat that makes no error object: misses are the common case of a cold read.
+    if (!this.entries.has(id) && statSync(p, { throwIfNoEntry: false }) === undefined) return undefined;
     let data: Buffer;
     try {
       data = await readFile(p);
@@ -183,14 +190,17 @@ export class DiskChunkCache implements ChunkCache {
     const p = this.pathOf(id);
     const tmp = join(this.dir, "tmp", `${id}.${process.pid}.${randomBytes(6).toString("hex")}`);
     try {
-      await mkdir(join(this.dir, id.slice(0, 2)), { recursive: true });
-      const fh = await open(tmp, "w");
-      try {
-        await fh.writeFile(data);
-      } finally {
-        await fh.close();
+      const sub = id.slice(0, 2);
+      if (!this.made.has(sub)) {
+        await mkdir(join(this.dir, sub), { recursive: true });
+        this.made.add(sub);
       }
-      await rename(tmp, p);
+      await writeFile(tmp, data);
+      await rename(tmp, p).catch(async (err) => {
+        if (!isEnoent(err)) throw err;
+        await mkdir(join(this.dir, sub), { recursive: true }); // removed behind our back
+        await rename(tmp, p);
+      });
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw VolumeError.IO("write cached chunk", err, { path: p });
