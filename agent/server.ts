@@ -83,6 +83,8 @@ export interface RecoveryReport {
   adopted: string[];
   /** Sandboxes stopped or found dead, and cleaned up (their volumes' staged writes synced). */
   cleaned: string[];
+  /** Sandboxes that could not be cleaned up now (their records stay for the next start), with why. */
+  failed: { id: string; error: string }[];
 }
 
 interface VolumeMount {
@@ -134,7 +136,7 @@ export class AgentService implements AgentClient {
    * for the next attempt.
    */
   async recover(): Promise<RecoveryReport> {
-    const report: RecoveryReport = { adopted: [], cleaned: [] };
+    const report: RecoveryReport = { adopted: [], cleaned: [], failed: [] };
     for (const s of await this.store.all()) {
       const id = s.record.id;
       if (this.sandboxes.has(id)) continue;
@@ -157,8 +159,8 @@ export class AgentService implements AgentClient {
         const reason = s.record.exit?.reason ?? (s.phase === "stopping" ? "stopped" : wasRunning ? "agent_restart" : "exited");
         await this.cleanUp(s, { reason, oom: s.record.exit?.oom ?? false });
         report.cleaned.push(id);
-      } catch {
-        // left for the next start: its record stays
+      } catch (err) {
+        report.failed.push({ id, error: toWireError(err).message });
       }
     }
     return report;

@@ -164,6 +164,7 @@ export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Pr
     if (found.adopted.length || found.cleaned.length) {
       io.stderr.write(`strata: agent adopted ${found.adopted.length} sandbox(es) [${found.adopted.join(" ")}], cleaned up ${found.cleaned.length} [${found.cleaned.join(" ")}]\n`);
     }
+    for (const f of found.failed) io.stderr.write(`strata: agent could not clean up sandbox ${f.id} (kept for the next start): ${f.error}\n`);
     server = await serveAgent(agent, socket);
   } catch (err) {
     await agent.close();
