@@ -33,7 +33,13 @@ import { hostname } from "node:os";
 import { isAbsolute, join, posix } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { isCode } from "../metadata/index.js";
-import { MountedVolume, forceUnmount, mountFs, type FuseMount, type MountFs, type Repository } from "../volumefs/index.js";
+import type { FuseMount, MountedVolume, MountFs, Repository } from "../volumefs/index.js";
+
+/**
+ * The storage layer, loaded when the agent first mounts a volume: `agent/index.ts` is also the
+ * client's entry, and a `strata run` process must not pay for loading S3, SQLite and FUSE code.
+ */
+const volumefs = () => import("../volumefs/index.js");
 import {
   ERROR_METADATA_KEY,
   grpcTarget,
@@ -185,7 +191,7 @@ export class AgentService implements AgentClient {
     const root = join(this.opts.stateDir, "mounts", id);
     for (const n of await readdir(root).catch(() => [] as string[])) {
       const dir = join(root, n);
-      await forceUnmount(dir);
+      await (await volumefs()).forceUnmount(dir);
       await rmdir(dir).catch(() => undefined);
     }
     await rmdir(root).catch(() => undefined);
@@ -204,7 +210,7 @@ export class AgentService implements AgentClient {
     const labels = { sandbox: s.record.id, run: s.record.runId };
     let fs: MountedVolume | undefined;
     try {
-      fs = await MountedVolume.open({ repo: this.opts.repo, volume: name, stagingRoot: this.opts.stagingRoot, labels });
+      fs = await (await volumefs()).MountedVolume.open({ repo: this.opts.repo, volume: name, stagingRoot: this.opts.stagingRoot, labels });
       if (!s.syncOnStop) {
         await fs.reload({ discard: true });
         return { name, version: null, changed: false };
@@ -263,6 +269,7 @@ export class AgentService implements AgentClient {
         }
         const dir = join(this.opts.stateDir, "mounts", id, String(i));
         await mkdir(dir, { recursive: true });
+        const { MountedVolume, mountFs } = await volumefs();
         const fs = await MountedVolume.open({
           repo: this.opts.repo, volume: v.name, at: v.at || undefined, readOnly, stagingRoot: this.opts.stagingRoot, labels, mountpoint: dir,
         });

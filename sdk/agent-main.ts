@@ -17,7 +17,6 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { AgentError, AgentService, GrpcAgentClient, GvisorRuntime, ImageBuilder, NvidiaGpuInventory, serveAgent } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
-import { Strata } from "./client.js";
 import { loadConfig, type StrataConfig } from "./config.js";
 
 /** Where a command writes (the CLI's `CliIO`). */
@@ -150,6 +149,7 @@ export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Pr
   await mkdir(config.home, { recursive: true });
   const pidFile = join(config.home, "agent.pid");
   await takePidFile(pidFile);
+  const { Strata } = await import("./client.js"); // the storage layer: only the agent needs it, not the CLI that starts it
   const strata = Strata.connect(config, { labels: { tool: "agent" } });
   const stateDir = join(config.home, "agent");
   const runtime = new GvisorRuntime({ stateDir });
