@@ -23,7 +23,7 @@
 import { execFile } from "node:child_process";
 import { constants as fsConstants } from "node:fs";
 import { constants } from "node:os";
-import { mkdir, readdir, readFile, stat, writeFile } from "node:fs/promises";
+import { mkdir, readdir, stat, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import { promisify } from "node:util";
 import Fuse from "fuse-native";
@@ -31,15 +31,12 @@ import { VolumeError } from "../errors.js";
 import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
 import type { FileAttr, MountFs } from "../vfs/mount-types.js";
 import { NAME_TOO_LONG, toErrno } from "./errno.js";
-import { FuseDevice } from "./kernel.js";
-import { KernelSession } from "./kernel-mount.js";
+import { FuseDevice, mountTable } from "./kernel.js";
+import { isControl, KernelSession, typeBits } from "./kernel-mount.js";
 
 const run = promisify(execFile);
 const E = constants.errno;
 const O = fsConstants;
-const S_IFREG = 0o100000;
-const S_IFDIR = 0o040000;
-const S_IFLNK = 0o120000;
 /** Largest read and write request, in bytes. */
 export const FUSE_MAX_IO = 128 * 1024;
 /** What utimens receives for UTIME_NOW and UTIME_OMIT (0 s and about 2^30 ns, in ms). */
@@ -82,9 +79,6 @@ export interface FuseMount {
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 type Cb = (...args: any[]) => void;
 
-function typeBits(kind: FileAttr["kind"]): number {
-  return kind === "dir" ? S_IFDIR : kind === "symlink" ? S_IFLNK : S_IFREG;
-}
 
 function toStat(a: FileAttr): Record<string, number> {
   return {
@@ -109,29 +103,10 @@ function checkNames(path: string): void {
   }
 }
 
-function isControl(path: string): boolean {
-  return path === `/${RESERVED_NAME}` || path.startsWith(`/${RESERVED_NAME}/`);
-}
-
-/** Lines of /proc/self/mountinfo as [mount point, fs type, source]. */
-async function mountTable(): Promise<[string, string, string][]> {
-  const text = await readFile("/proc/self/mountinfo", "utf8");
-  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
-  return text
-    .split("\n")
-    .filter(Boolean)
-    .map((line) => {
-      const [left, right = ""] = line.split(" - ");
-      const f = left!.split(" ");
-      const r = right.split(" ");
-      return [unescape(f[4] ?? ""), r[0] ?? "", unescape(r[1] ?? "")];
-    });
-}
-
 /** True when `dir` is a mount point of a FUSE file system (live or with a dead server). */
 export async function isFuseMountPoint(dir: string): Promise<boolean> {
   const abs = resolve(dir);
-  return (await mountTable()).some(([mp, type]) => mp === abs && type.startsWith("fuse"));
+  return (await mountTable()).some((m) => m.point === abs && m.type.startsWith("fuse"));
 }
 
 /**

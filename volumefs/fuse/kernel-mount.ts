@@ -94,7 +94,8 @@ export interface KernelServeOptions {
   debug: boolean;
 }
 
-function typeBits(kind: FileAttr["kind"]): number {
+/** The S_IF* type bits of a kind. */
+export function typeBits(kind: FileAttr["kind"]): number {
   return kind === "dir" ? S_IFDIR : kind === "symlink" ? S_IFLNK : S_IFREG;
 }
 
@@ -106,7 +107,8 @@ function tooLong(name: string): boolean {
   return name.length > NAME_MAX / 4 && Buffer.byteLength(name) > NAME_MAX;
 }
 
-function isControl(path: string): boolean {
+/** True for `/.strata` and everything under it. */
+export function isControl(path: string): boolean {
   return path === `/${RESERVED_NAME}` || path.startsWith(`/${RESERVED_NAME}/`);
 }
 

@@ -474,17 +474,34 @@ export class FuseDevice {
   }
 }
 
-/**
- * The minor device number of the FUSE mount at `dir`, from /proc/self/mountinfo (never from a
- * stat of the mount, which this process must not do synchronously while it serves it).
- */
-async function connectionOf(dir: string): Promise<number | undefined> {
+/** One line of /proc/self/mountinfo. */
+export interface MountEntry {
+  point: string;
+  type: string;
+  source: string;
+  /** The minor device number (a FUSE mount's connection number). */
+  minor: number;
+}
+
+/** The mount table of this process, from /proc/self/mountinfo. */
+export async function mountTable(): Promise<MountEntry[]> {
   const text = await fs.promises.readFile("/proc/self/mountinfo", "utf8");
   const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
-  let found: number | undefined;
-  for (const line of text.split("\n")) {
-    const f = line.split(" ");
-    if (f.length > 4 && unescape(f[4]!) === dir && line.includes(" - fuse")) found = Number(f[2]!.split(":")[1]);
-  }
-  return found;
+  return text
+    .split("\n")
+    .filter(Boolean)
+    .map((line) => {
+      const [left, right = ""] = line.split(" - ");
+      const f = left!.split(" ");
+      const r = right.split(" ");
+      return { point: unescape(f[4] ?? ""), type: r[0] ?? "", source: unescape(r[1] ?? ""), minor: Number((f[2] ?? "").split(":")[1]) };
+    });
+}
+
+/**
+ * The minor device number of the FUSE mount at `dir` (never from a stat of the mount, which this
+ * process must not do synchronously while it serves it).
+ */
+async function connectionOf(dir: string): Promise<number | undefined> {
+  return (await mountTable()).filter((m) => m.point === dir && m.type.startsWith("fuse")).at(-1)?.minor;
 }
