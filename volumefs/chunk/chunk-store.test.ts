@@ -1,4 +1,7 @@
 import { describe, it, expect } from "vitest";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { hash } from "blake3";
 import { MemoryObjectStore, withFaults, transientError, type ObjectStore } from "../object/index.js";
 import { SqliteMetadataStore, type MetadataStore } from "../../metadata/index.js";
@@ -6,6 +9,7 @@ import { ChunkStore, type ChunkStoreOptions } from "./chunk-store.js";
 import { cutPoints, DEFAULT_CHUNK_PARAMS } from "./chunker.js";
 import { chunkId } from "./hash.js";
 import { MemoryChunkCache } from "./memory-chunk-cache.js";
+import { DiskChunkCache } from "./disk-chunk-cache.js";
 import { packKey, parsePack } from "./pack.js";
 
 const SMALL = { min: 1024, avg: 4096, max: 16384 };
@@ -130,6 +134,33 @@ describe("ChunkStore", () => {
     const whole = await store.readRange(chunks, 0, ref.length);
     expect(whole.length).toBe(ref.length);
     expect(objects.calls.get - before).toBe(1);
+  });
+
+  it("fills the disk cache behind reads, so another store on the host reads with no GETs", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "strata-cache-"));
+    try {
+      const objects = withFaults(new MemoryObjectStore(), () => undefined);
+      const { meta, store } = setup({ objects, cache: new DiskChunkCache({ dir, maxBytes: 1 << 30 }) });
+      const first = { objects, meta, store };
+      const w = first.store.writer();
+      const data = bytes("cached", 3_000_000);
+      const { chunks } = await w.writeBuffer(data);
+      await w.flush();
+      const before = first.objects.calls.get;
+      expect(Buffer.from(await first.store.readRange(chunks, 0, data.length)).equals(Buffer.from(data))).toBe(true);
+      const gets = first.objects.calls.get - before;
+      expect(gets).toBeGreaterThan(0);
+      // Read again at once: the chunks whose cache write is still running come from memory.
+      await first.store.readRange(chunks, 0, data.length);
+      expect(first.objects.calls.get - before).toBe(gets);
+      await new Promise((r) => setTimeout(r, 200)); // the writes behind the reads end
+      const second = new ChunkStore({ objects: first.objects, meta: first.meta, params: SMALL, cache: new DiskChunkCache({ dir, maxBytes: 1 << 30 }) });
+      const at = first.objects.calls.get;
+      expect(Buffer.from(await second.readRange(chunks, 1000, 2_000_000)).equals(Buffer.from(data.subarray(1000, 2_001_000)))).toBe(true);
+      expect(first.objects.calls.get - at).toBe(0);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   it("fails with CORRUPT on tampered pack bytes and never caches them", async () => {

@@ -80,6 +80,8 @@ export interface ChunkStoreOptions {
   coalesceGapBytes?: number;
   /** Upper bound of one coalesced ranged GET; default 8 MiB. */
   maxReadBytes?: number;
+  /** Most bytes of fetched chunks waiting for their cache write; default 64 MiB. */
+  cacheBehindBytes?: number;
 }
 
 /** A batch writer of chunks and trees; see ChunkStore.writer(). Not for use after abort(). */
@@ -357,6 +359,10 @@ export class ChunkStore {
   private readonly coalesceGapBytes: number;
   private readonly maxReadBytes: number;
   private readonly inflight = new Map<string, Promise<Uint8Array>>();
+  /** Chunks whose cache write has not ended yet, and their bytes. */
+  private readonly writing = new Map<string, Promise<Uint8Array>>();
+  private writingBytes = 0;
+  private readonly cacheBehindBytes: number;
   private workersOk: Promise<boolean> | undefined;
 
   constructor(opts: ChunkStoreOptions) {
@@ -373,6 +379,7 @@ export class ChunkStore {
     this.readConcurrency = opts.readConcurrency ?? 8;
     this.coalesceGapBytes = opts.coalesceGapBytes ?? 64 * 1024;
     this.maxReadBytes = opts.maxReadBytes ?? 8 * 1024 * 1024;
+    this.cacheBehindBytes = opts.cacheBehindBytes ?? 64 * 1024 * 1024;
     cutPoints(new Uint8Array(0), this.params);
   }
 
@@ -393,22 +400,22 @@ export class ChunkStore {
    * for an id the chunk index does not know, CORRUPT when the bytes do not hash to `id`.
    */
   async read(id: string): Promise<Uint8Array> {
-    const hit = await this.cached(id);
-    if (hit) return hit;
-    const running = this.inflight.get(id);
+    const running = this.writing.get(id) ?? this.inflight.get(id);
     if (running) return running;
     const p = (async () => {
       const loc = (await this.meta.getChunks([id])).get(id);
       if (!loc) throw VolumeError.NOT_FOUND(`chunk ${id}`, { op: "read chunk" });
+      const hit = await this.cached(loc);
+      if (hit) return hit;
       const [got] = await this.fetch([loc]);
       return got!.data;
     })();
     return this.track(id, p);
   }
 
-  private async cached(id: string): Promise<Uint8Array | undefined> {
+  private async cached(loc: ChunkLocation): Promise<Uint8Array | undefined> {
     if (!this.cache) return undefined;
-    return this.cache.get(id).catch(() => undefined);
+    return this.cache.get(loc).catch(() => undefined);
   }
 
   private track(id: string, p: Promise<Uint8Array>): Promise<Uint8Array> {
@@ -420,7 +427,7 @@ export class ChunkStore {
     return p;
   }
 
-  private async fetchRange(r: Range): Promise<{ id: string; data: Uint8Array }[]> {
+  private async fetchRange(r: Range): Promise<{ bytes: Uint8Array; chunks: { id: string; data: Uint8Array }[] }> {
     const key = packKey(r.pack);
     const bytes = await this.objects.get(key, { offset: r.offset, length: r.length });
     if (bytes.length !== r.length) {
@@ -428,11 +435,12 @@ export class ChunkStore {
     }
     const out: { id: string; data: Uint8Array }[] = [];
     for (const m of r.members) {
-      const data = Uint8Array.prototype.slice.call(bytes, m.offset - r.offset, m.offset - r.offset + m.length);
+      // Views, not copies: the members of one range are read (and evicted) together.
+      const data = bytes.subarray(m.offset - r.offset, m.offset - r.offset + m.length);
       if (!verifyChunk(m.id, data)) throw VolumeError.CORRUPT(`chunk ${m.id}`, { op: "read chunk", path: key });
       out.push({ id: m.id, data });
     }
-    return out;
+    return { bytes, chunks: out };
   }
 
   private coalesce(locs: ChunkLocation[]): Range[] {
@@ -463,10 +471,28 @@ export class ChunkStore {
   /** Fetches the located chunks with coalesced ranged GETs in parallel, verifies and caches them. */
   private async fetch(locs: ChunkLocation[]): Promise<{ id: string; data: Uint8Array }[]> {
     const limiter = new Limiter(this.readConcurrency);
-    const parts = await Promise.all(this.coalesce(locs).map((r) => limiter.run(() => this.fetchRange(r))));
-    const out = parts.flat();
-    if (this.cache) await Promise.all(out.map((c) => this.cache!.put(c.id, c.data).catch(() => undefined)));
-    return out;
+    const ranges = this.coalesce(locs);
+    const parts = await Promise.all(ranges.map((r) => limiter.run(() => this.fetchRange(r))));
+    ranges.forEach((r, k) => this.cacheBehind(r, parts[k]!.bytes, parts[k]!.chunks));
+    return parts.flatMap((p) => p.chunks);
+  }
+
+  /**
+   * Stores fetched chunks in the cache without making the reader wait. Chunks being written stay
+   * readable from memory until their write ends; beyond `cacheBehindBytes` in flight, further
+   * chunks are not cached (the cache is an optimisation; a slow disk must not stall reads).
+   */
+  private cacheBehind(r: Range, bytes: Uint8Array, chunks: { id: string; data: Uint8Array }[]): void {
+    const cache = this.cache;
+    if (!cache || this.writingBytes + bytes.length > this.cacheBehindBytes) return;
+    const mine = chunks.filter((c) => !this.writing.has(c.id));
+    for (const c of mine) this.writing.set(c.id, Promise.resolve(c.data));
+    this.writingBytes += bytes.length;
+    const done = (): void => {
+      for (const c of mine) this.writing.delete(c.id);
+      this.writingBytes -= bytes.length;
+    };
+    cache.putRange(r.pack, r.offset, bytes, r.members).then(done, done);
   }
 
   /**
@@ -485,22 +511,31 @@ export class ChunkStore {
       if (pos >= end) break;
       pos = next;
     }
-    const ids = [...new Set(want.map((w) => w.ref.id))];
     const got = new Map<string, Uint8Array>();
     const missing: string[] = [];
-    await Promise.all(
-      ids.map(async (id) => {
-        const hit = (await this.cached(id)) ?? (await this.inflight.get(id)?.catch(() => undefined));
-        if (hit) got.set(id, hit);
-        else missing.push(id);
-      }),
-    );
+    const waits: Promise<void>[] = [];
+    for (const id of new Set(want.map((w) => w.ref.id))) {
+      const running = this.writing.get(id) ?? this.inflight.get(id);
+      if (running) waits.push(running.then((data) => void got.set(id, data), () => void missing.push(id)));
+      else missing.push(id);
+    }
+    await Promise.all(waits);
     if (missing.length > 0) {
       const p = (async () => {
         const locs = await this.meta.getChunks(missing);
         const unknown = missing.find((id) => !locs.has(id));
         if (unknown) throw VolumeError.NOT_FOUND(`chunk ${unknown}`, { op: "read chunk" });
-        return new Map((await this.fetch([...locs.values()])).map((c) => [c.id, c.data]));
+        const found = new Map<string, Uint8Array>();
+        const absent: ChunkLocation[] = [];
+        await Promise.all(
+          [...locs.values()].map(async (loc) => {
+            const hit = await this.cached(loc);
+            if (hit) found.set(loc.id, hit);
+            else absent.push(loc);
+          }),
+        );
+        for (const c of await this.fetch(absent)) found.set(c.id, c.data);
+        return found;
       })();
       for (const id of missing) this.track(id, p.then((m) => m.get(id)!));
       for (const [id, data] of await p) got.set(id, data);
@@ -529,7 +564,9 @@ export class ChunkStore {
     }
     const loc = (await this.meta.getChunks([id])).get(id);
     if (!loc) throw VolumeError.NOT_FOUND(`tree ${id}`, { op: "read tree" });
-    const [got] = await this.fetchRange({ pack: loc.pack, offset: loc.offset, length: loc.length, members: [loc] });
+    const {
+      chunks: [got],
+    } = await this.fetchRange({ pack: loc.pack, offset: loc.offset, length: loc.length, members: [loc] });
     await this.meta.putTrees([{ id, data: got!.data }]);
     return got!.data;
   }

@@ -2,22 +2,28 @@
  * The host-wide chunk cache on disk, shared by every mount and process on the host.
  *
  * Layout under `dir`:
- *   <ab>/<id>        one file per chunk, named by its full id; <ab> = the id's first two hex chars
- *   tmp/<id>.<pid>.<random>   a write in progress
+ *   packs/<ab>/<pack>   one sparse file per pack, named by the pack id (<ab> = its first two hex
+ *                       chars); a cached chunk sits at its own offset in the pack
  *
- * Invariants: a chunk file appears only by rename of a complete temp file, so a reader sees a
- * whole chunk or nothing; any file may vanish at any time (another process evicts it), and a
- * missing file (ENOENT) is a miss, never an error. Recency is the file's mtime, touched on a hit
- * (at most once a minute per chunk), so every process sharing the directory evicts in roughly the
- * same least-recently-used order. Each process tracks sizes and recency in memory, learned by a
- * scan on open and refreshed by a rescan every `rescanMs`; bytes read back are verified against
- * their id, and a damaged file is deleted and reported as a miss.
+ * A fetched range is written with one positioned write, so a cold sequential read costs one
+ * write per few MiB rather than a file per 64 KiB chunk. Nothing marks which parts of a file are
+ * filled: every read is verified against the chunk id, and a hole (zeros), a write still in
+ * progress in another process, or damaged bytes all fail the check and count as a miss. Writers
+ * of the same range write the same bytes (packs are immutable and named by their content), so
+ * concurrent writers cannot disagree.
+ *
+ * Eviction is per pack file, least recently used first. Recency is the file's mtime, touched on a
+ * hit (at most once a minute per pack), so every process sharing the directory evicts in roughly
+ * the same order. Each process tracks sizes (allocated blocks) and recency in memory, learned by a
+ * scan on open and refreshed by a rescan every `rescanMs`. A file may vanish at any time (another
+ * process evicts it): that is a miss, never an error. Open descriptors are reused across reads and
+ * writes and dropped at each rescan, so a file another process unlinked is not kept alive.
  */
-import { mkdir, readdir, readFile, rename, stat, unlink, utimes, writeFile } from "node:fs/promises";
-import { statSync } from "node:fs";
+import { mkdir, readdir, rm, stat, unlink } from "node:fs/promises";
+import { close, constants, fstat, futimes, open, read, statSync, write } from "node:fs";
 import { join } from "node:path";
-import { randomBytes } from "node:crypto";
 import { VolumeError } from "../errors.js";
+import type { ChunkLocation } from "../../metadata/index.js";
 import { verifyChunk } from "./hash.js";
 import type { ChunkCache } from "./types.js";
 
@@ -25,53 +31,126 @@ import type { ChunkCache } from "./types.js";
 export interface DiskChunkCacheOptions {
   /** The cache directory; created if missing. */
   dir: string;
-  /** Upper bound of the bytes of chunk files this process keeps the directory under. */
+  /** Upper bound of the bytes of pack files this process keeps the directory under. */
   maxBytes: number;
   /** Interval between rescans of the directory, to learn other processes' files; default 60 000 ms. */
   rescanMs?: number;
+  /** Most open descriptors kept for reuse; default 32. */
+  maxOpenFiles?: number;
 }
 
 interface Entry {
+  /** Allocated bytes of the pack file. */
   size: number;
   /** Last time this process touched the file's mtime, ms since the epoch. */
   touched: number;
 }
 
 const TOUCH_EVERY_MS = 60_000;
-const STALE_TMP_MS = 3_600_000;
+const PACK_ID = /^[0-9a-f]{64}$/;
+const OLD_LAYOUT = /^([0-9a-f]{2}|tmp)$/;
 
-function isEnoent(err: unknown): boolean {
-  return (err as NodeJS.ErrnoException | undefined)?.code === "ENOENT";
+function errno(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException | undefined)?.code;
 }
 
-/** A ChunkCache of files in a directory, LRU-bounded, safe to share between processes. */
+const openFd = (path: string, flags: number): Promise<number> =>
+  new Promise((res, rej) => open(path, flags, 0o644, (err, fd) => (err ? rej(err) : res(fd))));
+const closeFd = (fd: number): void => close(fd, () => undefined);
+const pread = (fd: number, buf: Uint8Array, position: number): Promise<number> =>
+  new Promise((res, rej) => read(fd, buf, 0, buf.length, position, (err, n) => (err ? rej(err) : res(n))));
+const pwrite = (fd: number, buf: Uint8Array, position: number): Promise<void> =>
+  new Promise((res, rej) => write(fd, buf, 0, buf.length, position, (err) => (err ? rej(err) : res())));
+const allocated = (fd: number): Promise<number> =>
+  new Promise((res, rej) => fstat(fd, (err, s) => (err ? rej(err) : res(s.blocks * 512))));
+
+/**
+ * Open descriptors of pack files (read-write, so one serves reads and writes), reused across
+ * operations. A descriptor is closed only when no operation uses it, so its number is never
+ * reused while a read or write is in flight on it.
+ */
+class FdPool {
+  private readonly fds = new Map<string, { fd: Promise<number>; users: number; stale: boolean }>();
+  constructor(private readonly max: number) {}
+
+  /** Runs `f` on a descriptor of `path`, creating the file when `create`. */
+  async use<T>(path: string, create: boolean, f: (fd: number) => Promise<T>): Promise<T> {
+    let e = this.fds.get(path);
+    if (e) {
+      this.fds.delete(path);
+      this.fds.set(path, e);
+    } else {
+      const entry = { fd: openFd(path, constants.O_RDWR | (create ? constants.O_CREAT : 0)), users: 0, stale: false };
+      e = entry;
+      this.fds.set(path, entry);
+      entry.fd.catch(() => this.fds.get(path) === entry && this.fds.delete(path));
+      this.trim();
+    }
+    e.users++;
+    try {
+      return await f(await e.fd);
+    } finally {
+      e.users--;
+      if (e.stale && e.users === 0) void e.fd.then(closeFd, () => undefined);
+    }
+  }
+
+  /** Closes (once unused) the descriptor of `path`. */
+  retire(path: string): void {
+    const e = this.fds.get(path);
+    if (!e) return;
+    this.fds.delete(path);
+    e.stale = true;
+    if (e.users === 0) void e.fd.then(closeFd, () => undefined);
+  }
+
+  /** Closes (once unused) every descriptor. */
+  retireAll(): void {
+    for (const path of [...this.fds.keys()]) this.retire(path);
+  }
+
+  private trim(): void {
+    for (const path of this.fds.keys()) {
+      if (this.fds.size <= this.max) break;
+      this.retire(path);
+    }
+  }
+}
+
+/** A ChunkCache of sparse pack files in a directory, LRU-bounded, safe to share between processes. */
 export class DiskChunkCache implements ChunkCache {
   readonly dir: string;
+  private readonly packsDir: string;
   private readonly maxBytes: number;
   private readonly rescanMs: number;
   private readonly entries = new Map<string, Entry>();
+  private readonly fds: FdPool;
   private bytes = 0;
   private ready: Promise<void> | undefined;
   private lastScan = 0;
   private scanning: Promise<void> | undefined;
   private firstScan: Promise<void> | undefined;
   private closed = false;
+  /** Prefix directories made (or found) by this process. */
+  private readonly made = new Set<string>();
 
   constructor(opts: DiskChunkCacheOptions) {
     this.dir = opts.dir;
+    this.packsDir = join(opts.dir, "packs");
     this.maxBytes = opts.maxBytes;
     this.rescanMs = opts.rescanMs ?? 60_000;
+    this.fds = new FdPool(opts.maxOpenFiles ?? 32);
   }
 
   /**
-   * Creates the directory and starts learning what it holds in the background (a full cache is
-   * ~10^5 files: a short-lived command must not wait for a scan to read one chunk); eviction waits
-   * for the first scan. Called by every method, idempotent.
+   * Creates the directory and starts learning what it holds in the background (a short-lived
+   * command must not wait for a scan to read one chunk); eviction waits for the first scan.
+   * Called by every method, idempotent.
    */
   open(): Promise<void> {
     this.ready ??= (async () => {
       try {
-        await mkdir(join(this.dir, "tmp"), { recursive: true });
+        await mkdir(this.packsDir, { recursive: true });
       } catch (err) {
         throw VolumeError.IO("open chunk cache", err, { path: this.dir });
       }
@@ -84,41 +163,37 @@ export class DiskChunkCache implements ChunkCache {
     return this.ready;
   }
 
-  private pathOf(id: string): string {
-    return join(this.dir, id.slice(0, 2), id);
+  private pathOf(pack: string): string {
+    return join(this.packsDir, pack.slice(0, 2), pack);
   }
 
   private async scan(): Promise<void> {
-    const found: { id: string; size: number; mtime: number }[] = [];
-    const tops = await readdir(this.dir).catch(() => [] as string[]);
+    const found: { pack: string; size: number; mtime: number }[] = [];
+    // The first layout kept one file per chunk in <ab>/ and tmp/ beside packs/: remove it.
+    for (const top of await readdir(this.dir).catch(() => [] as string[])) {
+      if (OLD_LAYOUT.test(top)) await rm(join(this.dir, top), { recursive: true, force: true }).catch(() => undefined);
+    }
     const now = Date.now();
-    for (const top of tops) {
+    for (const top of await readdir(this.packsDir).catch(() => [] as string[])) {
       if (this.closed) return;
-      if (top === "tmp") {
-        for (const t of await readdir(join(this.dir, "tmp")).catch(() => [] as string[])) {
-          const p = join(this.dir, "tmp", t);
-          const s = await stat(p).catch(() => undefined);
-          if (s && now - s.mtimeMs > STALE_TMP_MS) await unlink(p).catch(() => undefined);
-        }
-        continue;
-      }
       if (!/^[0-9a-f]{2}$/.test(top)) continue;
-      for (const name of await readdir(join(this.dir, top)).catch(() => [] as string[])) {
-        if (!name.startsWith(top) || !/^[0-9a-f]{64}$/.test(name)) continue;
-        const s = await stat(join(this.dir, top, name)).catch(() => undefined);
-        if (s?.isFile()) found.push({ id: name, size: s.size, mtime: s.mtimeMs });
+      for (const name of await readdir(join(this.packsDir, top)).catch(() => [] as string[])) {
+        if (!name.startsWith(top) || !PACK_ID.test(name)) continue;
+        const s = await stat(join(this.packsDir, top, name)).catch(() => undefined);
+        if (s?.isFile()) found.push({ pack: name, size: s.blocks * 512, mtime: s.mtimeMs });
       }
     }
     found.sort((a, b) => a.mtime - b.mtime);
-    const onDisk = new Map(found.map((f) => [f.id, f]));
-    const prior = [...this.entries].filter(([id, e]) => onDisk.has(id) || e.touched >= now);
-    for (const [id, e] of prior) if (!onDisk.has(id)) onDisk.set(id, { id, size: e.size, mtime: e.touched });
+    const onDisk = new Map(found.map((f) => [f.pack, f]));
+    // What this process touched since the scan began is more recent than what the scan saw.
+    const prior = [...this.entries].filter(([pack, e]) => onDisk.has(pack) || e.touched >= now);
     this.entries.clear();
     this.bytes = 0;
-    const known = new Set(prior.map(([id]) => id));
-    for (const f of found) if (!known.has(f.id)) this.entries.set(f.id, { size: f.size, touched: f.mtime });
-    for (const [id, e] of prior) this.entries.set(id, { size: onDisk.get(id)!.size, touched: e.touched });
+    const known = new Set(prior.map(([pack]) => pack));
+    for (const f of found) if (!known.has(f.pack)) this.entries.set(f.pack, { size: f.size, touched: f.mtime });
+    for (const [pack, e] of prior) this.entries.set(pack, { size: Math.max(e.size, onDisk.get(pack)?.size ?? 0), touched: e.touched });
     for (const e of this.entries.values()) this.bytes += e.size;
+    this.fds.retireAll();
     this.lastScan = Date.now();
   }
 
@@ -130,83 +205,90 @@ export class DiskChunkCache implements ChunkCache {
       .finally(() => (this.scanning = undefined));
   }
 
-  /** Prefix directories made (or found) by this process. */
-  private readonly made = new Set<string>();
-
-  private forget(id: string): void {
-    const e = this.entries.get(id);
+  private forget(pack: string): void {
+    const e = this.entries.get(pack);
     if (!e) return;
-    this.entries.delete(id);
+    this.entries.delete(pack);
     this.bytes -= e.size;
   }
 
-  /** The chunk's bytes, or undefined; a hit marks it recently used (here and on disk). */
-  async get(id: string): Promise<Uint8Array | undefined> {
+  /** Marks `pack` most recently used here, and on disk at most once a minute. */
+  private touch(pack: string, fd: number): void {
+    const e = this.entries.get(pack);
+    if (!e) return;
+    this.entries.delete(pack);
+    this.entries.set(pack, e);
+    const now = Date.now();
+    if (now - e.touched >= TOUCH_EVERY_MS) {
+      e.touched = now;
+      futimes(fd, now / 1000, now / 1000, () => undefined);
+    }
+  }
+
+  /** The chunk's bytes, or undefined; a hit marks its pack recently used (here and on disk). */
+  async get(loc: ChunkLocation): Promise<Uint8Array | undefined> {
     await this.open();
-    const p = this.pathOf(id);
-    // An id we do not know (another process may have cached it since our last scan) is checked
+    const p = this.pathOf(loc.pack);
+    // A pack we do not know (another process may have cached it since our last scan) is checked
     // with one stat that makes no error object: misses are the common case of a cold read.
-    if (!this.entries.has(id) && statSync(p, { throwIfNoEntry: false }) === undefined) return undefined;
-    let data: Buffer;
+    if (!this.entries.has(loc.pack) && statSync(p, { throwIfNoEntry: false }) === undefined) return undefined;
+    let data: Uint8Array | undefined;
     try {
-      data = await readFile(p);
+      data = await this.fds.use(p, false, async (fd) => {
+        const buf = Buffer.allocUnsafe(loc.length);
+        const n = await pread(fd, buf, loc.offset);
+        if (n !== loc.length || !verifyChunk(loc.id, buf)) return undefined;
+        if (!this.entries.has(loc.pack)) this.learn(loc.pack, await allocated(fd));
+        this.touch(loc.pack, fd);
+        return buf;
+      });
     } catch (err) {
-      if (isEnoent(err)) {
-        this.forget(id);
+      if (errno(err) === "ENOENT") {
+        this.forget(loc.pack);
+        this.fds.retire(p);
         return undefined;
       }
       throw VolumeError.IO("read cached chunk", err, { path: p });
-    }
-    if (!verifyChunk(id, data)) {
-      this.forget(id);
-      await unlink(p).catch(() => undefined);
-      return undefined;
-    }
-    const now = Date.now();
-    const e = this.entries.get(id) ?? { size: data.length, touched: 0 };
-    if (!this.entries.has(id)) this.bytes += e.size;
-    this.entries.delete(id);
-    this.entries.set(id, e);
-    if (now - e.touched >= TOUCH_EVERY_MS) {
-      e.touched = now;
-      await utimes(p, now / 1000, now / 1000).catch(() => undefined);
     }
     this.maybeRescan();
     return data;
   }
 
-  /** Stores a chunk atomically (idempotent); evicts least recently used files beyond maxBytes. */
-  async put(id: string, data: Uint8Array): Promise<void> {
-    await this.open();
-    if (this.closed) return;
-    if (!/^[0-9a-f]{64}$/.test(id)) throw new VolumeError("INVALID_ARGUMENT", `put cached chunk: bad id ${JSON.stringify(id)}`);
-    if (data.length > this.maxBytes) return;
-    const existing = this.entries.get(id);
-    if (existing) {
-      this.entries.delete(id);
-      this.entries.set(id, existing);
-      return;
+  private learn(pack: string, size: number): void {
+    const e = this.entries.get(pack);
+    if (e) {
+      this.bytes += size - e.size;
+      e.size = size;
+    } else {
+      this.entries.set(pack, { size, touched: Date.now() });
+      this.bytes += size;
     }
-    const p = this.pathOf(id);
-    const tmp = join(this.dir, "tmp", `${id}.${process.pid}.${randomBytes(6).toString("hex")}`);
+  }
+
+  /** Writes a fetched range of a pack at its offset (idempotent); evicts LRU packs beyond maxBytes. */
+  async putRange(pack: string, offset: number, bytes: Uint8Array, _members: readonly ChunkLocation[]): Promise<void> {
+    await this.open();
+    if (this.closed || bytes.length > this.maxBytes) return;
+    if (!PACK_ID.test(pack)) throw new VolumeError("INVALID_ARGUMENT", `put cached range: bad pack id ${JSON.stringify(pack)}`);
+    const p = this.pathOf(pack);
+    const sub = pack.slice(0, 2);
     try {
-      const sub = id.slice(0, 2);
       if (!this.made.has(sub)) {
-        await mkdir(join(this.dir, sub), { recursive: true });
+        await mkdir(join(this.packsDir, sub), { recursive: true });
         this.made.add(sub);
       }
-      await writeFile(tmp, data);
-      await rename(tmp, p).catch(async (err) => {
-        if (!isEnoent(err)) throw err;
-        await mkdir(join(this.dir, sub), { recursive: true }); // removed behind our back
-        await rename(tmp, p);
+      const size = await this.fds.use(p, true, async (fd) => {
+        await pwrite(fd, bytes, offset);
+        return allocated(fd);
       });
+      this.learn(pack, size);
+      const e = this.entries.get(pack)!;
+      this.entries.delete(pack);
+      this.entries.set(pack, e);
     } catch (err) {
-      await unlink(tmp).catch(() => undefined);
-      throw VolumeError.IO("write cached chunk", err, { path: p });
+      if (errno(err) === "ENOENT") this.made.delete(sub); // the directory was removed behind our back
+      throw VolumeError.IO("write cached range", err, { path: p });
     }
-    this.entries.set(id, { size: data.length, touched: Date.now() });
-    this.bytes += data.length;
     await this.evict();
     this.maybeRescan();
   }
@@ -216,31 +298,34 @@ export class DiskChunkCache implements ChunkCache {
     while (this.bytes > this.maxBytes) {
       const first = this.entries.keys().next();
       if (first.done) break;
-      const id = first.value;
-      this.forget(id);
-      await unlink(this.pathOf(id)).catch((err) => {
-        if (!isEnoent(err)) throw VolumeError.IO("evict cached chunk", err, { path: this.pathOf(id) });
+      const pack = first.value;
+      this.forget(pack);
+      const p = this.pathOf(pack);
+      this.fds.retire(p);
+      await unlink(p).catch((err) => {
+        if (errno(err) !== "ENOENT") throw VolumeError.IO("evict cached pack", err, { path: p });
       });
     }
   }
 
-  /** Bytes of chunk files this process knows of (after the first scan). */
+  /** Bytes of pack files this process knows of (after the first scan). */
   async size(): Promise<number> {
     await this.open();
     await this.firstScan;
     return this.bytes;
   }
 
-  /** Ids known, least recently used first (after the first scan). */
+  /** Pack ids known, least recently used first (after the first scan). */
   async keys(): Promise<string[]> {
     await this.open();
     await this.firstScan;
     return [...this.entries.keys()];
   }
 
-  /** Waits for a background rescan; idempotent. Files stay on disk for the next open. */
+  /** Waits for a background rescan and closes descriptors; idempotent. Files stay on disk. */
   async close(): Promise<void> {
     this.closed = true;
     await this.scanning;
+    this.fds.retireAll();
   }
 }

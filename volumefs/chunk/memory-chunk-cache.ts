@@ -1,3 +1,4 @@
+import type { ChunkLocation } from "../../metadata/index.js";
 import type { ChunkCache } from "./types.js";
 
 /** Options of a MemoryChunkCache. */
@@ -20,7 +21,8 @@ export class MemoryChunkCache implements ChunkCache {
   }
 
   /** The chunk's bytes (marked most recently used), or undefined. */
-  async get(id: string): Promise<Uint8Array | undefined> {
+  async get(loc: Pick<ChunkLocation, "id">): Promise<Uint8Array | undefined> {
+    const id = loc.id;
     const v = this.map.get(id);
     if (v === undefined) return undefined;
     this.map.delete(id);
@@ -28,10 +30,16 @@ export class MemoryChunkCache implements ChunkCache {
     return v;
   }
 
-  /** Stores a chunk (idempotent), evicting the least recently used ones beyond the bound. */
-  async put(id: string, data: Uint8Array): Promise<void> {
-    if (this.map.has(id)) {
-      await this.get(id);
+  /** Stores each chunk of the range (a copy), evicting the least recently used beyond the bound. */
+  async putRange(_pack: string, offset: number, bytes: Uint8Array, members: readonly ChunkLocation[]): Promise<void> {
+    for (const m of members) this.put(m.id, bytes.slice(m.offset - offset, m.offset - offset + m.length));
+  }
+
+  private put(id: string, data: Uint8Array): void {
+    const had = this.map.get(id);
+    if (had !== undefined) {
+      this.map.delete(id);
+      this.map.set(id, had);
       return;
     }
     if (data.length > this.maxBytes) return;

@@ -147,6 +147,26 @@ const quietLogger = {
   error: () => undefined,
 };
 
+/**
+ * A response body read into one buffer of the announced length (the SDK's own reader collects the
+ * pieces and then concatenates them: a second copy of every byte read).
+ */
+async function readBody(body: AsyncIterable<Uint8Array>, length: number | undefined): Promise<Uint8Array> {
+  if (length === undefined) {
+    const parts: Uint8Array[] = [];
+    for await (const part of body) parts.push(part);
+    return Buffer.concat(parts);
+  }
+  const out = Buffer.allocUnsafe(length);
+  let at = 0;
+  for await (const part of body) {
+    if (at + part.length > length) throw new Error(`body longer than its content-length ${length}`);
+    out.set(part, at);
+    at += part.length;
+  }
+  return at === length ? out : out.subarray(0, at);
+}
+
 /** An `ObjectStore` on an S3 bucket (and optional key prefix). Create with `S3ObjectStore.fromUrl`. */
 export class S3ObjectStore implements ObjectStore {
   readonly url: string;
@@ -394,7 +414,7 @@ export class S3ObjectStore implements ObjectStore {
     try {
       const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key, Range }));
       if (res.Body === undefined) return new Uint8Array(0);
-      return await res.Body.transformToByteArray();
+      return await readBody(res.Body as AsyncIterable<Uint8Array>, res.ContentLength);
     } catch (err) {
       const e = err as S3ErrorShape;
       if (range !== undefined && (e.$metadata?.httpStatusCode === 416 || e.name === "InvalidRange")) return new Uint8Array(0);

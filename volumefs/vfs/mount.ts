@@ -50,8 +50,11 @@ export interface MountedVolumeOptions {
   mountpoint?: string;
   /** Bytes of recently read chunks kept in memory. Default 64 MiB. */
   cacheBytes?: number;
-  /** Most chunks a sequential reader prefetches ahead. Default 64 (about 4 MiB). */
-  readaheadChunks?: number;
+  /**
+   * Most bytes a sequential reader prefetches ahead; default 16 MiB, and at most a quarter of
+   * the in-memory chunk cache (prefetched chunks must not evict each other before they are read).
+   */
+  readaheadBytes?: number;
   /** Chunking parameters used to re-chunk around edits; default the store's. */
   chunkParams?: ChunkParams;
 }
@@ -103,8 +106,12 @@ export class ChunkReader {
   constructor(
     private readonly store: ChunkStore,
     private readonly maxBytes = 64 << 20,
-    private readonly maxAhead = 64,
-  ) {}
+    maxAheadBytes = 16 << 20,
+  ) {
+    this.maxAhead = Math.min(maxAheadBytes, maxBytes / 4);
+  }
+
+  private readonly maxAhead: number;
 
   private starts(chunks: readonly ChunkRef[]): number[] {
     let s = this.offsets.get(chunks);
@@ -128,7 +135,7 @@ export class ChunkReader {
       if (i >= to) break;
       let j = i;
       let total = 0;
-      while (j < to && !this.cache.has(chunks[j]!.id) && total < 8 << 20) total += chunks[j++]!.length;
+      while (j < to && !this.cache.has(chunks[j]!.id) && total < 4 << 20) total += chunks[j++]!.length;
       const run = chunks.slice(i, j);
       const all = this.store.readRange(run, 0, total);
       let off = 0;
@@ -157,7 +164,7 @@ export class ChunkReader {
   /**
    * Bytes [offset, offset+length) of a stored file (shorter at its end). With `ra`, a read that
    * starts where the previous one ended counts as sequential and prefetches the next chunks in
-   * the background, up to `maxAhead` chunks.
+   * the background, up to `maxAhead` bytes.
    */
   async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array> {
     const end = Math.min(size, offset + length);
@@ -176,7 +183,13 @@ export class ChunkReader {
     if (ra) {
       ra.seq = offset === ra.next ? ra.seq + 1 : 0;
       ra.next = end;
-      if (ra.seq >= 1) this.fetch(chunks, last + 1, Math.min(chunks.length, last + 1 + Math.min(this.maxAhead, 2 ** Math.min(ra.seq + 1, 10))));
+      if (ra.seq >= 1) {
+        // The window doubles with each sequential read, from 256 KiB up to maxAhead.
+        const window = Math.min(this.maxAhead, 2 ** Math.min(ra.seq + 17, 40));
+        let to = last + 1;
+        for (let ahead = 0; to < chunks.length && ahead < window; to++) ahead += chunks[to]!.length;
+        this.fetch(chunks, last + 1, to);
+      }
     }
     if (lo === last) {
       const b = await this.get(chunks[lo]!);
@@ -249,7 +262,7 @@ export class MountedVolume implements MountFs {
     this.base = base;
     this.overlay = opts.repo.stage(base);
     this.staging = staging;
-    this.reader = new ChunkReader(opts.repo.chunks, opts.cacheBytes, opts.readaheadChunks);
+    this.reader = new ChunkReader(opts.repo.chunks, opts.cacheBytes, opts.readaheadBytes);
     this.labels = { mount: mountName, ...(opts.labels ?? {}) };
     this.params = opts.chunkParams ?? (opts.repo.chunks as unknown as { params?: ChunkParams }).params ?? DEFAULT_CHUNK_PARAMS;
     this.control = new ControlDir(this);
