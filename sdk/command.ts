@@ -121,7 +121,7 @@ export type GroupRun<G extends CommandGroup> = { [K in CommandName as (typeof co
 
 /** A usage error (exit 2): `message`, and the command's usage line as the hint. */
 export function usageError(message: string, use: string): StrataError {
-  return new StrataError("USAGE", message, { hint: use.startsWith("usage:") || use.startsWith("run ") ? use : `usage: strata ${use}` });
+  return new StrataError("USAGE", message, { hint: use.startsWith("usage:") ? use : `usage: strata ${use}` });
 }
 
 /** A string option's value, or undefined. */
