@@ -62,33 +62,59 @@ function ruleText(r: AllowRule): string {
   return r.port === undefined ? r.dest : `${r.dest}:${r.port}`;
 }
 
+/** One allow-list entry as written, checked but not resolved. */
+export interface EgressEntry {
+  /** The entry without its port: "10.0.0.1", "10.0.0.0/8" or "example.internal". */
+  target: string;
+  /** "address" and "cidr" are IPv4; "name" is a host name, resolved when the sandbox starts. */
+  kind: "address" | "cidr" | "name";
+  /** Only this TCP/UDP port (1-65535); undefined: every protocol and port. */
+  port?: number;
+}
+
 /**
- * Parses and resolves an allow-list: entries "ADDR", "ADDR/BITS", "HOST", each optionally
- * followed by ":PORT". Host names are resolved now (IPv4 only). Fails INVALID_SPEC or NETWORK.
+ * Checks one allow-list entry's syntax: "ADDR", "ADDR/BITS" (IPv4) or "HOST", each optionally
+ * followed by ":PORT". Resolves nothing. Fails INVALID_SPEC; `details.why` says what is wrong.
+ */
+export function parseEgressEntry(a: string): EgressEntry {
+  const what = `network allow ${JSON.stringify(a)}`;
+  if (typeof a !== "string") throw AgentError.INVALID_SPEC(what, "not a string");
+  if (a.split(":").length > 2) throw AgentError.INVALID_SPEC(what, "IPv6 is not supported");
+  const [target, portText] = a.split(":", 2) as [string, string | undefined];
+  let port: number | undefined;
+  if (portText !== undefined) {
+    port = Number(portText);
+    if (!/^\d+$/.test(portText) || port < 1 || port > 65535) throw AgentError.INVALID_SPEC(what, "port must be 1-65535");
+  }
+  const [host, bits] = target.split("/", 2) as [string, string | undefined];
+  let kind: EgressEntry["kind"];
+  if (isIP(host) === 4) {
+    if (bits !== undefined && !(/^\d+$/.test(bits) && Number(bits) <= 32)) throw AgentError.INVALID_SPEC(what, "bad prefix length (want 0-32)");
+    kind = bits === undefined ? "address" : "cidr";
+  } else if (bits === undefined && /^[a-z0-9.-]+$/i.test(host) && !/^[\d.]+$/.test(host)) {
+    kind = "name";
+  } else {
+    throw AgentError.INVALID_SPEC(what, "not an IPv4 address, CIDR or host name (each optionally with :PORT)");
+  }
+  return port === undefined ? { target, kind } : { target, kind, port };
+}
+
+/**
+ * Parses and resolves an allow-list (see `parseEgressEntry`). Host names are resolved now (IPv4
+ * only). Fails INVALID_SPEC or NETWORK.
  */
 async function resolveAllow(allow: string[]): Promise<AllowRule[]> {
   const out = new Map<string, AllowRule>();
   for (const a of allow) {
-    if (typeof a !== "string") throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not a string");
-    if (a.split(":").length > 2) throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "IPv6 is not supported");
-    const [target, portText] = a.split(":", 2) as [string, string | undefined];
-    let port: number | undefined;
-    if (portText !== undefined) {
-      port = Number(portText);
-      if (!/^\d+$/.test(portText) || port < 1 || port > 65535) throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "port must be 1-65535");
-    }
-    const [host, bits] = target.split("/", 2) as [string, string | undefined];
+    const { target, kind, port } = parseEgressEntry(a);
     const dests: string[] = [];
-    if (isIP(host) === 4) {
-      if (bits !== undefined && !(/^\d+$/.test(bits) && Number(bits) <= 32)) throw AgentError.INVALID_SPEC(`network allow ${a}`, "bad prefix length");
+    if (kind !== "name") {
       dests.push(target);
-    } else if (bits === undefined && /^[a-z0-9.-]+$/i.test(host) && !/^[\d.]+$/.test(host)) {
-      const found = await lookup(host, { family: 4, all: true }).catch((e) => {
-        throw AgentError.NETWORK(`resolve ${host}`, e);
+    } else {
+      const found = await lookup(target, { family: 4, all: true }).catch((e) => {
+        throw AgentError.NETWORK(`resolve ${target}`, e);
       });
       for (const f of found) dests.push(f.address);
-    } else {
-      throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not an IPv4 address, CIDR or host name (each optionally with :PORT)");
     }
     for (const dest of dests) {
       const r: AllowRule = port === undefined ? { dest } : { dest, port };

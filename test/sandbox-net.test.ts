@@ -241,5 +241,30 @@ describe("sandbox networks (real runsc, netns, nftables)", () => {
       await plain.stop();
       await expect(new Container({ client: e.client, network: { egress: ["10.0.0.1:0"] } }).run()).rejects.toMatchObject({ code: "INVALID_SPEC" });
     });
+
+    it("strata run --egress (repeated and comma-separated) reaches only its allow-list; sandbox ls --json shows the allow-list", async () => {
+      const r = await e.cli(
+        "run", "--name", `cli-egress-${process.pid}`, "--egress", `${SRV_A}:18080`, "--egress", `${HOST_IP}:${allowedPort},${SRV_B}/32`, "--",
+        "python3", "-c", PROBE, `${SRV_A}:18080`, `${SRV_A}:18081`, `${SRV_B}:18081`, `${HOST_IP}:${allowedPort}`, `${HOST_IP}:${deniedPort}`,
+      );
+      expect(r.code, r.stderr).toBe(0);
+      const p = parseProbe(r.stdout.toString());
+      expect(p.get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+      expect(p.get(`${SRV_A}:18081`)).toMatch(/^fail /);
+      expect(p.get(`${SRV_B}:18081`)).toBe(`ok hello ${SRV_B}:18081`);
+      expect(p.get(`${HOST_IP}:${allowedPort}`)).toBe("ok hello host");
+      expect(p.get(`${HOST_IP}:${deniedPort}`)).toMatch(/^fail /);
+      for (let i = 0; i < 100 && (await leftovers(`cli-egress-${process.pid}`)).length; i++) await new Promise((res) => setTimeout(res, 100));
+      expect(await leftovers(`cli-egress-${process.pid}`)).toEqual([]);
+
+      const held = await e.client.create({ network: { egress: [`${SRV_A}:18080`, `${SRV_B}/32`] } });
+      try {
+        const ls = JSON.parse(await e.ok("sandbox", "ls", "--json")) as { id: string; network?: unknown }[];
+        expect(ls.find((s) => s.id === held.id)?.network).toEqual({ mode: "egress", allow: [`${SRV_A}:18080`, `${SRV_B}/32`] });
+        expect(ls.find((s) => s.id === `cli-egress-${process.pid}`)?.network).toEqual({ mode: "egress", allow: [`${SRV_A}:18080`, `${HOST_IP}:${allowedPort}`, `${SRV_B}/32`] });
+      } finally {
+        await held.stop();
+      }
+    });
   });
 });
