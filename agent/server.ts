@@ -24,7 +24,9 @@
  *   deletes) are synced as its stop would have done; if that sync fails they stay staged and
  *   the next mount of the volume recovers them;
  * - a sandbox that died meanwhile, or whose create or stop the crash interrupted, is cleaned up
- *   the same way (runsc state, network, bundle, mount points, staged writes synced).
+ *   the same way (runsc state, network, bundle, mount points, staged writes synced);
+ * - then the runtime puts back host settings no remaining sandbox needs (`Runtime.settle`:
+ *   net.ipv4.ip_forward once no egress sandbox is left).
  */
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -169,6 +171,7 @@ export class AgentService implements AgentClient {
         report.failed.push({ id, error: toWireError(err).message });
       }
     }
+    await this.opts.runtime.settle();
     return report;
   }
 
