@@ -118,7 +118,7 @@ interface Entry {
   deadline: number | null;
   syncOnStop: boolean;
   gpus?: GpuAllocation;
-  /** The forks its create makes (saved before each is made); emptied once it runs. */
+  /** The forks its create makes (saved before the first is made); emptied once it runs. */
   forks: PendingFork[];
   stopping?: Promise<StopSandboxResult>;
 }
