@@ -26,7 +26,7 @@ export class AgentError extends StrataError {
 
   /** A sandbox or image spec that cannot be honoured; `why` says which field and how. */
   static INVALID_SPEC(what: string, why: string): AgentError {
-    return new AgentError("INVALID_SPEC", `check ${what}: ${why}`, { op: "check spec" });
+    return new AgentError("INVALID_SPEC", `check ${what}: ${why}`, { op: "check spec", details: { what, why } });
   }
   /** No sandbox with this id is known to the runtime. */
   static NOT_FOUND(id: string, op = "find sandbox"): AgentError {

@@ -22,7 +22,7 @@ import { join, resolve } from "node:path";
 import { bundleConfig, envList, gpuEnv, resolveUser } from "./bundle.js";
 import { AgentError } from "./errors.js";
 import { commandError, runCommand } from "./exec-util.js";
-import { findEgress, setupEgress, teardownEgress, type EgressNetwork } from "./network.js";
+import { findEgress, restoreForwarding, setupEgress, teardownEgress, type EgressNetwork } from "./network.js";
 import type {
   ExecOptions,
   ExecProcess,
@@ -319,6 +319,11 @@ export class GvisorRuntime implements Runtime {
     await runCommand([...flags, "delete", "--force", state.id]).catch(() => undefined);
     await teardownEgress(state.id);
     await rm(join(this.opts.stateDir, "bundles", state.id), { recursive: true, force: true }).catch(() => undefined);
+  }
+
+  /** Restores net.ipv4.ip_forward when no egress sandbox is left on the host (network.ts). */
+  async settle(): Promise<void> {
+    await restoreForwarding();
   }
 
   /** The runsc flags a sandbox from an earlier process was started with (the stored ones, else derived from its spec). */

@@ -14,16 +14,32 @@
  * Every name derives from the sandbox id alone (`egressNames`), so a later agent process can tear
  * down what a killed one set up (`teardownEgress`) without any record of the address.
  * Invariant: an interface listed in the vmap always has its chain; teardown removes the element
- * before the chain. Needs root, iproute2, nftables; sets net.ipv4.ip_forward=1 on the host.
+ * before the chain. Needs root, iproute2, nftables.
+ *
+ * Forwarding: egress needs net.ipv4.ip_forward=1, a host-wide setting. The first setup that finds
+ * it off writes the value it had to `IP_FORWARD_SAVED` (host-wide too, in /run: it lasts exactly
+ * as long as the setting, until reboot, and outlives the agent process), then turns it on.
+ * `restoreForwarding` puts the saved value back once the vmap has no element left, i.e. no egress
+ * sandbox of any agent on the host remains; teardown calls it, and so does a restarted agent
+ * (`GvisorRuntime.settle`). Ordering that makes concurrent setups and restores safe: a setup
+ * turns forwarding on after adding its vmap element; a restore looks at the vmap again after
+ * writing the old value and turns forwarding back on if an element appeared meanwhile.
  */
 import { createHash } from "node:crypto";
 import { lookup } from "node:dns/promises";
+import { mkdir, readFile, unlink, writeFile } from "node:fs/promises";
 import { isIP } from "node:net";
+import { dirname } from "node:path";
 import { AgentError } from "./errors.js";
 import { mustRun, runCommand } from "./exec-util.js";
 
 /** The subnet sandbox addresses are taken from. */
 export const EGRESS_SUBNET = "10.213.0.0/16";
+
+/** Where the value net.ipv4.ip_forward had before egress turned it on is kept while egress needs it. */
+export const IP_FORWARD_SAVED = "/run/strata/ip_forward.before";
+
+const IP_FORWARD = "/proc/sys/net/ipv4/ip_forward";
 
 /** A sandbox's network namespace with its filter in place. */
 export interface EgressNetwork {
@@ -62,33 +78,59 @@ function ruleText(r: AllowRule): string {
   return r.port === undefined ? r.dest : `${r.dest}:${r.port}`;
 }
 
+/** One allow-list entry as written, checked but not resolved. */
+export interface EgressEntry {
+  /** The entry without its port: "10.0.0.1", "10.0.0.0/8" or "example.internal". */
+  target: string;
+  /** "address" and "cidr" are IPv4; "name" is a host name, resolved when the sandbox starts. */
+  kind: "address" | "cidr" | "name";
+  /** Only this TCP/UDP port (1-65535); undefined: every protocol and port. */
+  port?: number;
+}
+
 /**
- * Parses and resolves an allow-list: entries "ADDR", "ADDR/BITS", "HOST", each optionally
- * followed by ":PORT". Host names are resolved now (IPv4 only). Fails INVALID_SPEC or NETWORK.
+ * Checks one allow-list entry's syntax: "ADDR", "ADDR/BITS" (IPv4) or "HOST", each optionally
+ * followed by ":PORT". Resolves nothing. Fails INVALID_SPEC; `details.why` says what is wrong.
+ */
+export function parseEgressEntry(a: string): EgressEntry {
+  const what = `network allow ${JSON.stringify(a)}`;
+  if (typeof a !== "string") throw AgentError.INVALID_SPEC(what, "not a string");
+  if (a.split(":").length > 2) throw AgentError.INVALID_SPEC(what, "IPv6 is not supported");
+  const [target, portText] = a.split(":", 2) as [string, string | undefined];
+  let port: number | undefined;
+  if (portText !== undefined) {
+    port = Number(portText);
+    if (!/^\d+$/.test(portText) || port < 1 || port > 65535) throw AgentError.INVALID_SPEC(what, "port must be 1-65535");
+  }
+  const [host, bits] = target.split("/", 2) as [string, string | undefined];
+  let kind: EgressEntry["kind"];
+  if (isIP(host) === 4) {
+    if (bits !== undefined && !(/^\d+$/.test(bits) && Number(bits) <= 32)) throw AgentError.INVALID_SPEC(what, "bad prefix length (want 0-32)");
+    kind = bits === undefined ? "address" : "cidr";
+  } else if (bits === undefined && /^[a-z0-9.-]+$/i.test(host) && !/^[\d.]+$/.test(host)) {
+    kind = "name";
+  } else {
+    throw AgentError.INVALID_SPEC(what, "not an IPv4 address, CIDR or host name (each optionally with :PORT)");
+  }
+  return port === undefined ? { target, kind } : { target, kind, port };
+}
+
+/**
+ * Parses and resolves an allow-list (see `parseEgressEntry`). Host names are resolved now (IPv4
+ * only). Fails INVALID_SPEC or NETWORK.
  */
 async function resolveAllow(allow: string[]): Promise<AllowRule[]> {
   const out = new Map<string, AllowRule>();
   for (const a of allow) {
-    if (typeof a !== "string") throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not a string");
-    if (a.split(":").length > 2) throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "IPv6 is not supported");
-    const [target, portText] = a.split(":", 2) as [string, string | undefined];
-    let port: number | undefined;
-    if (portText !== undefined) {
-      port = Number(portText);
-      if (!/^\d+$/.test(portText) || port < 1 || port > 65535) throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "port must be 1-65535");
-    }
-    const [host, bits] = target.split("/", 2) as [string, string | undefined];
+    const { target, kind, port } = parseEgressEntry(a);
     const dests: string[] = [];
-    if (isIP(host) === 4) {
-      if (bits !== undefined && !(/^\d+$/.test(bits) && Number(bits) <= 32)) throw AgentError.INVALID_SPEC(`network allow ${a}`, "bad prefix length");
+    if (kind !== "name") {
       dests.push(target);
-    } else if (bits === undefined && /^[a-z0-9.-]+$/i.test(host) && !/^[\d.]+$/.test(host)) {
-      const found = await lookup(host, { family: 4, all: true }).catch((e) => {
-        throw AgentError.NETWORK(`resolve ${host}`, e);
+    } else {
+      const found = await lookup(target, { family: 4, all: true }).catch((e) => {
+        throw AgentError.NETWORK(`resolve ${target}`, e);
       });
       for (const f of found) dests.push(f.address);
-    } else {
-      throw AgentError.INVALID_SPEC(`network allow ${JSON.stringify(a)}`, "not an IPv4 address, CIDR or host name (each optionally with :PORT)");
     }
     for (const dest of dests) {
       const r: AllowRule = port === undefined ? { dest } : { dest, port };
@@ -98,9 +140,48 @@ async function resolveAllow(allow: string[]): Promise<AllowRule[]> {
   return [...out.values()];
 }
 
+/** Turns net.ipv4.ip_forward on, first saving its value to `IP_FORWARD_SAVED` unless a value is saved already. */
+async function forwardingOn(): Promise<void> {
+  const now = (await readFile(IP_FORWARD, "utf8")).trim();
+  if (now === "1") return;
+  await mkdir(dirname(IP_FORWARD_SAVED), { recursive: true });
+  await writeFile(IP_FORWARD_SAVED, `${now}\n`, { flag: "wx" }).catch((e: NodeJS.ErrnoException) => {
+    if (e.code !== "EEXIST") throw e;
+  });
+  await writeFile(IP_FORWARD, "1\n");
+}
+
+/** Whether any egress sandbox's filter is in place on this host (an element in the vmap); true when that cannot be told. */
+async function egressInUse(): Promise<boolean> {
+  const r = await runCommand(["nft", "-j", "list", "map", "inet", "strata", "sandboxes"]).catch(() => undefined);
+  if (!r) return false; // no nft at all: no filter can exist
+  if (r.code !== 0) return !/No such file or directory/.test(r.stderr.toString());
+  try {
+    const j = JSON.parse(r.stdout.toString()) as { nftables?: { map?: { elem?: unknown[] } }[] };
+    return (j.nftables ?? []).some((o) => (o.map?.elem?.length ?? 0) > 0);
+  } catch {
+    return true;
+  }
+}
+
+/**
+ * Puts back the net.ipv4.ip_forward value that egress set-up saved, when no egress sandbox is
+ * left on the host (see the file's doc); no-op when nothing is saved. Idempotent; never rejects.
+ */
+export async function restoreForwarding(): Promise<void> {
+  try {
+    const saved = (await readFile(IP_FORWARD_SAVED, "utf8").catch(() => undefined))?.trim();
+    if (saved === undefined || (await egressInUse())) return;
+    if (saved === "0" || saved === "1") await writeFile(IP_FORWARD, `${saved}\n`);
+    await unlink(IP_FORWARD_SAVED).catch(() => undefined);
+    if (await egressInUse()) await forwardingOn();
+  } catch {
+    // A host setting we could not put back stays as it is; the next teardown or start-up tries again.
+  }
+}
+
 async function ensureBase(): Promise<void> {
   baseReady ??= (async () => {
-    await mustRun(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     const has = await runCommand(["nft", "list", "table", "inet", "strata"]);
     if (has.code === 0) return;
     await mustRun(["nft", "-f", "-"], {
@@ -181,6 +262,7 @@ export async function setupEgress(id: string, allow: string[]): Promise<EgressNe
         `table inet strata {\n chain ${names.chain} {\n${accept}  drop\n }\n}\n` +
         `add element inet strata sandboxes { "${net.hostIf}" : jump ${names.chain} }\n`,
     });
+    await forwardingOn();
   } catch (e) {
     await net.teardown();
     throw AgentError.NETWORK(`set up network of sandbox ${JSON.stringify(id)}`, e);
@@ -196,7 +278,8 @@ export function egressNames(id: string): { netns: string; netnsPath: string; hos
 
 /**
  * Removes the filter element and chain, the veth and the namespace of sandbox `id`, whichever
- * exist, also when another (killed) process set them up. Idempotent; never rejects.
+ * exist, also when another (killed) process set them up; then `restoreForwarding`. Idempotent;
+ * never rejects.
  */
 export async function teardownEgress(id: string): Promise<void> {
   const names = egressNames(id);
@@ -204,6 +287,7 @@ export async function teardownEgress(id: string): Promise<void> {
   await runCommand(["nft", "-f", "-"], { input: `flush chain inet strata ${names.chain}\ndelete chain inet strata ${names.chain}\n` }).catch(() => undefined);
   await runCommand(["ip", "link", "del", names.hostIf]).catch(() => undefined);
   await runCommand(["ip", "netns", "del", names.netns]).catch(() => undefined);
+  await restoreForwarding();
 }
 
 /**

@@ -190,4 +190,10 @@ export interface Runtime {
   adopt(state: SandboxState): Promise<SandboxHandle | null>;
   /** Kills a sandbox an earlier process started (if it still runs) and removes what is left of it. Idempotent; never rejects. */
   discard(state: SandboxState): Promise<void>;
+  /**
+   * Called once a new process has adopted or discarded every sandbox an earlier one left: puts
+   * back host-wide settings that no remaining sandbox needs (an earlier process may have died
+   * before it could). Idempotent; never rejects.
+   */
+  settle(): Promise<void>;
 }

@@ -18,6 +18,7 @@ function sample(id: string, startedAt: number, over: Partial<StoredSandbox> = {}
     deadline: startedAt + 60_000,
     syncOnStop: true,
     runtime: { id, spec: { rootfs: "/rootfs", lifetimeMs: 60_000 }, pid: 1234, bundle: `/state/bundles/${id}` },
+    forks: [],
     ...over,
   };
 }
@@ -29,7 +30,7 @@ export function describeSandboxStore(name: string, make: () => Promise<SandboxSt
       const s = await make();
       expect(await s.all()).toEqual([]);
       const b = sample("sb-b", 2000);
-      const a = sample("sb-a", 1000, { phase: "creating", runtime: null, deadline: null });
+      const a = sample("sb-a", 1000, { phase: "creating", runtime: null, deadline: null, forks: [{ volume: "run-1", from: "data", since: 999 }] });
       await s.put(b);
       await s.put(a);
       expect(await s.all()).toEqual([a, b]);
@@ -78,6 +79,29 @@ describe("SqliteSandboxStore", () => {
       gpu: JSON.stringify({ type: "a100", count: 1, devices: [{ index: 0, uuid: "GPU-0", name: "NVIDIA A100-SXM4-40GB" }], uuids: ["GPU-0"] }),
       bundle: "/state/bundles/sb-1", pid: 1234, created: 1000, deadline: 61_000,
     });
+  });
+
+  it("opens a database made before the forks column existed, adding it", async () => {
+    const d = await mkdtemp(join(tmpdir(), "strata-store-"));
+    dirs.push(d);
+    const path = join(d, "sandboxes.db");
+    const Database = (await import("better-sqlite3")).default;
+    const old = new Database(path);
+    old.exec(`CREATE TABLE sandboxes (
+      id TEXT PRIMARY KEY, state TEXT NOT NULL, image TEXT NOT NULL, cpu REAL, memory_bytes INTEGER,
+      gpu TEXT, volumes TEXT NOT NULL, mounts TEXT NOT NULL, bundle TEXT, pid INTEGER,
+      created INTEGER NOT NULL, deadline INTEGER, sync_on_stop INTEGER NOT NULL,
+      record TEXT NOT NULL, runtime TEXT)`);
+    const s1 = sample("sb-old", 1000);
+    old.prepare("INSERT INTO sandboxes VALUES ('sb-old', 'running', ?, 1.5, NULL, NULL, '[]', ?, NULL, NULL, 1000, ?, 1, ?, ?)")
+      .run(s1.record.image, JSON.stringify(s1.mounts), s1.deadline, JSON.stringify(s1.record), JSON.stringify(s1.runtime));
+    old.close();
+    const store = new SqliteSandboxStore(path);
+    expect(await store.all()).toEqual([{ ...s1, gpuUuids: [] }]);
+    const withForks = sample("sb-new", 2000, { phase: "creating", forks: [{ volume: "f", from: "data", since: 1999 }] });
+    await store.put(withForks);
+    expect((await store.all())[1]).toEqual(withForks);
+    await store.close();
   });
 
   it("fails IO with a hint when it cannot open its file", async () => {

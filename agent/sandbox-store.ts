@@ -14,9 +14,13 @@
  * Table `sandboxes`: id (key), state ("creating", "running", "stopping"), image, cpu,
  * memory_bytes, gpu (JSON: type, count, uuids), volumes (JSON), mounts (JSON: host mount points),
  * bundle, pid, created (ms), deadline (ms, null: no lifetime), sync_on_stop (0/1), record (the
- * full SandboxRecord as JSON), runtime (the runtime's `SandboxState` as JSON, null while creating).
- * Invariant: a row exists from before the first volume is mounted until its sandbox is stopped and
- * its mounts are gone; a stopped sandbox has no row.
+ * full SandboxRecord as JSON), runtime (the runtime's `SandboxState` as JSON, null while creating),
+ * forks (JSON: the forks its create makes, `PendingFork`; empty once it runs; a column added
+ * later, so a database without it gets it on open).
+ * Invariants: a row exists from before the first volume is forked or mounted until its sandbox is
+ * stopped and its mounts are gone; a stopped sandbox has no row. A fork is in `forks` before it is
+ * made, and stays there until the create finished or undid it: a fork the agent made for a
+ * sandbox that never ran is always named by a row.
  */
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
@@ -35,6 +39,16 @@ export interface StoredMount {
   writable: boolean;
 }
 
+/** A fork a sandbox's create is about to make, or made; recorded before the fork is made. */
+export interface PendingFork {
+  /** The new volume. */
+  volume: string;
+  /** The volume it is forked from. */
+  from: string;
+  /** When the intent was recorded, ms since the epoch: the fork, if made, was created at or after it. */
+  since: number;
+}
+
 /** One sandbox as the agent keeps it on disk. */
 export interface StoredSandbox {
   /** The record `list()` returns (state, image, cpu, memory, gpu, volumes, times…). */
@@ -51,6 +65,8 @@ export interface StoredSandbox {
   syncOnStop: boolean;
   /** The runtime's state of it (`Runtime.state`); null until the runtime started it. */
   runtime: SandboxState | null;
+  /** Forks its create makes; empty once the create finished (from then on the forks are its volumes). */
+  forks: PendingFork[];
 }
 
 /** Where the agent keeps its sandbox records. Each method is atomic; `put` replaces. */
@@ -81,10 +97,12 @@ export class SqliteSandboxStore implements SandboxStore {
         id TEXT PRIMARY KEY, state TEXT NOT NULL, image TEXT NOT NULL, cpu REAL, memory_bytes INTEGER,
         gpu TEXT, volumes TEXT NOT NULL, mounts TEXT NOT NULL, bundle TEXT, pid INTEGER,
         created INTEGER NOT NULL, deadline INTEGER, sync_on_stop INTEGER NOT NULL,
-        record TEXT NOT NULL, runtime TEXT)`);
+        record TEXT NOT NULL, runtime TEXT, forks TEXT)`);
+      const columns = this.db.prepare("PRAGMA table_info(sandboxes)").all() as { name: string }[];
+      if (!columns.some((c) => c.name === "forks")) this.db.exec("ALTER TABLE sandboxes ADD COLUMN forks TEXT");
       this.upsert = this.db.prepare(`INSERT OR REPLACE INTO sandboxes
-        (id, state, image, cpu, memory_bytes, gpu, volumes, mounts, bundle, pid, created, deadline, sync_on_stop, record, runtime)
-        VALUES (@id, @state, @image, @cpu, @memory_bytes, @gpu, @volumes, @mounts, @bundle, @pid, @created, @deadline, @sync_on_stop, @record, @runtime)`);
+        (id, state, image, cpu, memory_bytes, gpu, volumes, mounts, bundle, pid, created, deadline, sync_on_stop, record, runtime, forks)
+        VALUES (@id, @state, @image, @cpu, @memory_bytes, @gpu, @volumes, @mounts, @bundle, @pid, @created, @deadline, @sync_on_stop, @record, @runtime, @forks)`);
     } catch (err) {
       throw AgentError.IO(`open sandbox records ${path}`, err, { hint: "check that the agent's state directory is writable" });
     }
@@ -101,6 +119,7 @@ export class SqliteSandboxStore implements SandboxStore {
         bundle: typeof rt?.bundle === "string" ? rt.bundle : null, pid: typeof rt?.pid === "number" ? rt.pid : null,
         created: r.startedAt, deadline: s.deadline, sync_on_stop: s.syncOnStop ? 1 : 0,
         record: JSON.stringify(r), runtime: s.runtime ? JSON.stringify(s.runtime) : null,
+        forks: s.forks.length ? JSON.stringify(s.forks) : null,
       }),
     "write");
   }
@@ -121,6 +140,7 @@ export class SqliteSandboxStore implements SandboxStore {
         deadline: (row.deadline as number | null) ?? null,
         syncOnStop: row.sync_on_stop === 1,
         runtime: row.runtime ? (JSON.parse(row.runtime as string) as SandboxState) : null,
+        forks: row.forks ? (JSON.parse(row.forks as string) as PendingFork[]) : [],
       };
     });
   }

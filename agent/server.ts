@@ -24,7 +24,12 @@
  *   deletes) are synced as its stop would have done; if that sync fails they stay staged and
  *   the next mount of the volume recovers them;
  * - a sandbox that died meanwhile, or whose create or stop the crash interrupted, is cleaned up
- *   the same way (runsc state, network, bundle, mount points, staged writes synced).
+ *   the same way (runsc state, network, bundle, mount points, staged writes synced);
+ * - the forks an interrupted create made (its record names them from before they were made) are
+ *   deleted when nothing was written to them and no other sandbox uses them; one that has
+ *   versions beyond the fork point (someone committed to it meanwhile) is kept and reported;
+ * - then the runtime puts back host settings no remaining sandbox needs (`Runtime.settle`:
+ *   net.ipv4.ip_forward once no egress sandbox is left).
  */
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -59,7 +64,7 @@ import { AgentError } from "./errors.js";
 import { GpuAllocator, NvidiaGpuInventory, sandboxGpus, type GpuAllocation, type GpuInventory } from "./gpu.js";
 import { sandboxSpecFor, type ImageBuilder, type ImageSpec } from "./image.js";
 import type { ExecOptions, ExecProcess, NetworkSpec, Runtime, SandboxExit, SandboxHandle, SandboxState } from "./runtime.js";
-import { SqliteSandboxStore, type SandboxStore, type StoredSandbox } from "./sandbox-store.js";
+import { SqliteSandboxStore, type PendingFork, type SandboxStore, type StoredSandbox } from "./sandbox-store.js";
 
 /** Options of `AgentService`. */
 export interface AgentServiceOptions {
@@ -91,6 +96,10 @@ export interface RecoveryReport {
   cleaned: string[];
   /** Sandboxes that could not be cleaned up now (their records stay for the next start), with why. */
   failed: { id: string; error: string }[];
+  /** Forks made for sandboxes whose create the crash interrupted, deleted: nothing was written to them. */
+  forksDeleted: string[];
+  /** Such forks kept, with why: they have versions beyond the fork point, or another sandbox mounts them. */
+  forksKept: { volume: string; sandbox: string; reason: string }[];
 }
 
 interface VolumeMount {
@@ -109,6 +118,8 @@ interface Entry {
   deadline: number | null;
   syncOnStop: boolean;
   gpus?: GpuAllocation;
+  /** The forks its create makes (saved before the first is made); emptied once it runs. */
+  forks: PendingFork[];
   stopping?: Promise<StopSandboxResult>;
 }
 
@@ -142,8 +153,9 @@ export class AgentService implements AgentClient {
    * for the next attempt.
    */
   async recover(): Promise<RecoveryReport> {
-    const report: RecoveryReport = { adopted: [], cleaned: [], failed: [] };
-    for (const s of await this.store.all()) {
+    const report: RecoveryReport = { adopted: [], cleaned: [], failed: [], forksDeleted: [], forksKept: [] };
+    const stored = await this.store.all();
+    for (const s of stored) {
       const id = s.record.id;
       if (this.sandboxes.has(id)) continue;
       try {
@@ -163,18 +175,19 @@ export class AgentService implements AgentClient {
           await this.opts.runtime.discard(s.runtime ?? { id, spec: { rootfs: "/" } });
         }
         const reason = s.record.exit?.reason ?? (s.phase === "stopping" ? "stopped" : wasRunning ? "agent_restart" : "exited");
-        await this.cleanUp(s, { reason, oom: s.record.exit?.oom ?? false });
+        await this.cleanUp(s, { reason, oom: s.record.exit?.oom ?? false }, stored, report);
         report.cleaned.push(id);
       } catch (err) {
         report.failed.push({ id, error: toWireError(err).message });
       }
     }
+    await this.opts.runtime.settle();
     return report;
   }
 
   private async adopt(s: StoredSandbox, handle: SandboxHandle): Promise<void> {
     const id = s.record.id;
-    const entry: Entry = { record: { ...s.record, state: "running" }, mounts: [], phase: "running", runtime: s.runtime, deadline: s.deadline, syncOnStop: s.syncOnStop };
+    const entry: Entry = { record: { ...s.record, state: "running" }, mounts: [], phase: "running", runtime: s.runtime, deadline: s.deadline, syncOnStop: s.syncOnStop, forks: [] };
     if (s.record.gpu && s.gpuUuids.length) {
       entry.gpus = await this.gpus.reserve(id, s.record.gpu.type, s.gpuUuids);
       entry.record.gpu = { ...s.record.gpu, devices: entry.gpus.devices.map((d) => ({ index: d.index, uuid: d.uuid, name: d.name })) };
@@ -185,8 +198,12 @@ export class AgentService implements AgentClient {
     this.watchExit(entry, handle);
   }
 
-  /** Removes the mount points of a sandbox of an earlier process that no longer runs, syncs its volumes' staged writes, forgets its record. */
-  private async cleanUp(s: StoredSandbox, exit: SandboxExit): Promise<void> {
+  /**
+   * Removes the mount points of a sandbox of an earlier process that no longer runs, syncs its
+   * volumes' staged writes, drops the forks its unfinished create made (`dropFork`), forgets its
+   * record. `stored` is every record recovery found.
+   */
+  private async cleanUp(s: StoredSandbox, exit: SandboxExit, stored: StoredSandbox[], report: RecoveryReport): Promise<void> {
     const id = s.record.id;
     const root = join(this.opts.stateDir, "mounts", id);
     for (const n of await readdir(root).catch(() => [] as string[])) {
@@ -197,12 +214,38 @@ export class AgentService implements AgentClient {
     await rmdir(root).catch(() => undefined);
     const volumes: VolumeSyncResult[] = [];
     for (const v of s.record.volumes) if (!v.readOnly && !v.at) volumes.push(await this.recoverVolume(s, v.name));
+    for (const f of s.forks) await this.dropFork(s, f, stored, report);
     await this.store.delete(id);
     const record: SandboxRecord = { ...s.record, state: "stopped", exit, ...(s.record.gpu ? { gpu: { ...s.record.gpu, devices: [] } } : {}) };
-    const entry: Entry = { record, mounts: [], phase: "stopping", runtime: null, deadline: null, syncOnStop: false };
+    const entry: Entry = { record, mounts: [], phase: "stopping", runtime: null, deadline: null, syncOnStop: false, forks: [] };
     entry.stopping = Promise.resolve({ sandbox: record, volumes });
     this.sandboxes.set(id, entry);
     this.forgetLater(entry);
+  }
+
+  /**
+   * Deletes fork `f` that the unfinished create of sandbox `s` made, when it is that fork (forked
+   * from `f.from`, created after the intent), no other sandbox's record names it, and it has no
+   * version beyond the fork point; a fork with new versions is kept and reported. A fork that was
+   * never made, or a volume of that name that is not this fork, is left alone. Fails (and the
+   * record stays for the next start) only when the store cannot be read or written.
+   */
+  private async dropFork(s: StoredSandbox, f: PendingFork, stored: StoredSandbox[], report: RecoveryReport): Promise<void> {
+    const keep = (reason: string) => report.forksKept.push({ volume: f.volume, sandbox: s.record.id, reason });
+    const user = stored.find((o) => o.record.id !== s.record.id && (o.record.volumes.some((v) => v.name === f.volume) || o.forks.some((g) => g.volume === f.volume)))
+      ?? [...this.sandboxes.values()].find((e) => e.record.id !== s.record.id && e.record.state !== "stopped" && e.record.volumes.some((v) => v.name === f.volume));
+    let v;
+    try {
+      v = await this.opts.repo.volume(f.volume);
+    } catch (err) {
+      if (isCode(err, "UNKNOWN_VOLUME")) return;
+      throw err;
+    }
+    if (v.forkedFrom?.volume !== f.from || v.createdAt < f.since) return;
+    if (user) return void keep(`sandbox ${JSON.stringify(user.record.id)} uses it`);
+    if (v.seq !== 0 || v.head !== v.forkedFrom.version) return void keep("it has versions beyond the fork point");
+    await this.opts.repo.deleteVolume(f.volume);
+    report.forksDeleted.push(f.volume);
   }
 
   /** Syncs (or, after a stop without sync, drops) the staged writes a dead sandbox left in volume `name`. */
@@ -244,6 +287,7 @@ export class AgentService implements AgentClient {
         gpu: null, volumes: [], startedAt: Date.now(), runId: req.runId || id, labels: { ...req.labels }, network,
       },
       mounts: [], phase: "creating", runtime: null, deadline: null, syncOnStop: true,
+      forks: volumes.filter((v) => v.forkFrom).map((v) => ({ volume: v.name, from: v.forkFrom!, since: Date.now() })),
     };
     this.sandboxes.set(id, entry);
     const forked: string[] = [];
@@ -296,6 +340,7 @@ export class AgentService implements AgentClient {
         ...(entry.gpus ? { gpus: sandboxGpus(entry.gpus) } : {}),
       });
       // Saved before runsc runs: a crash from here on leaves a record the next agent cleans up by.
+      // The first save, above, came before any fork: a crash after a fork leaves it in `forks`.
       entry.runtime = { id, spec };
       await this.save(entry);
       const handle = await this.opts.runtime.create(spec);
@@ -303,6 +348,7 @@ export class AgentService implements AgentClient {
       entry.deadline = req.lifetimeMs ? handle.startedAt + req.lifetimeMs : null;
       entry.runtime = await this.opts.runtime.state(id).catch(() => entry.runtime);
       entry.phase = "running";
+      entry.forks = [];
       await this.save(entry);
       this.watchExit(entry, handle);
     } catch (err) {
@@ -328,6 +374,7 @@ export class AgentService implements AgentClient {
     await this.store.put({
       record: entry.record, phase: entry.phase, mounts: entry.mounts.map((m) => ({ name: m.name, dir: m.dir, writable: m.writable })),
       gpuUuids: entry.gpus?.devices.map((d) => d.uuid) ?? [], deadline: entry.deadline, syncOnStop: entry.syncOnStop, runtime: entry.runtime,
+      forks: entry.forks,
     });
   }
 

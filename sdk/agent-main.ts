@@ -7,7 +7,8 @@
  * Files under STRATA_HOME: `agent.sock` (the gRPC socket), `agent.pid` (created exclusively: one
  * agent per home), `agent/` (runsc state and volume mount points), `staging/` (staged writes of
  * mounted volumes), `images/` (the image cache; STRATA_IMAGE_CACHE overrides it),
- * `logs/agent.log` (the log of a daemonized agent).
+ * `logs/agent.log` (the log of a daemonized agent). STRATA_RUNSC names the runsc binary (default
+ * `runsc` on PATH).
  */
 import { processAlive, terminateProcess } from "./process.js";
 import { spawn } from "node:child_process";
@@ -152,7 +153,7 @@ export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Pr
   const { Strata } = await import("./client.js"); // the storage layer: only the agent needs it, not the CLI that starts it
   const strata = Strata.connect(config, { labels: { tool: "agent" } });
   const stateDir = join(config.home, "agent");
-  const runtime = new GvisorRuntime({ stateDir });
+  const runtime = new GvisorRuntime({ stateDir, ...(io.env.STRATA_RUNSC ? { runsc: io.env.STRATA_RUNSC } : {}) });
   const images = new ImageBuilder({ cacheDir: agentImageCache(config, io.env) });
   const agent = new AgentService({
     runtime, images, repo: strata.repo, stateDir, stagingRoot: join(config.home, "staging"), gpus: new NvidiaGpuInventory(),
@@ -165,6 +166,8 @@ export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Pr
       io.stderr.write(`strata: agent adopted ${found.adopted.length} sandbox(es) [${found.adopted.join(" ")}], cleaned up ${found.cleaned.length} [${found.cleaned.join(" ")}]\n`);
     }
     for (const f of found.failed) io.stderr.write(`strata: agent could not clean up sandbox ${f.id} (kept for the next start): ${f.error}\n`);
+    if (found.forksDeleted.length) io.stderr.write(`strata: agent deleted ${found.forksDeleted.length} unused fork(s) of interrupted creates [${found.forksDeleted.join(" ")}]\n`);
+    for (const f of found.forksKept) io.stderr.write(`strata: agent kept fork ${f.volume} of interrupted sandbox ${f.sandbox}: ${f.reason}\n`);
     server = await serveAgent(agent, socket);
   } catch (err) {
     await agent.close();

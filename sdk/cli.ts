@@ -44,7 +44,7 @@ export async function runCli(argv: string[], io: CliIO): Promise<number> {
   try {
     if (!cmd) throw new StrataError("USAGE", `unknown command ${JSON.stringify(name)}`, { hint: "run `strata --help` for the list of commands" });
     if (rest.includes("--help") || rest.includes("-h")) {
-      out(io, `usage: strata ${cmd.usage}\n\n${cmd.summary}`);
+      out(io, `usage: strata ${cmd.usage}\n\n${cmd.summary}${cmd.help ? `\n\n${cmd.help.join("\n")}` : ""}`);
       return 0;
     }
     let parsed: ParsedArgs;

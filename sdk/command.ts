@@ -35,6 +35,8 @@ export type CommandGroup = "store" | "mount" | "sandbox";
 export interface CommandSpec {
   usage: string;
   summary: string;
+  /** Lines `--help` prints after the summary, one per option that needs explaining. */
+  help?: string[];
   options?: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }>;
   group: CommandGroup;
 }
@@ -82,8 +84,20 @@ export const commands = {
   status: { group: "mount", usage: "status DIR [--json]", summary: "a mount's volume, base version and staged changes", options: { json: { type: "boolean" } } },
   run: {
     group: "sandbox",
-    usage: "run [--image debian-slim|PATH|HASH] [--cpu N] [--memory 1Gi] [--gpu TYPE[:N]] [--lifetime 1h] [-v NAME:/path[:ro]]... [--fork SRC:NEWNAME:/path]... [-e K=V]... [--name ID] [-i] [--no-sync] -- CMD...",
+    usage: "run [--image debian-slim|PATH|HASH] [--cpu N] [--memory 1Gi] [--gpu TYPE[:N]] [--lifetime 1h] [-v NAME:/path[:ro]]... [--fork SRC:NEWNAME:/path]... [-e K=V]... [--egress ADDR[:PORT][,ADDR[:PORT]...]]... [--name ID] [-i] [--no-sync] -- CMD...",
     summary: "run a command in a new sandbox with volumes mounted; streams its output, syncs the volumes, exits with its code",
+    help: [
+      "  --image       debian-slim (default), an image hash, a spec file (JSON or Dockerfile), a directory with a Dockerfile, or an OCI layout",
+      "  --gpu         TYPE or TYPE:N whole GPUs of the node (e.g. a100:2); fails NO_GPU when the node has none of that type, GPU_UNAVAILABLE when others hold them",
+      "  -v            mount volume NAME at /path (created empty on first use; :ro read-only); its writes become a version at the end",
+      "  --fork        fork SRC into a new volume NEWNAME and mount it writable at /path",
+      "  --egress      let the sandbox connect out, only to these: an IPv4 address, a CIDR (10.0.0.0/8) or a host name",
+      "                (resolved once, at start), each optionally :PORT (then only that TCP/UDP port). Repeatable or",
+      "                comma-separated. Everything else, the host itself included, is dropped. The sandbox then gets its",
+      "                own network namespace (the node needs iproute2 and nftables). Without --egress: loopback only",
+      "  --lifetime    stop the sandbox after this long (90s, 30m, 1h)",
+      "  --no-sync     drop the volumes' writes instead of making versions of them",
+    ],
     options: {
       image: { type: "string" },
       cpu: { type: "string" },
@@ -93,6 +107,7 @@ export const commands = {
       volume: { type: "string", short: "v", multiple: true },
       fork: { type: "string", multiple: true },
       env: { type: "string", short: "e", multiple: true },
+      egress: { type: "string", multiple: true },
       name: { type: "string" },
       interactive: { type: "boolean", short: "i" },
       "no-sync": { type: "boolean" },
@@ -121,7 +136,7 @@ export type GroupRun<G extends CommandGroup> = { [K in CommandName as (typeof co
 
 /** A usage error (exit 2): `message`, and the command's usage line as the hint. */
 export function usageError(message: string, use: string): StrataError {
-  return new StrataError("USAGE", message, { hint: use.startsWith("usage:") || use.startsWith("run ") ? use : `usage: strata ${use}` });
+  return new StrataError("USAGE", message, { hint: use.startsWith("usage:") ? use : `usage: strata ${use}` });
 }
 
 /** A string option's value, or undefined. */

@@ -15,7 +15,7 @@
  */
 import type { Readable, Writable } from "node:stream";
 import type { AgentClient, BuildImageResult, GpuRequest, NetworkSpec, SandboxRecord, StopSandboxResult, VolumeMountRequest, VolumeSyncResult } from "../agent/index.js";
-import { AgentError } from "../agent/index.js";
+import { AgentError, parseEgressEntry } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
 import { connectLocalAgent } from "./agent-main.js";
 import { parseSize } from "./config.js";
@@ -112,10 +112,17 @@ export function parseDuration(v: number | string, what = "duration"): number {
   return Math.round(Number(m[1]) * mult);
 }
 
-/** The agent's network spec for a `SandboxOptions.network`. */
+/**
+ * The agent's network spec for a `SandboxOptions.network`: undefined or "none" → `{ mode: "none" }`,
+ * `{ egress: [...] }` → `{ mode: "egress", allow }`. Each entry's syntax is checked here (nothing
+ * is resolved): a bad entry fails INVALID_SPEC, as the agent would; anything else INVALID_ARGUMENT.
+ */
 export function parseNetwork(v: SandboxOptions["network"]): NetworkSpec {
   if (v === undefined || v === "none") return { mode: "none" };
-  if (typeof v === "object" && v !== null && Array.isArray(v.egress) && v.egress.every((a) => typeof a === "string")) return { mode: "egress", allow: [...v.egress] };
+  if (typeof v === "object" && v !== null && Array.isArray(v.egress) && v.egress.every((a) => typeof a === "string")) {
+    for (const a of v.egress) parseEgressEntry(a);
+    return { mode: "egress", allow: [...v.egress] };
+  }
   throw new StrataError("INVALID_ARGUMENT", `parse network ${JSON.stringify(v)}: want "none" or { egress: [...] }`, { hint: 'e.g. network: { egress: ["10.0.0.1:8080"] }' });
 }
 

@@ -7,7 +7,7 @@
  */
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, join, resolve } from "node:path";
-import type { ImageSpec, SandboxRecord, VolumeMountRequest } from "../agent/index.js";
+import { parseEgressEntry, type ImageSpec, type SandboxRecord, type VolumeMountRequest } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
 import { connectLocalAgent, runAgent } from "./agent-main.js";
 import { commands, usageError, stringOpt, timing, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
@@ -75,6 +75,29 @@ function parseEnv(list: string[]): Record<string, string> {
   return out;
 }
 
+/**
+ * The allow-list of `--egress` (repeatable, each comma-separated), checked as the agent will
+ * check it; undefined without the flag. A bad entry is a usage error.
+ */
+function parseEgress(values: string[]): string[] | undefined {
+  if (!values.length) return undefined;
+  const out: string[] = [];
+  for (const v of values) {
+    for (const raw of v.split(",")) {
+      const a = raw.trim();
+      if (!a) throw usage(`run: bad --egress ${JSON.stringify(v)}: empty entry`, commands.run.usage);
+      try {
+        parseEgressEntry(a);
+      } catch (err) {
+        const why = ((err as StrataError).details as { why?: string } | undefined)?.why ?? (err as Error).message;
+        throw usage(`run: bad --egress ${JSON.stringify(a)}: ${why}`, commands.run.usage);
+      }
+      out.push(a);
+    }
+  }
+  return out;
+}
+
 /** Runs argv in `sb`, streaming its output to `io`; forwards SIGINT/SIGTERM; stdin only when `stdin`. */
 async function stream(sb: Sandbox, argv: string[], io: CliIO, stdin: boolean): Promise<{ exitCode: number; oom: boolean }> {
   const p = await sb.spawn(argv, { stdin });
@@ -113,6 +136,7 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
   const argv = args.positionals;
   if (!argv.length) throw usage("run: missing command", commands.run.usage);
   const volumes = [...list(args.values.volume).map(parseVolume), ...list(args.values.fork).map(parseFork)];
+  const egress = parseEgress(list(args.values.egress));
   const image = await resolveImageArg(str(args.values.image) ?? "debian-slim");
   const client = new SandboxClient({ env: io.env });
   let sb: Sandbox | undefined;
@@ -126,6 +150,7 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
       ...(str(args.values.memory) ? { memory: str(args.values.memory) } : {}),
       ...(str(args.values.gpu) ? { gpu: str(args.values.gpu) } : {}),
       ...(str(args.values.lifetime) ? { lifetime: str(args.values.lifetime) } : {}),
+      ...(egress ? { network: { egress } } : {}),
     });
     timing(io, "created");
     const r = await stream(sb, argv, io, args.values.interactive === true);
@@ -141,12 +166,16 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
   }
 }
 
-/** The JSON shape of `sandbox ls --json`. */
+/**
+ * The JSON shape of `sandbox ls --json`: id, node, state, image, cpu, memory, gpu, volumes, and
+ * network (`{"mode":"none"}` or `{"mode":"egress","allow":[...]}`) when the record has one.
+ */
 export function sandboxJson(r: SandboxRecord): Record<string, unknown> {
   return {
     id: r.id, node: r.node, state: r.state, image: r.image, cpu: r.cpu, memory: r.memoryBytes,
     gpu: r.gpu ? `${r.gpu.type}:${r.gpu.count}` : null,
     volumes: r.volumes.map((v) => ({ name: v.name, path: v.path, readOnly: v.readOnly, ...(v.at ? { at: v.at } : {}), ...(v.forkedFrom ? { forkedFrom: v.forkedFrom } : {}) })),
+    ...(r.network ? { network: r.network.mode === "egress" ? { mode: "egress", allow: [...r.network.allow] } : { mode: r.network.mode } } : {}),
   };
 }
 

@@ -7,18 +7,20 @@
  * leaves the machine: every address probed is one of these. A sandbox in egress mode reaches the
  * allow-listed address:port pairs only; one in mode none has no route at all (ENETUNREACH or
  * EHOSTUNREACH); teardown leaves no namespace, veth, filter chain or map element behind.
+ * net.ipv4.ip_forward: the forwarding cases turn it off first (only while no egress sandbox of
+ * any agent is on the host) and put back the value it had at the end.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { createServer, type Server } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import type { Readable } from "node:stream";
-import { egressNames, GvisorRuntime, type Runtime, type SandboxState } from "../agent/index.js";
+import { egressNames, GvisorRuntime, IP_FORWARD_SAVED, type Runtime, type SandboxState } from "../agent/index.js";
 import { runCommand, mustRun } from "../agent/exec-util.js";
 import { testImage } from "../agent/testing.js";
-import { Container } from "../sdk/index.js";
+import { Container, SandboxClient, stopLocalAgent } from "../sdk/index.js";
 import { makeEnv, type Env } from "./support/sandbox-env.js";
 
 const SRV_NS = `strata-test-srv-${process.pid}`;
@@ -82,6 +84,51 @@ async function leftovers(id: string): Promise<string[]> {
   if ((await runCommand(["nft", "list", "chain", "inet", "strata", n.chain])).code === 0) out.push(`chain ${n.chain}`);
   if ((await runCommand(["nft", "list", "map", "inet", "strata", "sandboxes"])).stdout.toString().includes(`"${n.hostIf}"`)) out.push(`map element ${n.hostIf}`);
   return out;
+}
+
+const IP_FORWARD = "/proc/sys/net/ipv4/ip_forward";
+const sleep = (ms: number) => new Promise((res) => setTimeout(res, ms));
+
+async function forwarding(): Promise<string> {
+  return (await readFile(IP_FORWARD, "utf8")).trim();
+}
+
+async function saved(): Promise<string | undefined> {
+  return (await readFile(IP_FORWARD_SAVED, "utf8").catch(() => undefined))?.trim();
+}
+
+/** Polls (bounded) until net.ipv4.ip_forward reads `want`; returns what it read last. */
+async function forwardingBecomes(want: string): Promise<string> {
+  for (let i = 0; i < 150 && (await forwarding()) !== want; i++) await sleep(100);
+  return forwarding();
+}
+
+/** Waits (bounded) until no egress sandbox of any agent on this host has its filter in place. */
+async function egressIdle(): Promise<boolean> {
+  for (let i = 0; i < 200; i++) {
+    const r = await runCommand(["nft", "-j", "list", "map", "inet", "strata", "sandboxes"]);
+    if (r.code !== 0 || !r.stdout.toString().includes('"elem"')) return true;
+    await sleep(100);
+  }
+  return false;
+}
+
+/**
+ * Runs `fn` with net.ipv4.ip_forward turned off (once no egress sandbox is left on the host, so
+ * that no one else's traffic depends on it), then puts back the value it had and removes the
+ * saved value.
+ */
+async function withForwardingOff(fn: () => Promise<void>): Promise<void> {
+  const before = await forwarding();
+  expect(await egressIdle(), "another egress sandbox runs on this host").toBe(true);
+  expect(await saved()).toBeUndefined();
+  await writeFile(IP_FORWARD, "0\n");
+  try {
+    await fn();
+  } finally {
+    await rm(IP_FORWARD_SAVED, { force: true });
+    await writeFile(IP_FORWARD, `${before}\n`);
+  }
 }
 
 describe("sandbox networks (real runsc, netns, nftables)", () => {
@@ -213,6 +260,29 @@ describe("sandbox networks (real runsc, netns, nftables)", () => {
     rt = new GvisorRuntime({ stateDir: join(dir, "state"), cgroupParent: `/strata-test-net-${process.pid}` });
   });
 
+  it("turns net.ipv4.ip_forward on for egress, saving its value, and puts that back when the last egress sandbox is torn down", async () => {
+    await withForwardingOff(async () => {
+      const rootfs = (await testImage()).rootfs;
+      const network = { mode: "egress" as const, allow: [`${SRV_A}:18080`] };
+      const a = await rt.create({ rootfs, network });
+      expect(await forwarding()).toBe("1");
+      expect(await saved()).toBe("0");
+      expect((await probe(rt, a.id, [`${SRV_A}:18080`])).get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+      const b = await rt.create({ rootfs, network });
+      await rt.stop(a.id);
+      for (let i = 0; i < 100 && (await leftovers(a.id)).length; i++) await sleep(100);
+      expect(await leftovers(a.id)).toEqual([]);
+      expect(await forwarding()).toBe("1");
+      expect((await probe(rt, b.id, [`${SRV_A}:18080`])).get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+      await rt.stop(b.id);
+      expect(await forwardingBecomes("0")).toBe("0");
+      expect(await saved()).toBeUndefined();
+      const none = await rt.create({ rootfs });
+      expect(await forwarding()).toBe("0");
+      await rt.stop(none.id);
+    });
+  });
+
   describe("through the agent and the SDK", () => {
     let e: Env;
 
@@ -240,6 +310,67 @@ describe("sandbox networks (real runsc, netns, nftables)", () => {
       expect(parseProbe((await plain.exec("python3", "-c", PROBE, `${SRV_A}:18080`)).stdoutText).get(`${SRV_A}:18080`)).toMatch(/^fail (101|113)$/);
       await plain.stop();
       await expect(new Container({ client: e.client, network: { egress: ["10.0.0.1:0"] } }).run()).rejects.toMatchObject({ code: "INVALID_SPEC" });
+    });
+
+    it("strata run --egress (repeated and comma-separated) reaches only its allow-list; sandbox ls --json shows the allow-list", async () => {
+      const r = await e.cli(
+        "run", "--name", `cli-egress-${process.pid}`, "--egress", `${SRV_A}:18080`, "--egress", `${HOST_IP}:${allowedPort},${SRV_B}/32`, "--",
+        "python3", "-c", PROBE, `${SRV_A}:18080`, `${SRV_A}:18081`, `${SRV_B}:18081`, `${HOST_IP}:${allowedPort}`, `${HOST_IP}:${deniedPort}`,
+      );
+      expect(r.code, r.stderr).toBe(0);
+      const p = parseProbe(r.stdout.toString());
+      expect(p.get(`${SRV_A}:18080`)).toBe(`ok hello ${SRV_A}:18080`);
+      expect(p.get(`${SRV_A}:18081`)).toMatch(/^fail /);
+      expect(p.get(`${SRV_B}:18081`)).toBe(`ok hello ${SRV_B}:18081`);
+      expect(p.get(`${HOST_IP}:${allowedPort}`)).toBe("ok hello host");
+      expect(p.get(`${HOST_IP}:${deniedPort}`)).toMatch(/^fail /);
+      for (let i = 0; i < 100 && (await leftovers(`cli-egress-${process.pid}`)).length; i++) await new Promise((res) => setTimeout(res, 100));
+      expect(await leftovers(`cli-egress-${process.pid}`)).toEqual([]);
+
+      const held = await e.client.create({ network: { egress: [`${SRV_A}:18080`, `${SRV_B}/32`] } });
+      try {
+        const ls = JSON.parse(await e.ok("sandbox", "ls", "--json")) as { id: string; network?: unknown }[];
+        expect(ls.find((s) => s.id === held.id)?.network).toEqual({ mode: "egress", allow: [`${SRV_A}:18080`, `${SRV_B}/32`] });
+        expect(ls.find((s) => s.id === `cli-egress-${process.pid}`)?.network).toEqual({ mode: "egress", allow: [`${SRV_A}:18080`, `${HOST_IP}:${allowedPort}`, `${SRV_B}/32`] });
+      } finally {
+        await held.stop();
+      }
+    });
+
+    it("a restarted agent puts net.ipv4.ip_forward back: after stopping a killed agent's egress sandbox, and when the killed agent had torn down its last one but not restored", async () => {
+      const home = join(e.base, "home");
+      await withForwardingOff(async () => {
+        const sb = await e.client.create({ network: { egress: [`${SRV_A}:18080`] }, volumes: [{ name: "fwd", path: "/v" }] });
+        expect(await forwarding()).toBe("1");
+        expect(await saved()).toBe("0");
+        const pid = Number((await readFile(join(home, "agent.pid"), "utf8")).trim());
+        process.kill(pid, "SIGKILL");
+        for (let i = 0; i < 100 && (await runCommand(["kill", "-0", String(pid)])).code === 0; i++) await sleep(50);
+        await e.client.close();
+        // The next agent stops the sandbox (its volume's mount died with the first agent), tears its network down, restores.
+        const next = new SandboxClient({ env: e.env });
+        try {
+          expect((await next.list()).find((s) => s.id === sb.id)).toMatchObject({ state: "stopped", exit: { reason: "agent_restart" } });
+          expect(await forwardingBecomes("0")).toBe("0");
+          expect(await leftovers(sb.id)).toEqual([]);
+          expect(await saved()).toBeUndefined();
+        } finally {
+          await next.close();
+        }
+
+        // An agent that died after its last teardown but before the restore left the saved value behind.
+        await stopLocalAgent(home);
+        await writeFile(IP_FORWARD_SAVED, "0\n");
+        await writeFile(IP_FORWARD, "1\n");
+        const third = new SandboxClient({ env: e.env });
+        try {
+          await third.list();
+          expect(await forwarding()).toBe("0");
+          expect(await saved()).toBeUndefined();
+        } finally {
+          await third.close();
+        }
+      });
     });
   });
 });

@@ -5,10 +5,13 @@
  *   a lifetime still ends it;
  * - a running sandbox with a volume is stopped (reason "agent_restart"; its FUSE mount died with
  *   the old agent) and the writes it staged in the volume become a version;
- * - a sandbox that died while no agent ran is cleaned up (runsc state, bundle, mount points).
+ * - a sandbox that died while no agent ran is cleaned up (runsc state, bundle, mount points);
+ * - an agent killed between forking a sandbox's volumes and starting it (the fault: a runsc,
+ *   named by STRATA_RUNSC, that SIGKILLs the agent calling it): the next agent deletes the forks
+ *   nothing was written to, and keeps and reports one that got a version meanwhile.
  */
 import { existsSync, readdirSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCommand } from "../agent/exec-util.js";
@@ -116,6 +119,63 @@ describe("an agent killed with SIGKILL, and the next one", () => {
       expect(list.stdout.toString().trim()).toBe("");
       const mounts = await readFile("/proc/self/mounts", "utf8");
       expect(mounts).not.toContain(join(home, "agent", "mounts"));
+    } finally {
+      await second.close();
+    }
+  });
+});
+
+describe("an agent killed between forking a sandbox's volumes and starting it", () => {
+  let e: Env;
+  let home: string;
+
+  beforeAll(async () => {
+    await testImage();
+    e = await makeEnv();
+    home = join(e.base, "home");
+    await writeFile(join(e.base, "in.txt"), "source\n");
+    await e.ok("volume", "create", "src");
+    await e.ok("put", "src", join(e.base, "in.txt"), "/in.txt");
+    await e.ok("volume", "create", "bystander");
+  }, 600_000);
+
+  afterAll(async () => {
+    await e?.cleanup();
+  });
+
+  it("the next agent deletes the forks nothing was written to, keeps and reports one with a new version, leaves other volumes alone", async () => {
+    const killer = join(e.base, "runsc-kills-its-caller");
+    await writeFile(killer, "#!/bin/sh\nkill -9 $PPID\nsleep 5\nexit 1\n", { mode: 0o755 });
+    const first = new SandboxClient({ env: { ...e.env, STRATA_RUNSC: killer } });
+    const forks = ["fork-a", "fork-b", "fork-c"].map((name, i) => ({ name, path: `/w${i}`, forkFrom: "src" }));
+    await expect(first.create({ name: "half-made", volumes: forks })).rejects.toThrow();
+    await first.close();
+    const agentPid = Number((await readFile(join(home, "agent.pid"), "utf8")).trim());
+    for (let i = 0; i < 100 && alive(agentPid); i++) await sleep(50);
+    expect(alive(agentPid)).toBe(false);
+    const names = async () => (JSON.parse(await e.ok("volume", "ls", "--json")) as { name: string }[]).map((v) => v.name).sort();
+    expect(await names()).toEqual(["bystander", "fork-a", "fork-b", "fork-c", "src"]);
+
+    // While no agent runs, someone commits a version to fork-b.
+    await writeFile(join(e.base, "new.txt"), "kept\n");
+    await e.ok("put", "fork-b", join(e.base, "new.txt"), "/new.txt");
+
+    const second = new SandboxClient({ env: e.env });
+    try {
+      expect((await second.list()).find((s) => s.id === "half-made")?.state).toBe("stopped");
+      expect(await names()).toEqual(["bystander", "fork-b", "src"]);
+      expect(await e.ok("cat", "fork-b", "/new.txt")).toBe("kept\n");
+      expect(await e.ok("cat", "fork-b", "/in.txt")).toBe("source\n");
+      expect(await e.ok("cat", "src", "/in.txt")).toBe("source\n");
+      const log = await readFile(join(home, "logs", "agent.log"), "utf8");
+      expect(log).toMatch(/^strata: agent deleted 2 unused fork\(s\) of interrupted creates \[fork-a fork-c\]$/m);
+      expect(log).toMatch(/^strata: agent kept fork fork-b of interrupted sandbox half-made: it has versions beyond the fork point$/m);
+      expect(readdirSync(join(home, "agent", "mounts"))).toEqual([]);
+      expect(await readFile("/proc/self/mounts", "utf8")).not.toContain(join(home, "agent", "mounts"));
+      // The names are free again: a run can fork into them.
+      const again = await second.create({ volumes: [{ name: "fork-a", path: "/w", forkFrom: "src" }] });
+      expect((await again.exec("cat", "/w/in.txt")).stdoutText).toBe("source\n");
+      await again.stop();
     } finally {
       await second.close();
     }

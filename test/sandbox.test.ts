@@ -131,8 +131,8 @@ describe("sandboxes with volumes (file store)", () => {
     const sb = await e.client.create({ cpu: 1, memory: "256Mi", volumes: [{ name: "lsvol", path: "/v" }] });
     const ls = JSON.parse(await e.ok("sandbox", "ls", "--json")) as Record<string, unknown>[];
     const mine = ls.find((s) => s.id === sb.id)!;
-    expect(Object.keys(mine).sort()).toEqual(["cpu", "gpu", "id", "image", "memory", "node", "state", "volumes"]);
-    expect(mine).toMatchObject({ state: "running", cpu: 1, memory: 256 << 20, gpu: null, volumes: [{ name: "lsvol", path: "/v", readOnly: false }] });
+    expect(Object.keys(mine).sort()).toEqual(["cpu", "gpu", "id", "image", "memory", "network", "node", "state", "volumes"]);
+    expect(mine).toMatchObject({ state: "running", cpu: 1, memory: 256 << 20, gpu: null, volumes: [{ name: "lsvol", path: "/v", readOnly: false }], network: { mode: "none" } });
     expect(mine.image).toMatch(/^[0-9a-f]{64}$/);
     const ex = await e.cli("sandbox", "exec", sb.id, "--", "sh", "-c", "echo in-sandbox > /v/f.txt; cat /v/f.txt; exit 4");
     expect(ex.code).toBe(4);
@@ -225,8 +225,33 @@ describe("sandboxes with volumes (file store)", () => {
     expect(r.stderr).not.toMatch(/\n\s+at /);
     const bad = await e.cli("run", "-v", "nocolon", "--", "true");
     expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/^hint: usage: strata run /m);
     await expect(new Container({ client: e.client, gpu: "h100:2" }).run()).rejects.toMatchObject({ code: "NO_GPU" });
     expect(existsSync(join(e.base, "home", "agent.sock"))).toBe(true);
+  });
+
+  it("--egress: each bad entry is a usage error (exit 2, one line, a hint, no stack) before any sandbox starts; --help documents it", async () => {
+    const cases: [string, RegExp][] = [
+      ["10.0.0.1:99999", /^strata: run: bad --egress "10\.0\.0\.1:99999": port must be 1-65535 \(USAGE\)$/m],
+      ["10.0.0.1:80,fe80::1", /^strata: run: bad --egress "fe80::1": IPv6 is not supported \(USAGE\)$/m],
+      ["10.0.0.0/40", /^strata: run: bad --egress "10\.0\.0\.0\/40": bad prefix length \(want 0-32\) \(USAGE\)$/m],
+      ["10.0.0.1,,10.0.0.2", /^strata: run: bad --egress "10\.0\.0\.1,,10\.0\.0\.2": empty entry \(USAGE\)$/m],
+      ["not a host", /^strata: run: bad --egress "not a host": not an IPv4 address, CIDR or host name .*\(USAGE\)$/m],
+    ];
+    const before = (await e.client.list()).length;
+    for (const [value, line] of cases) {
+      const r = await e.cli("run", "--egress", "10.0.0.9", "--egress", value, "--", "true");
+      expect(r.code, value).toBe(2);
+      expect(r.stderr, value).toMatch(line);
+      expect(r.stderr.split("\n")[1], value).toMatch(/^hint: usage: strata run .*--egress ADDR\[:PORT\]/);
+      expect(r.stderr, value).not.toMatch(/\n\s+at /);
+    }
+    expect((await e.client.list()).length).toBe(before);
+    const help = await e.cli("run", "--help");
+    expect(help.code).toBe(0);
+    expect(help.stdout.toString()).toMatch(/^usage: strata run .*\[--egress ADDR\[:PORT\]\[,ADDR\[:PORT\]\.\.\.\]\]\.\.\./);
+    expect(help.stdout.toString()).toMatch(/^ {2}--egress {6}.*IPv4 address, a CIDR .* host name/m);
+    expect(help.stdout.toString()).toContain("own network namespace");
   });
 });
 
