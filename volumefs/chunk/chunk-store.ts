@@ -511,10 +511,29 @@ export class ChunkStore {
       if (pos >= end) break;
       pos = next;
     }
+    const got = await this.readChunks(want.map((w) => w.ref));
+    const outEnd = Math.min(end, want.length > 0 ? want[want.length - 1]!.start + want[want.length - 1]!.ref.length : offset);
+    const out = Buffer.allocUnsafe(Math.max(0, outEnd - offset));
+    for (const w of want) {
+      const data = got.get(w.ref.id)!;
+      const from = Math.max(offset, w.start);
+      const to = Math.min(outEnd, w.start + w.ref.length);
+      out.set(data.subarray(from - w.start, to - w.start), from - offset);
+    }
+    return out;
+  }
+
+  /**
+   * The bytes of each chunk of `refs`, by id: from memory when a read or cache write of it is
+   * running, else the cache, else in parallel from their packs (adjacent chunks of one pack in one
+   * ranged GET). Throws NOT_FOUND / CORRUPT as `read` does, and CORRUPT when a chunk's length is
+   * not the one its ref gives.
+   */
+  async readChunks(refs: readonly ChunkRef[]): Promise<Map<string, Uint8Array>> {
     const got = new Map<string, Uint8Array>();
     const missing: string[] = [];
     const waits: Promise<void>[] = [];
-    for (const id of new Set(want.map((w) => w.ref.id))) {
+    for (const id of new Set(refs.map((r) => r.id))) {
       const running = this.writing.get(id) ?? this.inflight.get(id);
       if (running) waits.push(running.then((data) => void got.set(id, data), () => void missing.push(id)));
       else missing.push(id);
@@ -540,16 +559,11 @@ export class ChunkStore {
       for (const id of missing) this.track(id, p.then((m) => m.get(id)!));
       for (const [id, data] of await p) got.set(id, data);
     }
-    const outEnd = Math.min(end, want.length > 0 ? want[want.length - 1]!.start + want[want.length - 1]!.ref.length : offset);
-    const out = new Uint8Array(Math.max(0, outEnd - offset));
-    for (const w of want) {
-      const data = got.get(w.ref.id)!;
-      if (data.length !== w.ref.length) throw VolumeError.CORRUPT(`chunk ${w.ref.id}`, { op: "read chunk", details: { expected: w.ref.length, got: data.length } });
-      const from = Math.max(offset, w.start);
-      const to = Math.min(outEnd, w.start + w.ref.length);
-      out.set(data.subarray(from - w.start, to - w.start), from - offset);
+    for (const r of refs) {
+      const data = got.get(r.id)!;
+      if (data.length !== r.length) throw VolumeError.CORRUPT(`chunk ${r.id}`, { op: "read chunk", details: { expected: r.length, got: data.length } });
     }
-    return out;
+    return got;
   }
 
   /**

@@ -137,14 +137,11 @@ export class ChunkReader {
       let total = 0;
       while (j < to && !this.cache.has(chunks[j]!.id) && total < 4 << 20) total += chunks[j++]!.length;
       const run = chunks.slice(i, j);
-      const all = this.store.readRange(run, 0, total);
-      let off = 0;
+      const all = this.store.readChunks(run);
       for (const c of run) {
-        const at = off;
-        const p = all.then((b) => b.subarray(at, at + c.length));
+        const p = all.then((m) => m.get(c.id)!);
         p.catch(() => this.drop(c.id, p));
         this.put(c.id, p, c.length);
-        off += c.length;
       }
       i = j;
     }
@@ -196,7 +193,7 @@ export class ChunkReader {
       return b.subarray(offset - s[lo]!, end - s[lo]!);
     }
     const parts = await Promise.all(Array.from({ length: last - lo + 1 }, (_, k) => this.get(chunks[lo + k]!)));
-    const out = Buffer.alloc(end - offset);
+    const out = Buffer.allocUnsafe(end - offset);
     for (let k = 0; k < parts.length; k++) {
       const cs = s[lo + k]!;
       const a = Math.max(offset, cs);
