@@ -453,6 +453,28 @@ describe("strata mount on the file store", () => {
     expect(u.code).toBe(1);
   }, 120_000);
 
+  it("keeps extended attributes through the kernel, a sync and a remount; a missing one is ENODATA", async () => {
+    await e.strata("volume", "create", "xa");
+    const mnt = join(e.base, "xa");
+    await e.mount("xa", mnt);
+    const f = join(mnt, "f.txt");
+    writeFileSync(f, "x");
+    const py = (code: string) => execFileSync("python3", ["-c", `import os, sys\n${code}`, f], { encoding: "utf8" }).trim();
+    py("os.setxattr(sys.argv[1], 'user.color', b'blue')");
+    const missing = "try:\n  os.getxattr(sys.argv[1], 'user.none')\nexcept OSError as e:\n  print(e.errno)";
+    expect(py(missing)).toBe("61"); // ENODATA
+    expect(py("print(os.getxattr(sys.argv[1], 'user.color').decode())")).toBe("blue");
+    appendFileSync(f, "more"); // a write (the kernel asks for security.capability first)
+    expect(py("print(sorted(os.listxattr(sys.argv[1])))")).toBe("['user.color']");
+    await e.strata("sync", mnt);
+    await e.unmount(mnt);
+    await e.mount("xa", mnt);
+    expect(readFileSync(f, "utf8")).toBe("xmore");
+    expect(py("print(os.getxattr(sys.argv[1], 'user.color').decode())")).toBe("blue");
+    expect(py(missing)).toBe("61");
+    await e.unmount(mnt);
+  }, 120_000);
+
   it("runs git init, add and commit on the mount", async () => {
     await e.strata("volume", "create", "repo");
     const mnt = join(e.base, "repo");

@@ -182,7 +182,7 @@ const READ_AHEAD_KB = 8192;
 
 async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Promise<FuseMount> {
   const dev = await FuseDevice.mount(abs, { fsname: opts.name ?? "strata" });
-  const session = new KernelSession(fs, dev, { readOnly: opts.readOnly === true, immutable: opts.immutable === true, debug: opts.debug === true });
+  const session = new KernelSession(fs, dev, { readOnly: opts.readOnly === true, immutable: opts.immutable === true, debug: opts.debug === true, stats: process.env.STRATA_FUSE_STATS === "1" });
   dev.start(session);
   const timeout = new Promise<"timeout">((res) => setTimeout(() => res("timeout"), 10_000).unref());
   if ((await Promise.race([session.initialized, timeout])) === "timeout") {

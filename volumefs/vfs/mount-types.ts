@@ -90,6 +90,8 @@ export interface MountFs {
   utimens(path: string, atime: number, mtime: number): Promise<void>;
   setxattr(path: string, name: string, value: Uint8Array, flags: number): Promise<void>;
   getxattr(path: string, name: string): Promise<Uint8Array>;
+  /** The value of an extended attribute, or undefined when it has none by that name (what getxattr would fail NO_ATTRIBUTE for). Optional. */
+  xattr?(path: string, name: string): Promise<Uint8Array | undefined>;
   listxattr(path: string): Promise<string[]>;
   removexattr(path: string, name: string): Promise<void>;
   statfs(): Promise<{ blocks: number; bfree: number; bavail: number; files: number; ffree: number; bsize: number; namemax: number }>;

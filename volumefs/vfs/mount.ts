@@ -926,12 +926,17 @@ export class MountedVolume implements MountFs {
 
   /** An extended attribute's value; NO_ATTRIBUTE when it is not set. */
   async getxattr(path: string, name: string): Promise<Uint8Array> {
-    const segs = segsOf(path);
-    if (segs[0] === RESERVED_NAME || segs.length === 0) throw new VolumeError("NO_ATTRIBUTE", `getxattr ${JSON.stringify(path)}: no attribute ${JSON.stringify(name)}`, { path });
-    const e = await this.mustLookup(segs, "getxattr");
-    const v = e.xattrs && Object.prototype.hasOwnProperty.call(e.xattrs, name) ? e.xattrs[name] : undefined;
+    const v = await this.xattr(path, name);
     if (!v) throw new VolumeError("NO_ATTRIBUTE", `getxattr ${JSON.stringify(path)}: no attribute ${JSON.stringify(name)}`, { path });
     return v;
+  }
+
+  /** An extended attribute's value, or undefined when the file has none by that name. */
+  async xattr(path: string, name: string): Promise<Uint8Array | undefined> {
+    const segs = segsOf(path);
+    if (segs[0] === RESERVED_NAME || segs.length === 0) return undefined;
+    const e = await this.mustLookup(segs, "getxattr");
+    return e.xattrs && Object.prototype.hasOwnProperty.call(e.xattrs, name) ? e.xattrs[name] : undefined;
   }
 
   /** Names of the extended attributes, sorted. */
