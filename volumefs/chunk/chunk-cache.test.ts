@@ -131,13 +131,19 @@ describe("DiskChunkCache", () => {
     await c.close();
   });
 
-  it("removes the cache files of the first layout (a file per chunk) on open", async () => {
+  it("removes the cache files of the first layout (a file per chunk) on open, and nothing else", async () => {
     await mkdir(join(dir, "ab"), { recursive: true });
     await mkdir(join(dir, "tmp"), { recursive: true });
+    await mkdir(join(dir, "cd"), { recursive: true });
     await writeFile(join(dir, "ab", "ab".padEnd(64, "0")), "old");
+    await writeFile(join(dir, "tmp", `${"ab".padEnd(64, "1")}.123.abcdef`), "old");
+    await writeFile(join(dir, "cd", "cd".padEnd(64, "0")), "old");
+    await writeFile(join(dir, "cd", "notes.txt"), "a user's file");
+    await writeFile(join(dir, "other"), "a user's file");
     const c = new DiskChunkCache({ dir, maxBytes: 1 << 24 });
     await c.size();
-    expect((await readdir(dir)).sort()).toEqual(["packs"]);
+    expect((await readdir(dir)).sort()).toEqual(["cd", "other", "packs"]);
+    expect((await readdir(join(dir, "cd"))).sort()).toEqual(["cd".padEnd(64, "0"), "notes.txt"]);
     await c.close();
   });
 

@@ -19,7 +19,7 @@
  * process evicts it): that is a miss, never an error. Open descriptors are reused across reads and
  * writes and dropped at each rescan, so a file another process unlinked is not kept alive.
  */
-import { mkdir, readdir, rm, stat, unlink } from "node:fs/promises";
+import { mkdir, readdir, rmdir, stat, unlink } from "node:fs/promises";
 import { close, constants, fstat, futimes, open, read, statSync, write } from "node:fs";
 import { join } from "node:path";
 import { VolumeError } from "../errors.js";
@@ -48,7 +48,7 @@ interface Entry {
 
 const TOUCH_EVERY_MS = 60_000;
 const PACK_ID = /^[0-9a-f]{64}$/;
-const OLD_LAYOUT = /^([0-9a-f]{2}|tmp)$/;
+const OLD_TMP = /^[0-9a-f]{64}\.\d+\.[0-9a-f]+$/;
 
 function errno(err: unknown): string | undefined {
   return (err as NodeJS.ErrnoException | undefined)?.code;
@@ -169,10 +169,7 @@ export class DiskChunkCache implements ChunkCache {
 
   private async scan(): Promise<void> {
     const found: { pack: string; size: number; mtime: number }[] = [];
-    // The first layout kept one file per chunk in <ab>/ and tmp/ beside packs/: remove it.
-    for (const top of await readdir(this.dir).catch(() => [] as string[])) {
-      if (OLD_LAYOUT.test(top)) await rm(join(this.dir, top), { recursive: true, force: true }).catch(() => undefined);
-    }
+    await this.removeOldLayout();
     const now = Date.now();
     for (const top of await readdir(this.packsDir).catch(() => [] as string[])) {
       if (this.closed) return;
@@ -195,6 +192,23 @@ export class DiskChunkCache implements ChunkCache {
     for (const e of this.entries.values()) this.bytes += e.size;
     this.fds.retireAll();
     this.lastScan = Date.now();
+  }
+
+  /**
+   * The first layout kept one file per chunk in <ab>/<id> and temp files in tmp/, beside packs/.
+   * A directory is removed only when every name in it is one that layout made (the cache
+   * directory is the user's choice: nothing else in it is touched).
+   */
+  private async removeOldLayout(): Promise<void> {
+    for (const top of await readdir(this.dir).catch(() => [] as string[])) {
+      const ours = top === "tmp" ? OLD_TMP : /^[0-9a-f]{2}$/.test(top) ? new RegExp(`^${top}[0-9a-f]{62}$`) : undefined;
+      if (!ours) continue;
+      const d = join(this.dir, top);
+      const names = await readdir(d).catch(() => undefined);
+      if (!names || !names.every((n) => ours.test(n))) continue;
+      for (const n of names) await unlink(join(d, n)).catch(() => undefined);
+      await rmdir(d).catch(() => undefined);
+    }
   }
 
   private maybeRescan(): void {
