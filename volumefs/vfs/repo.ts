@@ -73,6 +73,8 @@ export interface SyncResult {
 const REF_WIDTH_TIME = 13;
 /** Local files up to this size are read whole rather than streamed during a sync. */
 const SMALL_FILE_BYTES = 4 << 20;
+/** Larger local files are read in blocks of this size, each handed over whole to the chunk writer. */
+const LOCAL_READ_BYTES = 8 << 20;
 const REF_WIDTH_SEQ = 10;
 
 /** The bucket key of a volume's ref after a head move. */
@@ -431,7 +433,7 @@ export class Repository {
             // Small files in one read (open, read, close); large ones streamed with bounded memory.
             res = p.pending.size <= SMALL_FILE_BYTES
               ? await writer.writeBuffer(await readFile(local))
-              : await writer.writeStream(createReadStream(local, { highWaterMark: 1 << 20 }));
+              : await writer.writeStream(createReadStream(local, { highWaterMark: LOCAL_READ_BYTES }), { transfer: true });
           } catch (err) {
             if (err instanceof VolumeError) throw err;
             throw VolumeError.IO(`read ${local}`, err, { hint: "check that the local file exists and is readable" });

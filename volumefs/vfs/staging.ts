@@ -51,6 +51,9 @@ export type JournalOp =
 /** Contents whose writes all end below this many bytes keep their bytes in the journal. */
 export const INLINE_MAX = 16 * 1024;
 
+/** A sync reads a staged file in blocks of this size, each handed over whole to the chunk writer. */
+const UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024;
+
 /** The staging manifest. */
 export interface StagingManifest {
   v: 1;
@@ -585,7 +588,7 @@ export class StagedContent {
     const size = this.size;
     let res: { chunks: ChunkRef[]; size: number };
     if (!base || base.chunks.length === 0 || Math.min(this.lowerLimit, base.size) === 0 || this.dirtyBytes > size / 2) {
-      res = await writer.writeStream(this.stream(readChunks));
+      res = await writer.writeStream(this.stream(readChunks, UPLOAD_BLOCK_BYTES), { transfer: true });
       this.uploadStats = { rechunked: size, reused: 0 };
     } else {
       res = await this.rechunk(writer, base, readChunks, params);
@@ -652,13 +655,16 @@ export class StagedContent {
     return { chunks: out, size };
   }
 
-  /** The whole content as a stream of 1 MiB buffers. */
-  stream(readChunks: ChunkRangeReader): Readable {
+  /**
+   * The whole content as a stream of `blockBytes` buffers (default 1 MiB), each a fresh buffer
+   * of its own that the consumer may keep or transfer.
+   */
+  stream(readChunks: ChunkRangeReader, blockBytes = 1 << 20): Readable {
     const self = this;
     const size = this.size;
     return Readable.from(
       (async function* () {
-        for (let off = 0; off < size; off += 1 << 20) yield Buffer.from(await self.read(off, Math.min(1 << 20, size - off), readChunks));
+        for (let off = 0; off < size; off += blockBytes) yield await self.read(off, Math.min(blockBytes, size - off), readChunks);
       })(),
     );
   }
