@@ -175,6 +175,8 @@ class Writer implements ChunkWriter {
   private error: unknown;
   private aborted = false;
   private readonly stats: WriteStats = { packs: 0, newChunks: 0, newBytes: 0, dedupedChunks: 0, dedupedBytes: 0, uploadedBytes: 0 };
+  /** Buffers of packs whose upload finished: reused for the next packs (fresh buffers of 16 MiB cost page faults and GC). */
+  private readonly spare: Uint8Array[] = [];
 
   constructor(private readonly s: ChunkStore) {
     this.limiter = new Limiter(s.uploadConcurrency);
@@ -223,9 +225,16 @@ class Writer implements ChunkWriter {
 
   private seal(): void {
     if (this.builder.count === 0) return;
-    const built = this.builder.finish();
+    const built = this.builder.finish(this.packBuffer(this.builder.packBytes));
     this.builder = new PackBuilder();
     this.upload(built);
+  }
+
+  /** A buffer of at least `size` bytes: a spare one, else a new one with room for a full pack. */
+  private packBuffer(size: number): Uint8Array {
+    const k = this.spare.findIndex((b) => b.length >= size);
+    if (k >= 0) return this.spare.splice(k, 1)[0]!;
+    return new Uint8Array(Math.max(size, this.s.packTargetBytes + (this.s.packTargetBytes >> 3)));
   }
 
   private upload(built: BuiltPack): void {
@@ -235,6 +244,7 @@ class Writer implements ChunkWriter {
       .run(async () => {
         if (this.aborted) return;
         await this.s.objects.put(packKey(built.id), built.bytes);
+        this.spare.push(new Uint8Array(built.bytes.buffer));
         if (this.aborted) return;
         const locations: ChunkLocation[] = built.entries.map((e) => ({ id: e.id, pack: built.id, offset: e.offset, length: e.length }));
         await this.s.meta.putPack({ id: built.id, size, createdAt: Date.now() }, locations);

@@ -23,6 +23,20 @@ describe("pack", () => {
     });
   });
 
+  it("lays out the same pack into a used buffer as into a new one", () => {
+    const datas = Array.from({ length: 7 }, (_, k) => randomBytes(500 + k));
+    const fill = (b: PackBuilder): PackBuilder => (datas.forEach((d, k) => b.add(chunkId(d), k % 3 === 0 ? "tree" : "chunk", d)), b);
+    const fresh = fill(new PackBuilder()).finish();
+    const b = fill(new PackBuilder());
+    expect(b.packBytes).toBe(fresh.bytes.length);
+    const used = new Uint8Array(fresh.bytes.length + 100).fill(0xff);
+    const again = b.finish(used);
+    expect(again.bytes.buffer).toBe(used.buffer);
+    expect(Buffer.from(again.bytes).equals(Buffer.from(fresh.bytes))).toBe(true);
+    expect(again.id).toBe(fresh.id);
+    expect(fill(new PackBuilder()).finish(new Uint8Array(10)).id).toBe(fresh.id);
+  });
+
   it("skips a duplicate id and counts sizes", () => {
     const b = new PackBuilder();
     const d = randomBytes(100);

@@ -108,10 +108,20 @@ export class PackBuilder {
     return true;
   }
 
-  /** Lays out the pack and names it. The builder must not be used afterwards. */
-  finish(): BuiltPack {
+  /** Size of the pack `finish` lays out: entries, index and trailer. */
+  get packBytes(): number {
+    return this.bytes + this.list.length * PACK_INDEX_ENTRY_BYTES + PACK_TRAILER_BYTES;
+  }
+
+  /**
+   * Lays out the pack and names it: into the start of `into` when that is at least `packBytes`
+   * long (the pack's bytes are then a view of it; old contents do not matter), else into a new
+   * buffer. The builder must not be used afterwards.
+   */
+  finish(into?: Uint8Array): BuiltPack {
     const indexLen = this.list.length * PACK_INDEX_ENTRY_BYTES;
-    const out = new Uint8Array(this.bytes + indexLen + PACK_TRAILER_BYTES);
+    const total = this.bytes + indexLen + PACK_TRAILER_BYTES;
+    const out = into && into.length >= total ? into.subarray(0, total) : new Uint8Array(total);
     let at = 0;
     for (const p of this.parts) {
       out.set(p, at);
@@ -121,6 +131,7 @@ export class PackBuilder {
     for (const e of this.list) {
       out.set(Buffer.from(e.id, "hex"), at);
       out[at + 32] = e.kind === "tree" ? 1 : 0;
+      out.fill(0, at + 33, at + 36);
       view.setBigUint64(at + 36, BigInt(e.offset), true);
       view.setUint32(at + 44, e.length, true);
       at += PACK_INDEX_ENTRY_BYTES;
@@ -130,6 +141,7 @@ export class PackBuilder {
     view.setUint32(at + 16, indexLen, true);
     view.setUint32(at + 20, this.list.length, true);
     view.setUint32(at + 24, PACK_FORMAT_VERSION, true);
+    view.setUint32(at + 28, 0, true);
     out.set(MAGIC, at + 32);
     this.parts.length = 0;
     return { id: hash(out).toString("hex"), bytes: out, entries: this.list.slice() };
