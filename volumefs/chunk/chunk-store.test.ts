@@ -251,6 +251,42 @@ describe("ChunkStore", () => {
     }
   });
 
+  it("hands taken-over buffers back only when it holds no view of them", async () => {
+    const pool = new ChunkPool({ size: 2 });
+    try {
+      expect(await pool.start()).toBe(true);
+      const { store } = setup({ params: SMALL, workerThresholdBytes: 1 << 20, packTargetBytes: 256 * 1024, pool });
+      const block = 1 << 20;
+      const data = new Uint8Array(Buffer.concat([bytes("r1", 3 * block + 5000), bytes("r1", 2 * block), new Uint8Array(block + 77), bytes("r2", 2 * block)]));
+      const spare: Uint8Array[] = [];
+      let recycled = 0;
+      async function* blocks(): AsyncGenerator<Uint8Array> {
+        for (let at = 0; at < data.length; at += block) {
+          const n = Math.min(block, data.length - at);
+          const buf = spare.pop() ?? new Uint8Array(block);
+          buf.set(data.subarray(at, at + n));
+          yield n === block ? buf : buf.subarray(0, n);
+        }
+      }
+      const w = store.writer();
+      const r = await w.writeStream(blocks(), {
+        transfer: true,
+        recycle: (b) => {
+          recycled++;
+          b.fill(0xee);
+          spare.push(b);
+        },
+      });
+      await w.flush();
+      expect(recycled).toBeGreaterThan(3);
+      let prev = 0;
+      expect(r.chunks.map((c) => c.id)).toEqual(cutPoints(data, SMALL).map((c) => chunkId(data.subarray(prev, (prev = c)))));
+      expect(Buffer.from(await store.readRange(r.chunks, 0, data.length)).equals(Buffer.from(data))).toBe(true);
+    } finally {
+      await pool.close();
+    }
+  });
+
   it("runs many streams at once over a small pool without deadlock", async () => {
     const pool = new ChunkPool({ size: 2 });
     try {

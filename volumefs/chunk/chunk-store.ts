@@ -96,6 +96,12 @@ export interface WriteStreamOptions {
    * spans its whole ArrayBuffer. Default false: the writer copies what it keeps.
    */
   transfer?: boolean;
+  /**
+   * With `transfer`: called with each taken-over buffer (a view of its whole ArrayBuffer) once the
+   * writer holds no view of it, for the producer to fill again; reading into reused buffers saves
+   * page faults and external-memory GCs. Default: such buffers are dropped.
+   */
+  recycle?: (buf: Uint8Array) => void;
 }
 
 /** A batch writer of chunks and trees; see ChunkStore.writer(). Not for use after abort(). */
@@ -168,7 +174,7 @@ class Writer implements ChunkWriter {
   private readonly taken = new Set<string>();
   private candidates: Candidate[] = [];
   private candidateBytes = 0;
-  private builder = new PackBuilder();
+  private builder = this.newBuilder();
   private readonly uploads = new Set<Promise<void>>();
   private inflightBytes = 0;
   private readonly limiter: Limiter;
@@ -177,6 +183,8 @@ class Writer implements ChunkWriter {
   private readonly stats: WriteStats = { packs: 0, newChunks: 0, newBytes: 0, dedupedChunks: 0, dedupedBytes: 0, uploadedBytes: 0 };
   /** Buffers of packs whose upload finished: reused for the next packs (fresh buffers of 16 MiB cost page faults and GC). */
   private readonly spare: Uint8Array[] = [];
+  /** Candidate batches being checked against `meta`. */
+  private readonly resolving = new Set<Promise<void>>();
 
   constructor(private readonly s: ChunkStore) {
     this.limiter = new Limiter(s.uploadConcurrency);
@@ -204,11 +212,23 @@ class Writer implements ChunkWriter {
     this.check();
   }
 
-  private async resolve(): Promise<void> {
-    if (this.candidates.length === 0) return;
+  private resolve(): Promise<void> {
+    if (this.candidates.length === 0) return Promise.resolve();
     const batch = this.candidates;
     this.candidates = [];
     this.candidateBytes = 0;
+    const p = this.resolveBatch(batch).finally(() => this.resolving.delete(p));
+    this.resolving.add(p);
+    return p;
+  }
+
+  /** Resolves every candidate offered so far; afterwards none holds a view of a caller's buffer (packs copy). */
+  private async resolveAll(): Promise<void> {
+    void this.resolve();
+    await Promise.all(this.resolving);
+  }
+
+  private async resolveBatch(batch: Candidate[]): Promise<void> {
     const known = await this.s.meta.getChunks(batch.map((c) => c.id));
     for (const c of batch) {
       if (known.has(c.id)) {
@@ -225,16 +245,18 @@ class Writer implements ChunkWriter {
 
   private seal(): void {
     if (this.builder.count === 0) return;
-    const built = this.builder.finish(this.packBuffer(this.builder.packBytes));
-    this.builder = new PackBuilder();
+    const built = this.builder.finish();
+    this.builder = this.newBuilder();
     this.upload(built);
   }
 
-  /** A buffer of at least `size` bytes: a spare one, else a new one with room for a full pack. */
-  private packBuffer(size: number): Uint8Array {
-    const k = this.spare.findIndex((b) => b.length >= size);
-    if (k >= 0) return this.spare.splice(k, 1)[0]!;
-    return new Uint8Array(Math.max(size, this.s.packTargetBytes + (this.s.packTargetBytes >> 3)));
+  /** A pack builder that lays out in a spare buffer when one fits, else in a new one with room for a full pack. */
+  private newBuilder(): PackBuilder {
+    return new PackBuilder((min) => {
+      const k = this.spare.findIndex((b) => b.length >= min);
+      if (k >= 0) return this.spare.splice(k, 1)[0]!;
+      return new Uint8Array(Math.max(min, this.s.packTargetBytes + (this.s.packTargetBytes >> 3)));
+    });
   }
 
   private upload(built: BuiltPack): void {
@@ -298,7 +320,7 @@ class Writer implements ChunkWriter {
     }
     if (next.done && headBytes < this.s.workerThresholdBytes) return this.writeOnThread(head.length === 1 ? head[0]! : Buffer.concat(head));
     if (!(await this.s.workersReady())) return this.streamOnThread(head, next, it);
-    return this.streamOnWorkers(head, next, it, opts.transfer === true);
+    return this.streamOnWorkers(head, next, it, opts.transfer === true ? (opts.recycle ?? (() => undefined)) : undefined);
   }
 
   /**
@@ -307,28 +329,52 @@ class Writer implements ChunkWriter {
    * A segment holds one of the store's `segmentSlots` from when it is sent until it is joined, so
    * all streams together keep at most two segments per worker in flight. A stream that finds no
    * free slot joins its own segments first, and waits only when it holds none (no stream waits
-   * for a slot while holding one).
+   * for a slot while holding one). A joined segment's buffer is reused (gathered ones here, taken
+   * over ones by `recycle`) once its chunks are resolved (packs copy them) and the joiner carries
+   * none of its bytes. `recycle` is given when the stream's buffers may be taken over.
    */
-  private async streamOnWorkers(head: Uint8Array[], next: IteratorResult<Uint8Array>, it: AsyncIterator<Uint8Array>, transfer: boolean): Promise<WriteResult> {
+  private async streamOnWorkers(
+    head: Uint8Array[],
+    next: IteratorResult<Uint8Array>,
+    it: AsyncIterator<Uint8Array>,
+    recycle: ((buf: Uint8Array) => void) | undefined,
+  ): Promise<WriteResult> {
     const { pool, params, segmentBytes, segmentSlots: slots } = this.s;
     const joiner = new SegmentJoiner(params);
-    const queue: Promise<ChunkedSegment>[] = [];
+    const queue: { seg: Promise<ChunkedSegment>; gathered: boolean }[] = [];
+    const joined: { buf: Uint8Array; gathered: boolean }[] = [];
+    const spareGathered: Uint8Array[] = [];
     const depth = 2 * pool.size;
     const chunks: ChunkRef[] = [];
     let size = 0;
     let acc: Uint8Array | undefined;
     let accLen = 0;
+    const reuse = async (all: boolean): Promise<void> => {
+      await this.resolveAll();
+      for (let k = 0; k < joined.length; ) {
+        const j = joined[k]!;
+        if (!all && joiner.holds(j.buf.buffer)) k++;
+        else {
+          joined.splice(k, 1);
+          if (j.gathered) spareGathered.push(j.buf);
+          else recycle?.(j.buf);
+        }
+      }
+    };
     const join = async (): Promise<void> => {
+      const q = queue.shift()!;
       let seg: ChunkedSegment;
       try {
-        seg = await queue.shift()!;
+        seg = await q.seg;
       } finally {
         slots.release();
       }
       for (const c of joiner.push(seg.data, seg)) this.take(c.index >= 0 ? seg.ids[c.index]! : chunkId(c.data), c.data, chunks);
+      joined.push({ buf: new Uint8Array(seg.data.buffer), gathered: q.gathered });
+      await reuse(false);
       await this.settle();
     };
-    const send = async (data: Uint8Array): Promise<void> => {
+    const send = async (data: Uint8Array, gathered: boolean): Promise<void> => {
       while (!slots.tryAcquire()) {
         if (queue.length > 0) await join();
         else {
@@ -336,9 +382,9 @@ class Writer implements ChunkWriter {
           break;
         }
       }
-      const p = pool.chunkSegment(data, params);
-      p.catch(() => undefined);
-      queue.push(p);
+      const seg = pool.chunkSegment(data, params);
+      seg.catch(() => undefined);
+      queue.push({ seg, gathered });
       while (queue.length >= depth) await join();
     };
     const sendGathered = async (): Promise<void> => {
@@ -346,17 +392,17 @@ class Writer implements ChunkWriter {
       const data = acc!.subarray(0, accLen);
       acc = undefined;
       accLen = 0;
-      await send(data);
+      await send(data, true);
     };
     const feed = async (data: Uint8Array): Promise<void> => {
       size += data.length;
-      if (transfer && data.length >= DIRECT_SEGMENT_BYTES && spansBuffer(data)) {
+      if (recycle && data.length >= DIRECT_SEGMENT_BYTES && spansBuffer(data)) {
         await sendGathered();
-        await send(data);
+        await send(data, false);
         return;
       }
       for (let at = 0; at < data.length; ) {
-        acc ??= new Uint8Array(segmentBytes);
+        acc ??= spareGathered.pop() ?? new Uint8Array(segmentBytes);
         const n = Math.min(segmentBytes - accLen, data.length - at);
         acc.set(data.subarray(at, at + n), accLen);
         accLen += n;
@@ -370,10 +416,11 @@ class Writer implements ChunkWriter {
       await sendGathered();
       while (queue.length > 0) await join();
     } finally {
-      for (const p of queue.splice(0)) p.then(() => slots.release(), () => slots.release());
+      for (const q of queue.splice(0)) q.seg.then(() => slots.release(), () => slots.release());
     }
     const last = joiner.finish();
     if (last) this.take(chunkId(last), last, chunks);
+    await reuse(true);
     await this.settle();
     return { chunks, size };
   }
@@ -409,7 +456,7 @@ class Writer implements ChunkWriter {
 
   async flush(): Promise<WriteStats> {
     this.check();
-    await this.resolve();
+    await this.resolveAll();
     this.seal();
     while (this.uploads.size > 0) await Promise.all(this.uploads);
     this.check();
@@ -420,7 +467,7 @@ class Writer implements ChunkWriter {
     this.aborted = true;
     this.candidates = [];
     this.candidateBytes = 0;
-    this.builder = new PackBuilder();
+    this.builder = this.newBuilder();
     while (this.uploads.size > 0) await Promise.all(this.uploads);
   }
 }

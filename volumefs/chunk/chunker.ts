@@ -283,6 +283,11 @@ export class SegmentJoiner {
     return out;
   }
 
+  /** True when the carried bytes (those since the last cut) are views of `buffer`. */
+  holds(buffer: ArrayBufferLike): boolean {
+    return this.carry.some((c) => c.buffer === buffer);
+  }
+
   /** Ends the stream: the last partial chunk, or undefined when nothing is left. */
   finish(): Uint8Array | undefined {
     this.done = true;
