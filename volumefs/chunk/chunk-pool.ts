@@ -15,7 +15,12 @@ export interface ChunkedSegment extends SegmentCuts {
 
 /** Options of a ChunkPool. */
 export interface ChunkPoolOptions {
-  /** Number of worker threads; default 1 (the main thread is the other core on small hosts). */
+  /**
+   * Number of worker threads; default 1. On a 2-core host two workers were no faster for one
+   * large file (sync of 512 MiB on the file store, `strata put` on RGW): the main thread (reads,
+   * pack copies and hashes, SQLite, uploads) is then the bottleneck and three busy threads share
+   * two cores. Larger hosts can give a ChunkStore a bigger pool.
+   */
   size?: number;
 }
 

@@ -49,8 +49,9 @@ export const GEAR: Int32Array = (() => {
  * | 256 KiB  | 3.6k       | 1.2474      | 600 KiB           | 2.057x       | 432 KiB            |
  * | 1 MiB    | 0.9k       | 1.4336      | 3006 KiB          | 2.287x (fails) | 1121 KiB         |
  *
- * Throughput does not decide it: the gear loop runs at about 870-910 MB/s for every size and
- * chunk+hash at 650-730 MB/s on a quiet machine (raw blake3 4.0-4.5 GB/s on the same buffer); the
+ * Throughput does not decide it: the gear loop ran at about 870-910 MB/s for every size (1.1-1.2
+ * GB/s since it was unrolled) and chunk+hash at 650-730 MB/s on a quiet machine (raw blake3
+ * 4.0-4.5 GB/s on the same buffer); the
  * per-chunk costs that grow at small sizes are index rows, ranged GETs and cache files. 64 KiB
  * meets the target with a wide margin at a quarter of the rows of 16 KiB; 256 KiB is near the
  * edge once edits are smaller than 1%, and 1 MiB fails. Small files are one chunk whatever the
