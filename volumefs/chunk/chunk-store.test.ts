@@ -6,6 +6,7 @@ import { hash } from "blake3";
 import { MemoryObjectStore, withFaults, transientError, type ObjectStore } from "../object/index.js";
 import { SqliteMetadataStore, type MetadataStore } from "../../metadata/index.js";
 import { ChunkStore, type ChunkStoreOptions } from "./chunk-store.js";
+import { ChunkPool } from "./chunk-pool.js";
 import { cutPoints, DEFAULT_CHUNK_PARAMS } from "./chunker.js";
 import { chunkId } from "./hash.js";
 import { MemoryChunkCache } from "./memory-chunk-cache.js";
@@ -45,6 +46,11 @@ function counting(meta: MetadataStore): MetadataStore & { getChunksCalls: number
 
 async function* pieces(data: Uint8Array, size: number): AsyncIterable<Uint8Array> {
   for (let at = 0; at < data.length; at += size) yield data.subarray(at, at + size);
+}
+
+/** Yields each buffer as it is (for streams whose buffers the writer may take over). */
+async function* pieces2(buffers: Uint8Array[]): AsyncIterable<Uint8Array> {
+  for (const b of buffers) yield b;
 }
 
 describe("ChunkStore", () => {
@@ -247,6 +253,87 @@ describe("ChunkStore", () => {
     }
     expect(results[0]).toEqual(results[1]);
     expect(results[0]!.chunks.map((c) => c.id)).toEqual(expectedIds);
+  });
+
+  it("chunks segments on several workers with the sequential cuts, with and without transfer", async () => {
+    const pool = new ChunkPool({ size: 2 });
+    try {
+      expect(await pool.start()).toBe(true);
+      const zeros = new Uint8Array(3 * DEFAULT_CHUNK_PARAMS.max + 777);
+      const data = new Uint8Array(Buffer.concat([bytes("a", 2 << 20), zeros, bytes("b", 1 << 20), zeros, bytes("c", 123_457)]));
+      let prev = 0;
+      const expectedIds = cutPoints(data, DEFAULT_CHUNK_PARAMS).map((c) => chunkId(data.subarray(prev, (prev = c))));
+      for (const segmentBytes of [100_000, DEFAULT_CHUNK_PARAMS.max, 1 << 20]) {
+        const { store } = setup({ params: DEFAULT_CHUNK_PARAMS, workerThresholdBytes: 1 << 20, packTargetBytes: 1 << 20, pool, segmentBytes });
+        const w = store.writer();
+        const copied = await w.writeStream(pieces(data, 300_007));
+        const owned = Array.from({ length: Math.ceil(data.length / (1 << 20)) }, (_, k) => data.slice(k << 20, (k + 1) << 20));
+        const moved = await w.writeStream(pieces2(owned), { transfer: true });
+        expect(owned.filter((b) => b.byteLength === 0).length).toBeGreaterThan(0);
+        await w.flush();
+        for (const r of [copied, moved]) {
+          expect(r.size).toBe(data.length);
+          expect(r.chunks.map((c) => c.id)).toEqual(expectedIds);
+          expect(Buffer.from(await store.readRange(r.chunks, 0, data.length)).equals(Buffer.from(data))).toBe(true);
+        }
+      }
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it("hands taken-over buffers back only when it holds no view of them", async () => {
+    const pool = new ChunkPool({ size: 2 });
+    try {
+      expect(await pool.start()).toBe(true);
+      const { store } = setup({ params: SMALL, workerThresholdBytes: 1 << 20, packTargetBytes: 256 * 1024, pool });
+      const block = 1 << 20;
+      const data = new Uint8Array(Buffer.concat([bytes("r1", 3 * block + 5000), bytes("r1", 2 * block), new Uint8Array(block + 77), bytes("r2", 2 * block)]));
+      const spare: Uint8Array[] = [];
+      let recycled = 0;
+      async function* blocks(): AsyncGenerator<Uint8Array> {
+        for (let at = 0; at < data.length; at += block) {
+          const n = Math.min(block, data.length - at);
+          const buf = spare.pop() ?? new Uint8Array(block);
+          buf.set(data.subarray(at, at + n));
+          yield n === block ? buf : buf.subarray(0, n);
+        }
+      }
+      const w = store.writer();
+      const r = await w.writeStream(blocks(), {
+        transfer: true,
+        recycle: (b) => {
+          recycled++;
+          b.fill(0xee);
+          spare.push(b);
+        },
+      });
+      await w.flush();
+      expect(recycled).toBeGreaterThan(3);
+      let prev = 0;
+      expect(r.chunks.map((c) => c.id)).toEqual(cutPoints(data, SMALL).map((c) => chunkId(data.subarray(prev, (prev = c)))));
+      expect(Buffer.from(await store.readRange(r.chunks, 0, data.length)).equals(Buffer.from(data))).toBe(true);
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it("runs many streams at once over a small pool without deadlock", async () => {
+    const pool = new ChunkPool({ size: 2 });
+    try {
+      expect(await pool.start()).toBe(true);
+      const { store } = setup({ params: SMALL, workerThresholdBytes: 64 * 1024, segmentBytes: 50_000, pool });
+      const w = store.writer();
+      const files = Array.from({ length: 6 }, (_, k) => bytes(`f${k}`, 700_000 + k * 1000));
+      const results = await Promise.all(files.map((f) => w.writeStream(pieces(f, 33_333))));
+      await w.flush();
+      results.forEach((r, k) => {
+        let p = 0;
+        expect(r.chunks.map((c) => c.id)).toEqual(cutPoints(files[k]!, SMALL).map((c) => chunkId(files[k]!.subarray(p, (p = c)))));
+      });
+    } finally {
+      await pool.close();
+    }
   });
 
   it("bounds what is buffered while uploads are slow", async () => {

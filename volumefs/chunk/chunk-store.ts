@@ -14,10 +14,10 @@
 import { VolumeError } from "../errors.js";
 import type { ObjectStore } from "../object/types.js";
 import type { ChunkLocation, MetadataStore } from "../../metadata/index.js";
-import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS } from "./chunker.js";
+import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS, SegmentJoiner } from "./chunker.js";
 import { chunkId, verifyChunk } from "./hash.js";
 import { PackBuilder, packKey, type BuiltPack } from "./pack.js";
-import { sharedChunkPool, type ChunkPool, type HashedChunk } from "./chunk-pool.js";
+import { sharedChunkPool, type ChunkedSegment, type ChunkPool } from "./chunk-pool.js";
 import type { ChunkCache, ChunkParams, PackEntryKind } from "./types.js";
 
 /** One chunk of a file: a file's content is an ordered list of these. */
@@ -74,6 +74,11 @@ export interface ChunkStoreOptions {
   workerThresholdBytes?: number;
   /** The worker pool; default the process-wide `sharedChunkPool()`. */
   pool?: ChunkPool;
+  /**
+   * Inputs chunked in workers are cut into segments of this many bytes, chunked in parallel and
+   * joined in order (the cuts are the same as sequential chunking); default 8 MiB.
+   */
+  segmentBytes?: number;
   /** Ranged GETs running at once per `readRange`; default 8. */
   readConcurrency?: number;
   /** Chunks of one pack at most this far apart are fetched in one ranged GET; default 64 KiB. */
@@ -84,10 +89,27 @@ export interface ChunkStoreOptions {
   cacheBehindBytes?: number;
 }
 
+/** Options of ChunkWriter.writeStream. */
+export interface WriteStreamOptions {
+  /**
+   * The writer takes over every buffer the stream yields and may move its memory to a worker
+   * thread (which detaches it and every view of it): yield buffers that are not reused and do not
+   * share their ArrayBuffer with other data. Saves a copy of each buffer of 1 MiB or more that
+   * spans its whole ArrayBuffer. Default false: the writer copies what it keeps.
+   */
+  transfer?: boolean;
+  /**
+   * With `transfer`: called with each taken-over buffer (a view of its whole ArrayBuffer) once the
+   * writer holds no view of it, for the producer to fill again; reading into reused buffers saves
+   * page faults and external-memory GCs. Default: such buffers are dropped.
+   */
+  recycle?: (buf: Uint8Array) => void;
+}
+
 /** A batch writer of chunks and trees; see ChunkStore.writer(). Not for use after abort(). */
 export interface ChunkWriter {
   /** Chunks, hashes and dedups a stream; new chunks are packed and uploaded in the background. */
-  writeStream(src: AsyncIterable<Uint8Array>): Promise<WriteResult>;
+  writeStream(src: AsyncIterable<Uint8Array>, opts?: WriteStreamOptions): Promise<WriteResult>;
   /** The same for bytes in memory; the caller may reuse `data` once this resolves. */
   writeBuffer(data: Uint8Array): Promise<WriteResult>;
   /** Adds an encoded tree (`id` = blake3 hex of `data`) to a pack as kind "tree". */
@@ -113,19 +135,38 @@ class Limiter {
   private active = 0;
   private readonly queue: (() => void)[] = [];
   constructor(private readonly max: number) {}
-  async run<T>(f: () => Promise<T>): Promise<T> {
-    if (this.active >= this.max) await new Promise<void>((r) => this.queue.push(r));
+  /** Takes a slot if one is free now. */
+  tryAcquire(): boolean {
+    if (this.active >= this.max) return false;
     this.active++;
+    return true;
+  }
+  /** Waits for a slot and takes it (a released slot passes straight to the longest waiter). */
+  async acquire(): Promise<void> {
+    if (!this.tryAcquire()) await new Promise<void>((r) => this.queue.push(r));
+  }
+  release(): void {
+    const next = this.queue.shift();
+    if (next) next();
+    else this.active--;
+  }
+  async run<T>(f: () => Promise<T>): Promise<T> {
+    await this.acquire();
     try {
       return await f();
     } finally {
-      this.active--;
-      this.queue.shift()?.();
+      this.release();
     }
   }
 }
 
-const PUSH_BYTES = 1024 * 1024;
+/** Yielded buffers of at least this size that may be transferred go to a worker as they are. */
+const DIRECT_SEGMENT_BYTES = 1024 * 1024;
+
+/** True when `b` spans the whole of a (non-shared) ArrayBuffer, so moving that buffer moves only `b`. */
+function spansBuffer(b: Uint8Array): boolean {
+  return b.byteOffset === 0 && b.buffer instanceof ArrayBuffer && b.byteLength === b.buffer.byteLength;
+}
 
 function copyOf(src: Uint8Array, from: number, to: number): Uint8Array {
   return Uint8Array.prototype.slice.call(src, from, to);
@@ -135,13 +176,17 @@ class Writer implements ChunkWriter {
   private readonly taken = new Set<string>();
   private candidates: Candidate[] = [];
   private candidateBytes = 0;
-  private builder = new PackBuilder();
+  private builder = this.newBuilder();
   private readonly uploads = new Set<Promise<void>>();
   private inflightBytes = 0;
   private readonly limiter: Limiter;
   private error: unknown;
   private aborted = false;
   private readonly stats: WriteStats = { packs: 0, newChunks: 0, newBytes: 0, dedupedChunks: 0, dedupedBytes: 0, uploadedBytes: 0 };
+  /** Buffers of packs whose upload finished: reused for the next packs (fresh buffers of 16 MiB cost page faults and GC). */
+  private readonly spare: Uint8Array[] = [];
+  /** Candidate batches being checked against `meta`. */
+  private readonly resolving = new Set<Promise<void>>();
 
   constructor(private readonly s: ChunkStore) {
     this.limiter = new Limiter(s.uploadConcurrency);
@@ -169,11 +214,23 @@ class Writer implements ChunkWriter {
     this.check();
   }
 
-  private async resolve(): Promise<void> {
-    if (this.candidates.length === 0) return;
+  private resolve(): Promise<void> {
+    if (this.candidates.length === 0) return Promise.resolve();
     const batch = this.candidates;
     this.candidates = [];
     this.candidateBytes = 0;
+    const p = this.resolveBatch(batch).finally(() => this.resolving.delete(p));
+    this.resolving.add(p);
+    return p;
+  }
+
+  /** Resolves every candidate offered so far; afterwards none holds a view of a caller's buffer (packs copy). */
+  private async resolveAll(): Promise<void> {
+    void this.resolve();
+    await Promise.all(this.resolving);
+  }
+
+  private async resolveBatch(batch: Candidate[]): Promise<void> {
     const known = await this.s.meta.getChunks(batch.map((c) => c.id));
     for (const c of batch) {
       if (known.has(c.id)) {
@@ -191,8 +248,17 @@ class Writer implements ChunkWriter {
   private seal(): void {
     if (this.builder.count === 0) return;
     const built = this.builder.finish();
-    this.builder = new PackBuilder();
+    this.builder = this.newBuilder();
     this.upload(built);
+  }
+
+  /** A pack builder that lays out in a spare buffer when one fits, else in a new one with room for a full pack. */
+  private newBuilder(): PackBuilder {
+    return new PackBuilder((min) => {
+      const k = this.spare.findIndex((b) => b.length >= min);
+      if (k >= 0) return this.spare.splice(k, 1)[0]!;
+      return new Uint8Array(Math.max(min, this.s.packTargetBytes + (this.s.packTargetBytes >> 3)));
+    });
   }
 
   private upload(built: BuiltPack): void {
@@ -202,6 +268,7 @@ class Writer implements ChunkWriter {
       .run(async () => {
         if (this.aborted) return;
         await this.s.objects.put(packKey(built.id), built.bytes);
+        this.spare.push(new Uint8Array(built.bytes.buffer));
         if (this.aborted) return;
         const locations: ChunkLocation[] = built.entries.map((e) => ({ id: e.id, pack: built.id, offset: e.offset, length: e.length }));
         await this.s.meta.putPack({ id: built.id, size, createdAt: Date.now() }, locations);
@@ -242,7 +309,7 @@ class Writer implements ChunkWriter {
     return { chunks, size: data.length };
   }
 
-  async writeStream(src: AsyncIterable<Uint8Array>): Promise<WriteResult> {
+  async writeStream(src: AsyncIterable<Uint8Array>, opts: WriteStreamOptions = {}): Promise<WriteResult> {
     this.check();
     const head: Uint8Array[] = [];
     let headBytes = 0;
@@ -255,34 +322,115 @@ class Writer implements ChunkWriter {
     }
     if (next.done && headBytes < this.s.workerThresholdBytes) return this.writeOnThread(head.length === 1 ? head[0]! : Buffer.concat(head));
     if (!(await this.s.workersReady())) return this.streamOnThread(head, next, it);
-    const session = this.s.pool.session(this.s.params);
+    return this.streamOnWorkers(head, next, it, opts.transfer === true ? (opts.recycle ?? (() => undefined)) : undefined);
+  }
+
+  /**
+   * Cuts the stream into segments (owned buffers of 1 MiB or more as they are, the rest gathered
+   * into `segmentBytes` buffers), sends them to the workers and joins their cuts in stream order.
+   * A segment holds one of the store's `segmentSlots` from when it is sent until it is joined, so
+   * all streams together keep at most two segments per worker in flight. A stream that finds no
+   * free slot joins its own segments first, and waits only when it holds none (no stream waits
+   * for a slot while holding one). A joined segment's buffer is reused (gathered ones here, taken
+   * over ones by `recycle`) once its chunks are resolved (packs copy them) and the joiner carries
+   * none of its bytes. `recycle` is given when the stream's buffers may be taken over.
+   */
+  private async streamOnWorkers(
+    head: Uint8Array[],
+    next: IteratorResult<Uint8Array>,
+    it: AsyncIterator<Uint8Array>,
+    recycle: ((buf: Uint8Array) => void) | undefined,
+  ): Promise<WriteResult> {
+    const { pool, params, segmentBytes, segmentSlots: slots } = this.s;
+    const joiner = new SegmentJoiner(params);
+    const queue: { seg: Promise<ChunkedSegment>; gathered: boolean }[] = [];
+    const joined: { buf: Uint8Array; gathered: boolean }[] = [];
+    const spareGathered: Uint8Array[] = [];
+    const depth = 2 * pool.size;
     const chunks: ChunkRef[] = [];
     let size = 0;
-    let done = false;
-    const drain = async (): Promise<void> => {
-      const r = await session.take();
-      for (const c of r.chunks) this.take(c, chunks);
-      done = r.done;
+    let acc: Uint8Array | undefined;
+    let accLen = 0;
+    const reuse = async (all: boolean): Promise<void> => {
+      await this.resolveAll();
+      for (let k = 0; k < joined.length; ) {
+        const j = joined[k]!;
+        if (!all && joiner.holds(j.buf.buffer)) k++;
+        else {
+          joined.splice(k, 1);
+          if (j.gathered) spareGathered.push(j.buf);
+          else recycle?.(j.buf);
+        }
+      }
+    };
+    const join = async (): Promise<void> => {
+      const q = queue.shift()!;
+      let seg: ChunkedSegment;
+      try {
+        seg = await q.seg;
+      } finally {
+        slots.release();
+      }
+      for (const c of joiner.push(seg.data, seg)) this.take(c.index >= 0 ? seg.ids[c.index]! : chunkId(c.data), c.data, chunks);
+      joined.push({ buf: new Uint8Array(seg.data.buffer), gathered: q.gathered });
+      await reuse(false);
+      await this.settle();
+    };
+    const send = async (data: Uint8Array, gathered: boolean): Promise<void> => {
+      while (!slots.tryAcquire()) {
+        if (queue.length > 0) await join();
+        else {
+          await slots.acquire();
+          break;
+        }
+      }
+      const seg = pool.chunkSegment(data, params);
+      seg.catch(() => undefined);
+      queue.push({ seg, gathered });
+      while (queue.length >= depth) await join();
+    };
+    const sendGathered = async (): Promise<void> => {
+      if (accLen === 0) return;
+      const data = acc!.subarray(0, accLen);
+      acc = undefined;
+      accLen = 0;
+      await send(data, true);
     };
     const feed = async (data: Uint8Array): Promise<void> => {
-      for (let at = 0; at < data.length; at += PUSH_BYTES) {
-        session.push(data.subarray(at, at + PUSH_BYTES));
-        while (session.pending > 16 * PUSH_BYTES) await drain();
-        await this.settle();
-      }
       size += data.length;
+      if (recycle && data.length >= DIRECT_SEGMENT_BYTES && spansBuffer(data)) {
+        await sendGathered();
+        await send(data, false);
+        return;
+      }
+      for (let at = 0; at < data.length; ) {
+        acc ??= spareGathered.pop() ?? new Uint8Array(segmentBytes);
+        const n = Math.min(segmentBytes - accLen, data.length - at);
+        acc.set(data.subarray(at, at + n), accLen);
+        accLen += n;
+        at += n;
+        if (accLen === segmentBytes) await sendGathered();
+      }
     };
-    for (const h of head) await feed(h);
-    for (; !next.done; next = await it.next()) await feed(next.value);
-    session.finish();
-    while (!done) await drain();
+    try {
+      for (const h of head) await feed(h);
+      for (; !next.done; next = await it.next()) await feed(next.value);
+      await sendGathered();
+      while (queue.length > 0) await join();
+    } finally {
+      for (const q of queue.splice(0)) q.seg.then(() => slots.release(), () => slots.release());
+    }
+    const last = joiner.finish();
+    if (last) this.take(chunkId(last), last, chunks);
+    await reuse(true);
     await this.settle();
     return { chunks, size };
   }
 
-  private take(c: HashedChunk, out: ChunkRef[]): void {
-    out.push({ id: c.id, length: c.data.length });
-    this.offer(c.id, "chunk", c.data, true);
+  /** Records an owned chunk of the file being written and offers it for packing. */
+  private take(id: string, data: Uint8Array, out: ChunkRef[]): void {
+    out.push({ id, length: data.length });
+    this.offer(id, "chunk", data, true);
   }
 
   private async streamOnThread(head: Uint8Array[], next: IteratorResult<Uint8Array>, it: AsyncIterator<Uint8Array>): Promise<WriteResult> {
@@ -291,13 +439,13 @@ class Writer implements ChunkWriter {
     let size = 0;
     const feed = async (data: Uint8Array): Promise<void> => {
       size += data.length;
-      for (const piece of chunker.push(data)) this.take({ id: chunkId(piece), data: piece }, chunks);
+      for (const piece of chunker.push(data)) this.take(chunkId(piece), piece, chunks);
       await this.settle();
     };
     for (const h of head) await feed(h);
     for (let n = next; !n.done; n = await it.next()) await feed(n.value);
     const last = chunker.finish();
-    if (last) this.take({ id: chunkId(last), data: last }, chunks);
+    if (last) this.take(chunkId(last), last, chunks);
     await this.settle();
     return { chunks, size };
   }
@@ -310,7 +458,7 @@ class Writer implements ChunkWriter {
 
   async flush(): Promise<WriteStats> {
     this.check();
-    await this.resolve();
+    await this.resolveAll();
     this.seal();
     while (this.uploads.size > 0) await Promise.all(this.uploads);
     this.check();
@@ -321,7 +469,7 @@ class Writer implements ChunkWriter {
     this.aborted = true;
     this.candidates = [];
     this.candidateBytes = 0;
-    this.builder = new PackBuilder();
+    this.builder = this.newBuilder();
     while (this.uploads.size > 0) await Promise.all(this.uploads);
   }
 }
@@ -355,6 +503,9 @@ export class ChunkStore {
   readonly dedupBatchBytes: number;
   readonly workerThresholdBytes: number;
   readonly pool: ChunkPool;
+  readonly segmentBytes: number;
+  /** Segments in workers or waiting to be joined, over all writers: two per worker. */
+  readonly segmentSlots: Limiter;
   private readonly readConcurrency: number;
   private readonly coalesceGapBytes: number;
   private readonly maxReadBytes: number;
@@ -376,6 +527,8 @@ export class ChunkStore {
     this.dedupBatchBytes = opts.dedupBatchBytes ?? 4 * 1024 * 1024;
     this.workerThresholdBytes = opts.workerThresholdBytes ?? 8 * 1024 * 1024;
     this.pool = opts.pool ?? sharedChunkPool();
+    this.segmentBytes = Math.max(1, opts.segmentBytes ?? 8 * 1024 * 1024);
+    this.segmentSlots = new Limiter(2 * this.pool.size);
     this.readConcurrency = opts.readConcurrency ?? 8;
     this.coalesceGapBytes = opts.coalesceGapBytes ?? 64 * 1024;
     this.maxReadBytes = opts.maxReadBytes ?? 8 * 1024 * 1024;

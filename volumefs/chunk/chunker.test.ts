@@ -1,5 +1,5 @@
 import { describe, it, expect } from "vitest";
-import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS, GEAR } from "./chunker.js";
+import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS, GEAR, SegmentJoiner, segmentCuts } from "./chunker.js";
 import { chunkId } from "./hash.js";
 import type { ChunkParams } from "./types.js";
 
@@ -142,5 +142,115 @@ describe("chunker", () => {
     expect(new Chunker().finish()).toBeUndefined();
     expect(() => new Chunker({ min: 10, avg: 3000, max: 9000 })).toThrow(expect.objectContaining({ code: "INVALID_ARGUMENT" }));
     expect(() => cutPoints(new Uint8Array(1), { min: 4096, avg: 1024, max: 8192 })).toThrow(/chunk params/);
+  });
+});
+
+/**
+ * Cuts of `buf` chunked as independent segments ending at `splits` and joined, checking on the way
+ * that every chunk is the stream's bytes and that a chunk given an index is that segment chunk.
+ */
+function joinedCuts(buf: Uint8Array, splits: number[], params: ChunkParams): number[] {
+  const j = new SegmentJoiner(params);
+  const cuts: number[] = [];
+  let total = 0;
+  let prev = 0;
+  const emit = (data: Uint8Array): void => {
+    expect(Buffer.from(data).equals(Buffer.from(buf.subarray(total, total + data.length)))).toBe(true);
+    cuts.push((total += data.length));
+  };
+  for (const s of [...splits, buf.length]) {
+    const data = buf.slice(prev, s);
+    const seg = segmentCuts(data, params);
+    for (const c of j.push(data, seg)) {
+      if (c.index >= 0) {
+        const start = c.index === 0 ? 0 : seg.cuts[c.index - 1]!;
+        expect(c.data.byteOffset - data.byteOffset).toBe(start);
+        expect(c.data.length).toBe(seg.cuts[c.index]! - start);
+      }
+      emit(c.data);
+    }
+    prev = s;
+  }
+  const last = j.finish();
+  if (last) emit(last);
+  return cuts;
+}
+
+/** Split points every `size` bytes. */
+function every(size: number, total: number): number[] {
+  const out: number[] = [];
+  for (let at = size; at < total; at += size) out.push(at);
+  return out;
+}
+
+describe("segment joining", () => {
+  it("finds the sequential cuts on random data, for segments larger and smaller than max", () => {
+    const buf = randomBuffer(3 << 20, 21);
+    for (const params of [SMALL, DEFAULT_CHUNK_PARAMS]) {
+      const whole = cutPoints(buf, params);
+      for (const size of [64 << 10, params.max, params.max - 1, params.max + 1, params.min - 1, params.min, 1000, 1 << 20]) {
+        expect(joinedCuts(buf, every(size, buf.length), params)).toEqual(whole);
+      }
+    }
+  });
+
+  it("takes most chunks of random data from the segments' own cuts", () => {
+    const buf = randomBuffer(4 << 20, 28);
+    const j = new SegmentJoiner();
+    let own = 0;
+    let all = 0;
+    for (let at = 0; at < buf.length; at += 1 << 20) {
+      const data = buf.subarray(at, at + (1 << 20));
+      for (const c of j.push(data, segmentCuts(data))) {
+        all++;
+        if (c.index >= 0) own++;
+      }
+    }
+    expect(own).toBeGreaterThanOrEqual(all - 3 * 3);
+  });
+
+  it("finds the sequential cuts for irregular segments, some of one byte", () => {
+    const buf = randomBuffer(1 << 20, 22);
+    const whole = cutPoints(buf, SMALL);
+    const next = prng(23);
+    for (let round = 0; round < 20; round++) {
+      const splits = new Set<number>();
+      const count = 1 + (next() % 150);
+      for (let k = 0; k < count; k++) splits.add(1 + (next() % (buf.length - 1)));
+      if (round === 0) for (let k = 1; k < 50; k++) splits.add(k);
+      expect(joinedCuts(buf, [...splits].sort((x, y) => x - y), SMALL)).toEqual(whole);
+    }
+  });
+
+  it("finds the sequential cuts across long runs of one byte, where the chains never meet", () => {
+    for (const params of [SMALL, DEFAULT_CHUNK_PARAMS]) {
+      const run = 3 * params.max + 12345;
+      const parts = [randomBuffer(300_001, 24), new Uint8Array(run), randomBuffer(200_003, 25), new Uint8Array(run).fill(0xa7), new Uint8Array(run)];
+      const buf = new Uint8Array(Buffer.concat(parts));
+      const whole = cutPoints(buf, params);
+      const gaps = whole.map((c, k) => c - (whole[k - 1] ?? 0));
+      expect(gaps.filter((g) => g === params.max).length).toBeGreaterThan(6);
+      for (const size of [params.max, params.max + params.min, 3 * params.max - 7, params.min - 1, 100_000, 1 << 20]) {
+        expect(joinedCuts(buf, every(size, buf.length), params)).toEqual(whole);
+      }
+      expect(joinedCuts(new Uint8Array(run), every(params.max + 1, run), params)).toEqual(cutPoints(new Uint8Array(run), params));
+    }
+  });
+
+  it("cuts at a segment's end carry nothing into the next", () => {
+    const buf = randomBuffer(1 << 20, 26);
+    const whole = cutPoints(buf, SMALL);
+    expect(joinedCuts(buf, whole.slice(0, -1), SMALL)).toEqual(whole);
+    expect(joinedCuts(buf, whole.slice(0, -1).map((c) => c - 1), SMALL)).toEqual(whole);
+    expect(joinedCuts(buf, whole.slice(0, -1).map((c) => c + 1), SMALL)).toEqual(whole);
+  });
+
+  it("handles empty streams and segments, and rejects cuts of another segment", () => {
+    const j = new SegmentJoiner(SMALL);
+    expect(j.push(new Uint8Array(0), segmentCuts(new Uint8Array(0), SMALL))).toEqual([]);
+    expect(j.finish()).toBeUndefined();
+    const a = randomBuffer(50_000, 27);
+    const k = new SegmentJoiner(SMALL);
+    expect(() => k.push(a, segmentCuts(a.subarray(0, 40_000), SMALL))).toThrow(expect.objectContaining({ code: "INVALID_ARGUMENT" }));
   });
 });

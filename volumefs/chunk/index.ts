@@ -13,7 +13,7 @@
  * ```
  */
 export * from "./types.js";
-export { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS, GEAR, GEAR_VERSION } from "./chunker.js";
+export { Chunker, cutPoints, segmentCuts, SegmentJoiner, DEFAULT_CHUNK_PARAMS, GEAR, GEAR_VERSION, type SegmentCuts, type JoinedChunk } from "./chunker.js";
 export { chunkId, verifyChunk, isChunkId, ID_HEX_LENGTH } from "./hash.js";
 export {
   PackBuilder,
@@ -34,7 +34,8 @@ export {
   type ChunkRef,
   type WriteResult,
   type WriteStats,
+  type WriteStreamOptions,
 } from "./chunk-store.js";
-export { ChunkPool, sharedChunkPool, type ChunkPoolOptions, type ChunkSession, type HashedChunk } from "./chunk-pool.js";
+export { ChunkPool, sharedChunkPool, type ChunkPoolOptions, type ChunkedSegment } from "./chunk-pool.js";
 export { DiskChunkCache, type DiskChunkCacheOptions } from "./disk-chunk-cache.js";
 export { MemoryChunkCache, type MemoryChunkCacheOptions } from "./memory-chunk-cache.js";

@@ -23,6 +23,25 @@ describe("pack", () => {
     });
   });
 
+  it("lays out the same pack in a used buffer as in new ones, copying entries as they are added", () => {
+    const datas = Array.from({ length: 7 }, (_, k) => randomBytes(500 + k));
+    const fill = (b: PackBuilder): PackBuilder => (datas.forEach((d, k) => b.add(chunkId(d), k % 3 === 0 ? "tree" : "chunk", Buffer.from(d))), b);
+    const fresh = fill(new PackBuilder()).finish();
+    const used = new Uint8Array(fresh.bytes.length + 100).fill(0xff);
+    const b = new PackBuilder((min) => (expect(min).toBeLessThanOrEqual(used.length), used));
+    const scratch = Buffer.alloc(600);
+    datas.forEach((d, k) => {
+      d.copy(scratch);
+      b.add(chunkId(d), k % 3 === 0 ? "tree" : "chunk", scratch.subarray(0, d.length));
+    });
+    expect(b.packBytes).toBe(fresh.bytes.length);
+    const again = b.finish();
+    expect(again.bytes.buffer).toBe(used.buffer);
+    expect(Buffer.from(again.bytes).equals(Buffer.from(fresh.bytes))).toBe(true);
+    expect(again.id).toBe(fresh.id);
+    expect(fill(new PackBuilder(() => new Uint8Array(600))).finish().id).toBe(fresh.id);
+  });
+
   it("skips a duplicate id and counts sizes", () => {
     const b = new PackBuilder();
     const d = randomBytes(100);

@@ -70,14 +70,21 @@ export function packKey(id: string): string {
 }
 
 /**
- * Builds one pack in memory. `add` copies nothing until `finish`, which lays out the data, the
- * index and the trailer in one buffer. The caller gives the id of each entry (its blake3 hex).
+ * Builds one pack in memory. `add` copies the entry's bytes into the pack's buffer at once (the
+ * caller may reuse them when it returns); `finish` appends the index and the trailer. The caller
+ * gives the id of each entry (its blake3 hex).
  */
 export class PackBuilder {
-  private readonly parts: Uint8Array[] = [];
+  private buf: Uint8Array = new Uint8Array(0);
   private readonly list: PackEntry[] = [];
   private readonly ids = new Set<string>();
   private bytes = 0;
+
+  /**
+   * `alloc(min)` gives the buffer the pack is laid out in: at least `min` bytes, any old contents
+   * (a larger one saves growing it later). Default: a new buffer.
+   */
+  constructor(private readonly alloc: (min: number) => Uint8Array = (min) => new Uint8Array(Math.max(min, 64 * 1024))) {}
 
   /** Bytes of entry data added so far (the pack is larger by the index and trailer). */
   get size(): number {
@@ -89,38 +96,48 @@ export class PackBuilder {
     return this.list.length;
   }
 
+  /** Size of the pack `finish` lays out: entries, index and trailer. */
+  get packBytes(): number {
+    return this.bytes + this.list.length * PACK_INDEX_ENTRY_BYTES + PACK_TRAILER_BYTES;
+  }
+
   /** True when an entry with this id was added. */
   has(id: string): boolean {
     return this.ids.has(id);
   }
 
-  /**
-   * Appends an entry; returns false (and adds nothing) when the id is already in this pack.
-   * The caller must not modify `data` afterwards.
-   */
+  /** Appends a copy of an entry; returns false (and adds nothing) when the id is already in this pack. */
   add(id: string, kind: PackEntryKind, data: Uint8Array): boolean {
     if (this.ids.has(id)) return false;
     if (!/^[0-9a-f]{64}$/.test(id)) throw new VolumeError("INVALID_ARGUMENT", `add pack entry: bad id ${JSON.stringify(id)}`);
     this.ids.add(id);
     this.list.push({ id, kind, offset: this.bytes, length: data.length });
-    this.parts.push(data);
+    this.reserve(this.bytes + data.length + PACK_INDEX_ENTRY_BYTES * this.list.length + PACK_TRAILER_BYTES);
+    this.buf.set(data, this.bytes);
     this.bytes += data.length;
     return true;
   }
 
-  /** Lays out the pack and names it. The builder must not be used afterwards. */
+  private reserve(n: number): void {
+    if (n <= this.buf.length) return;
+    const next = this.buf.length === 0 ? this.alloc(n) : new Uint8Array(Math.max(n, 2 * this.buf.length));
+    if (next.length < n) throw new VolumeError("INVALID_ARGUMENT", `build pack: buffer of ${next.length} bytes, need ${n}`);
+    next.set(this.buf.subarray(0, this.bytes));
+    this.buf = next;
+  }
+
+  /** Lays out the index and trailer after the entries and names the pack. The builder must not be used afterwards. */
   finish(): BuiltPack {
     const indexLen = this.list.length * PACK_INDEX_ENTRY_BYTES;
-    const out = new Uint8Array(this.bytes + indexLen + PACK_TRAILER_BYTES);
-    let at = 0;
-    for (const p of this.parts) {
-      out.set(p, at);
-      at += p.length;
-    }
+    const total = this.bytes + indexLen + PACK_TRAILER_BYTES;
+    this.reserve(total);
+    const out = this.buf.subarray(0, total);
+    let at = this.bytes;
     const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
     for (const e of this.list) {
       out.set(Buffer.from(e.id, "hex"), at);
       out[at + 32] = e.kind === "tree" ? 1 : 0;
+      out.fill(0, at + 33, at + 36);
       view.setBigUint64(at + 36, BigInt(e.offset), true);
       view.setUint32(at + 44, e.length, true);
       at += PACK_INDEX_ENTRY_BYTES;
@@ -130,8 +147,9 @@ export class PackBuilder {
     view.setUint32(at + 16, indexLen, true);
     view.setUint32(at + 20, this.list.length, true);
     view.setUint32(at + 24, PACK_FORMAT_VERSION, true);
+    view.setUint32(at + 28, 0, true);
     out.set(MAGIC, at + 32);
-    this.parts.length = 0;
+    this.buf = new Uint8Array(0);
     return { id: hash(out).toString("hex"), bytes: out, entries: this.list.slice() };
   }
 }

@@ -33,7 +33,10 @@ export interface ObjectInfo {
 }
 
 export interface ObjectStore {
-  /** Stores `body` under `key`, replacing any object there (unless `ifNoneMatch`). */
+  /**
+   * Stores `body` under `key`, replacing any object there (unless `ifNoneMatch`). `body` is not
+   * used after the returned promise settles: the caller may then reuse it.
+   */
   put(key: string, body: Uint8Array, opts?: PutOptions): Promise<void>;
   /**
    * Stores the contents of a local file under `key`; large files go up in parts

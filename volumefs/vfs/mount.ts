@@ -250,6 +250,8 @@ export class MountedVolume implements MountFs {
   readonly pinned: boolean;
   private readonly params: ChunkParams;
   private closed = false;
+  /** Set once a file grew large enough to be chunked in workers: their start-up then overlaps the writes, not the sync. */
+  private workersWarm = false;
 
   private constructor(opts: MountedVolumeOptions, base: VersionRecord | null, staging: StagingDir | undefined, mountName: string) {
     this.repo = opts.repo;
@@ -737,6 +739,10 @@ export class MountedVolume implements MountFs {
       const at = h.flags & constants.O_APPEND ? c.size : position;
       const t = Date.now();
       const how = c.write(data, at, t);
+      if (!this.workersWarm && at + data.length >= this.repo.chunks.workerThresholdBytes) {
+        this.workersWarm = true;
+        void this.repo.chunks.workersReady();
+      }
       if (how.moved) this.journal({ o: "m", c: c.id });
       this.journal({ o: "w", c: c.id, at, n: data.length, t, ...(how.inline ? { d: Buffer.from(data).toString("base64") } : {}) });
       return data.length;

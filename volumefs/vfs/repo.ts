@@ -11,8 +11,7 @@
  * SQLite (the commit point on a host); the ref object follows. The newest ref key of a volume is
  * its state (keys sort by incarnation, then seq), so `fsck --rebuild` needs nothing but the bucket.
  */
-import { createReadStream } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { open, readFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { isCode, type MetadataStore, type VersionRecord, type VolumeRecord } from "../../metadata/index.js";
 import { ChunkStore, type ChunkCache, type ChunkParams, type WriteStats } from "../chunk/index.js";
@@ -73,7 +72,36 @@ export interface SyncResult {
 const REF_WIDTH_TIME = 13;
 /** Local files up to this size are read whole rather than streamed during a sync. */
 const SMALL_FILE_BYTES = 4 << 20;
+/** Larger local files are read in blocks of this size, each handed over whole to the chunk writer. */
+const LOCAL_READ_BYTES = 8 << 20;
 const REF_WIDTH_SEQ = 10;
+
+/**
+ * Streams a local file into `writer` in LOCAL_READ_BYTES blocks that the writer takes over and
+ * hands back for the next reads.
+ */
+async function writeLocalFile(writer: ReturnType<ChunkStore["writer"]>, path: string): Promise<{ chunks: FileEntry["chunks"]; size: number }> {
+  const fh = await open(path, "r");
+  const spare: Uint8Array[] = [];
+  async function* blocks(): AsyncGenerator<Uint8Array> {
+    for (;;) {
+      const buf = spare.pop() ?? new Uint8Array(LOCAL_READ_BYTES);
+      let n = 0;
+      while (n < buf.length) {
+        const { bytesRead } = await fh.read(buf, n, buf.length - n, null);
+        if (bytesRead === 0) break;
+        n += bytesRead;
+      }
+      if (n > 0) yield n === buf.length ? buf : buf.subarray(0, n);
+      if (n < buf.length) return;
+    }
+  }
+  try {
+    return await writer.writeStream(blocks(), { transfer: true, recycle: (b) => spare.push(b) });
+  } finally {
+    await fh.close();
+  }
+}
 
 /** The bucket key of a volume's ref after a head move. */
 export function refKey(env: string, v: Pick<VolumeRecord, "name" | "createdAt" | "seq">): string {
@@ -431,7 +459,7 @@ export class Repository {
             // Small files in one read (open, read, close); large ones streamed with bounded memory.
             res = p.pending.size <= SMALL_FILE_BYTES
               ? await writer.writeBuffer(await readFile(local))
-              : await writer.writeStream(createReadStream(local, { highWaterMark: 1 << 20 }));
+              : await writeLocalFile(writer, local);
           } catch (err) {
             if (err instanceof VolumeError) throw err;
             throw VolumeError.IO(`read ${local}`, err, { hint: "check that the local file exists and is readable" });

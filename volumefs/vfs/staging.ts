@@ -51,6 +51,9 @@ export type JournalOp =
 /** Contents whose writes all end below this many bytes keep their bytes in the journal. */
 export const INLINE_MAX = 16 * 1024;
 
+/** A sync reads a staged file in blocks of this size, each handed over whole to the chunk writer. */
+const UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024;
+
 /** The staging manifest. */
 export interface StagingManifest {
   v: 1;
@@ -506,11 +509,14 @@ export class StagedContent {
     if (n < this.lowerLimit) this.lowerLimit = n;
   }
 
-  /** Bytes [offset, offset+length), shorter at end of file. */
-  async read(offset: number, length: number, readChunks: ChunkRangeReader): Promise<Uint8Array> {
+  /**
+   * Bytes [offset, offset+length), shorter at end of file: in a new buffer, or at the start of
+   * `into` (whose old contents do not matter) when it is long enough.
+   */
+  async read(offset: number, length: number, readChunks: ChunkRangeReader, into?: Uint8Array): Promise<Uint8Array> {
     const end = Math.min(this.size, offset + length);
     if (end <= offset) return new Uint8Array(0);
-    const out = Buffer.alloc(end - offset);
+    const out = into && into.length >= end - offset ? into.subarray(0, end - offset).fill(0) : Buffer.alloc(end - offset);
     const pieces = this.extents.pieces(offset, end);
     if (pieces.length > 0 && this.inline) {
       for (const [a, b] of pieces) out.set(this.inline.subarray(a, b), a - offset);
@@ -585,7 +591,8 @@ export class StagedContent {
     const size = this.size;
     let res: { chunks: ChunkRef[]; size: number };
     if (!base || base.chunks.length === 0 || Math.min(this.lowerLimit, base.size) === 0 || this.dirtyBytes > size / 2) {
-      res = await writer.writeStream(this.stream(readChunks));
+      const spare: Uint8Array[] = [];
+      res = await writer.writeStream(this.stream(readChunks, UPLOAD_BLOCK_BYTES, spare), { transfer: true, recycle: (b) => spare.push(b) });
       this.uploadStats = { rechunked: size, reused: 0 };
     } else {
       res = await this.rechunk(writer, base, readChunks, params);
@@ -652,13 +659,17 @@ export class StagedContent {
     return { chunks: out, size };
   }
 
-  /** The whole content as a stream of 1 MiB buffers. */
-  stream(readChunks: ChunkRangeReader): Readable {
+  /**
+   * The whole content as a stream of `blockBytes` buffers (default 1 MiB), each a buffer of its
+   * own that the consumer may keep or transfer: taken from `spare` when one is there (the
+   * consumer may put buffers it is done with back), else new.
+   */
+  stream(readChunks: ChunkRangeReader, blockBytes = 1 << 20, spare: Uint8Array[] = []): Readable {
     const self = this;
     const size = this.size;
     return Readable.from(
       (async function* () {
-        for (let off = 0; off < size; off += 1 << 20) yield Buffer.from(await self.read(off, Math.min(1 << 20, size - off), readChunks));
+        for (let off = 0; off < size; off += blockBytes) yield await self.read(off, Math.min(blockBytes, size - off), readChunks, spare.pop());
       })(),
     );
   }
