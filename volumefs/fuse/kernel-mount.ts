@@ -407,7 +407,8 @@ export class KernelSession {
         const fh = u64(b, 0);
         const offset = u64(b, 8);
         const size = b.readUInt32LE(16);
-        return this.run(req, "read", async () => [await this.fs.read(fh, Math.min(size, MAX_IO), offset)]);
+        const n = Math.min(size, MAX_IO);
+        return this.run(req, "read", async () => (this.fs.readv ? this.fs.readv(fh, n, offset) : [await this.fs.read(fh, n, offset)]));
       }
       case Op.WRITE: {
         const fh = u64(b, 0);

@@ -69,6 +69,8 @@ export interface MountFs {
   create(path: string, mode: number, flags: number): Promise<number>;
   /** Up to `length` bytes at `position`; fewer at end of file. */
   read(fh: number, length: number, position: number): Promise<Uint8Array>;
+  /** The bytes `read` gives, as consecutive pieces (the adapter writes them without joining them). Optional. */
+  readv?(fh: number, length: number, position: number): Promise<Uint8Array[]>;
   /** Writes `data` at `position` (at the end with O_APPEND); returns bytes written. */
   write(fh: number, data: Uint8Array, position: number): Promise<number>;
   truncate(path: string, size: number): Promise<void>;

@@ -94,6 +94,12 @@ const O_ACCMODE = 3;
 const XATTR_CREATE = 1;
 const XATTR_REPLACE = 2;
 
+/** The pieces joined into one buffer (the piece itself when there is one). */
+function concat(parts: Uint8Array[]): Uint8Array {
+  if (parts.length === 1) return parts[0]!;
+  return parts.length === 0 ? new Uint8Array(0) : Buffer.concat(parts);
+}
+
 /**
  * A cache of recently read chunks with per-handle sequential readahead, over the chunk store
  * (host chunk cache, then ranged GETs of packs).
@@ -159,13 +165,14 @@ export class ChunkReader {
   }
 
   /**
-   * Bytes [offset, offset+length) of a stored file (shorter at its end). With `ra`, a read that
+   * Bytes [offset, offset+length) of a stored file (shorter at its end), as views of its chunks
+   * in order. With `ra`, a read that
    * starts where the previous one ended counts as sequential and prefetches the next chunks in
    * the background, up to `maxAhead` bytes.
    */
-  async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array> {
+  async readv(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array[]> {
     const end = Math.min(size, offset + length);
-    if (end <= offset) return new Uint8Array(0);
+    if (end <= offset) return [];
     const s = this.starts(chunks);
     let lo = 0;
     let hi = chunks.length - 1;
@@ -188,19 +195,16 @@ export class ChunkReader {
         this.fetch(chunks, last + 1, to);
       }
     }
-    if (lo === last) {
-      const b = await this.get(chunks[lo]!);
-      return b.subarray(offset - s[lo]!, end - s[lo]!);
-    }
     const parts = await Promise.all(Array.from({ length: last - lo + 1 }, (_, k) => this.get(chunks[lo + k]!)));
-    const out = Buffer.allocUnsafe(end - offset);
-    for (let k = 0; k < parts.length; k++) {
+    return parts.map((p, k) => {
       const cs = s[lo + k]!;
-      const a = Math.max(offset, cs);
-      const b = Math.min(end, cs + chunks[lo + k]!.length);
-      out.set(parts[k]!.subarray(a - cs, b - cs), a - offset);
-    }
-    return out;
+      return p.subarray(Math.max(offset, cs) - cs, Math.min(end, cs + chunks[lo + k]!.length) - cs);
+    });
+  }
+
+  /** Like `readv`, in one buffer. */
+  async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array> {
+    return concat(await this.readv(chunks, size, offset, length, ra));
   }
 
   private get(c: ChunkRef): Promise<Uint8Array> {
@@ -714,15 +718,20 @@ export class MountedVolume implements MountFs {
 
   /** Up to `length` bytes at `position` of an open file. */
   async read(fh: number, length: number, position: number): Promise<Uint8Array> {
+    return concat(await this.readv(fh, length, position));
+  }
+
+  /** The bytes `read` gives, as consecutive pieces (views of the chunks read, not a copy). */
+  async readv(fh: number, length: number, position: number): Promise<Uint8Array[]> {
     const h = this.handle(fh);
-    if (h.kind === "control" || h.kind === "version") return this.control.read(h, length, position);
+    if (h.kind === "control" || h.kind === "version") return [await this.control.read(h, length, position)];
     if (h.kind === "dir") throw VolumeError.IS_A_DIRECTORY("a directory", { op: "read" });
     const e = await this.entryOf(h);
     const c = contentOf(e);
-    if (c) return c.read(position, length, this.readChunks);
+    if (c) return [await c.read(position, length, this.readChunks)];
     if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
     const f = e as FileEntry;
-    return this.reader.read(f.chunks, f.size, position, length, h);
+    return this.reader.readv(f.chunks, f.size, position, length, h);
   }
 
   // ---- MountFs: writing ----
