@@ -72,6 +72,21 @@ describe("S3ObjectStore without a server", () => {
     s.close();
   });
 
+  it("fails a GET whose body ends before its content-length, rather than returning short bytes", async () => {
+    const cut = createServer((sock) => {
+      sock.once("data", () => {
+        sock.write("HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: application/octet-stream\r\n\r\n" + "x".repeat(50));
+        setTimeout(() => sock.destroy(), 20);
+      });
+    });
+    const port = await new Promise<number>((r) => cut.listen(0, "127.0.0.1", () => r((cut.address() as { port: number }).port)));
+    const s = S3ObjectStore.fromUrl("s3://b/", { endpoint: `http://127.0.0.1:${port}`, accessKeyId: "a", secretAccessKey: "b" });
+    await expect(s.get("x")).rejects.toMatchObject({ code: "STORE_UNREACHABLE", retryable: true });
+    await expect(s.get("x", { offset: 0, length: 100 })).rejects.toMatchObject({ code: "STORE_UNREACHABLE", retryable: true });
+    s.close();
+    cut.close();
+  });
+
   it("rejects urls that are not s3://bucket/prefix", () => {
     expect(() => S3ObjectStore.fromUrl("http://x/y")).toThrow(expect.objectContaining({ code: "INVALID_ARGUMENT" }));
     expect(S3ObjectStore.fromUrl("s3://b/p").url).toBe("s3://b/p/");

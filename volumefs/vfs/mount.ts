@@ -68,9 +68,20 @@ interface FileHandle {
   /** What an unlinked handle still reads and writes. */
   orphan?: StagedEntry;
   flags: number;
-  /** Sequential-read detection. */
+  /** Sequential-read detection and readahead state (see ReadAhead). */
   next: number;
   seq: number;
+  ahead?: number;
+}
+
+/** Per-handle sequential-read state of ChunkReader.readv. */
+export interface ReadAhead {
+  /** Where the previous read ended. */
+  next: number;
+  /** Sequential reads in a row. */
+  seq: number;
+  /** The file offset up to which prefetches were issued. */
+  ahead?: number;
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
@@ -141,7 +152,7 @@ export class ChunkReader {
       if (i >= to) break;
       let j = i;
       let total = 0;
-      while (j < to && !this.cache.has(chunks[j]!.id) && total < 4 << 20) total += chunks[j++]!.length;
+      while (j < to && !this.cache.has(chunks[j]!.id) && total < 8 << 20) total += chunks[j++]!.length;
       const run = chunks.slice(i, j);
       const all = this.store.readChunks(run);
       for (const c of run) {
@@ -170,7 +181,7 @@ export class ChunkReader {
    * starts where the previous one ended counts as sequential and prefetches the next chunks in
    * the background, up to `maxAhead` bytes.
    */
-  async readv(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array[]> {
+  async readv(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array[]> {
     const end = Math.min(size, offset + length);
     if (end <= offset) return [];
     const s = this.starts(chunks);
@@ -187,12 +198,21 @@ export class ChunkReader {
     if (ra) {
       ra.seq = offset === ra.next ? ra.seq + 1 : 0;
       ra.next = end;
-      if (ra.seq >= 1) {
-        // The window doubles with each sequential read, from 256 KiB up to maxAhead.
+      if (ra.seq === 0) ra.ahead = undefined;
+      else {
+        // The window doubles with each sequential read, from 256 KiB up to maxAhead. It is
+        // topped up only once less than half of it is left, so that each prefetch is a few
+        // large ranged GETs rather than one small GET per read.
         const window = Math.min(this.maxAhead, 2 ** Math.min(ra.seq + 17, 40));
-        let to = last + 1;
-        for (let ahead = 0; to < chunks.length && ahead < window; to++) ahead += chunks[to]!.length;
-        this.fetch(chunks, last + 1, to);
+        const issued = Math.max(s[last + 1]!, ra.ahead ?? 0);
+        if (issued - end < window / 2 && issued < size) {
+          let from = last + 1;
+          while (from < chunks.length && s[from]! < issued) from++;
+          let to = from;
+          while (to < chunks.length && s[to]! < end + window) to++;
+          this.fetch(chunks, from, to);
+          ra.ahead = s[to]!;
+        }
       }
     }
     const parts = await Promise.all(Array.from({ length: last - lo + 1 }, (_, k) => this.get(chunks[lo + k]!)));
@@ -203,7 +223,7 @@ export class ChunkReader {
   }
 
   /** Like `readv`, in one buffer. */
-  async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: { next: number; seq: number }): Promise<Uint8Array> {
+  async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array> {
     return concat(await this.readv(chunks, size, offset, length, ra));
   }
 
