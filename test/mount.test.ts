@@ -460,10 +460,16 @@ describe("strata mount on the file store", () => {
     const f = join(mnt, "f.txt");
     writeFileSync(f, "x");
     const py = (code: string) => execFileSync("python3", ["-c", `import os, sys\n${code}`, f], { encoding: "utf8" }).trim();
-    py("os.setxattr(sys.argv[1], 'user.color', b'blue')");
     const missing = "try:\n  os.getxattr(sys.argv[1], 'user.none')\nexcept OSError as e:\n  print(e.errno)";
+    // A new file has none: the FUSE reader thread answers these without the main thread...
     expect(py(missing)).toBe("61"); // ENODATA
+    expect(py("print(os.listxattr(sys.argv[1]))")).toBe("[]");
+    // ...until one is set: then every later question reaches the file system.
+    py("os.setxattr(sys.argv[1], 'user.color', b'blue')");
+    expect(py(missing)).toBe("61");
     expect(py("print(os.getxattr(sys.argv[1], 'user.color').decode())")).toBe("blue");
+    py("os.setxattr(sys.argv[1], 'user.gone', b'1'); os.removexattr(sys.argv[1], 'user.gone')");
+    expect(py("print(sorted(os.listxattr(sys.argv[1])))")).toBe("['user.color']");
     appendFileSync(f, "more"); // a write (the kernel asks for security.capability first)
     expect(py("print(sorted(os.listxattr(sys.argv[1])))")).toBe("['user.color']");
     await e.strata("sync", mnt);

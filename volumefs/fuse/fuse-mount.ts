@@ -201,6 +201,7 @@ async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Pr
         if (process.env.STRATA_FUSE_STATS === "1") {
           const rows = [...session.stats].sort((a, b) => b[1].ms - a[1].ms);
           for (const [op, s] of rows) process.stderr.write(`strata fuse stats: ${op} ${s.n} calls, ${s.ms.toFixed(0)} ms, ${((s.ms / s.n) * 1000).toFixed(0)} us each\n`);
+          for (const [op, n] of Object.entries(dev.answered())) if (n > 0) process.stderr.write(`strata fuse stats: ${op} ${n} calls answered by the reader thread\n`);
         }
         await fs.close();
       })();

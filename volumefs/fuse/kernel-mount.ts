@@ -126,6 +126,8 @@ export class KernelSession {
   private forgotten = 0;
   private readonly dirs = new Map<number, { node: Node; names?: string[] }>();
   private nextDir = 1;
+  /** Counts changes of extended attributes (see xattrsChanged). */
+  private xattrEpoch = 0;
   private readonly fhNode = new Map<number, Node>();
   private readonly negatives = new Map<string, { parent: Node; name: string; at: number }>();
   private resolveInit!: () => void;
@@ -223,9 +225,16 @@ export class KernelSession {
 
   // ---- attributes and cache times ----
 
-  private kattr(n: Node, a: FileAttr): KernelAttr {
+  /**
+   * The kernel's attributes for a node. With `epoch` (xattrEpoch when `a` was asked for), also
+   * tells the reader thread whether the node has extended attributes: marked as having none
+   * only when no xattr changed since `a` was read.
+   */
+  private kattr(n: Node, a: FileAttr, epoch?: number): KernelAttr {
     n.sig = signature(a);
     n.mode = a.mode;
+    if (a.xattrs === false && epoch === this.xattrEpoch) this.dev.noXattrs.add(n.id);
+    else if (a.xattrs !== false) this.dev.noXattrs.delete(n.id);
     return { ino: n.id, size: a.size, mode: typeBits(a.kind) | (a.mode & 0o7777), nlink: a.nlink, uid: a.uid, gid: a.gid, atime: a.atime, mtime: a.mtime, ctime: a.ctime };
   }
 
@@ -245,9 +254,10 @@ export class KernelSession {
   /** The entry reply for a name that exists (made by the caller when `owner` is given: owned by the caller). */
   private async entry(parent: Node, name: string, path: string, owner?: { uid: number; gid: number }): Promise<{ out: Buffer; node: Node }> {
     if (owner && (owner.uid !== 0 || owner.gid !== 0)) await this.fs.chown(path, owner.uid, owner.gid);
+    const epoch = this.xattrEpoch;
     const a = await this.fs.getattr(path);
     const node = this.lookedUp(parent, name);
-    return { out: entryOut(node.id, this.kattr(node, a), LONG, this.attrTimeout(path)), node };
+    return { out: entryOut(node.id, this.kattr(node, a, epoch), LONG, this.attrTimeout(path)), node };
   }
 
   private guard(path: string): void {
@@ -286,8 +296,9 @@ export class KernelSession {
         const fh = flags & GETATTR_FH ? u64(b, 8) : undefined;
         return this.run(req, "getattr", async () => {
           const n = this.node(req.nodeid);
+          const epoch = this.xattrEpoch;
           const a = await this.attrOfNode(n, fh);
-          return [attrOut(this.kattr(n, a), this.attrTimeout(this.pathOf(n) ?? ""))];
+          return [attrOut(this.kattr(n, a, epoch), this.attrTimeout(this.pathOf(n) ?? ""))];
         });
       }
       case Op.SETATTR: {
@@ -462,7 +473,11 @@ export class KernelSession {
         return this.run(req, "setxattr", async () => {
           const path = this.mustPath(this.node(req.nodeid));
           this.guard(path);
-          await this.fs.setxattr(path, name, value, flags);
+          try {
+            await this.fs.setxattr(path, name, value, flags);
+          } finally {
+            this.xattrsChanged();
+          }
           return [];
         });
       }
@@ -489,7 +504,11 @@ export class KernelSession {
         return this.run(req, "removexattr", async () => {
           const path = this.mustPath(this.node(req.nodeid));
           this.guard(path);
-          await this.fs.removexattr(path, name);
+          try {
+            await this.fs.removexattr(path, name);
+          } finally {
+            this.xattrsChanged();
+          }
           return [];
         });
       }
@@ -583,10 +602,11 @@ export class KernelSession {
   private async lookup(parentId: number, name: string): Promise<Uint8Array[]> {
     const parent = this.node(parentId);
     const path = this.childPath(parent, name);
+    const epoch = this.xattrEpoch;
     const a = this.fs.lookup ? await this.fs.lookup(path) : await this.fs.getattr(path).catch((err) => (toErrno(err) === -E.ENOENT ? undefined : Promise.reject(err)));
     if (a) {
       const node = this.lookedUp(parent, name);
-      return [entryOut(node.id, this.kattr(node, a), LONG, this.attrTimeout(path))];
+      return [entryOut(node.id, this.kattr(node, a, epoch), LONG, this.attrTimeout(path))];
     }
     if (this.opts.immutable) return [negativeEntryOut(LONG)];
     if (isControl(path) || !this.trackNegative(parent, name)) return [negativeEntryOut(0)];
@@ -679,7 +699,18 @@ export class KernelSession {
    * content or attributes changed (dropping the names that are gone), and every missing name the
    * kernel may cache. Resolves when the kernel has been told.
    */
+  /**
+   * Some node's extended attributes may have changed (a set, a remove, a base move): no node is
+   * known to have none any more, and attributes read before now mark none (see kattr). Called
+   * before the change is answered, so every later GETXATTR reaches the main thread.
+   */
+  private xattrsChanged(): void {
+    this.xattrEpoch++;
+    this.dev.noXattrs.clear();
+  }
+
   private async revalidate(): Promise<void> {
+    this.xattrsChanged();
     const sends: Promise<void>[] = [];
     for (const n of [...this.nodes.values()]) {
       if (n.id === ROOT && !n.sig) continue;

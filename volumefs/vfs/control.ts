@@ -233,9 +233,17 @@ export function parseSyncCommand(text: string): MountSyncOptions {
 export function entryAttr(e: Entry, immutable = true): FileAttr {
   const size = e.kind === "file" ? e.size : e.kind === "symlink" ? Buffer.byteLength(e.target) : 0;
   const a: FileAttr = { kind: e.kind, mode: e.mode & 0o7777, size, mtime: e.mtime, atime: e.mtime, ctime: e.mtime, nlink: e.kind === "dir" ? 2 : 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: immutable && e.kind !== "dir" };
+  a.xattrs = hasXattrs(e);
   if (e.kind === "file") a.tag = contentTag(e);
   else if (e.kind === "symlink") a.tag = e.target;
   return a;
+}
+
+/** True when the entry has at least one extended attribute. */
+export function hasXattrs(e: { xattrs?: Record<string, Uint8Array> }): boolean {
+  if (e.xattrs === undefined) return false;
+  for (const _ in e.xattrs) return true;
+  return false;
 }
 
 const tags = new WeakMap<FileEntry, string>();

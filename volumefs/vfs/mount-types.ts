@@ -27,6 +27,8 @@ export interface FileAttr {
   immutable: boolean;
   /** Names the content: equal tags mean equal bytes. Absent when unknown. */
   tag?: string;
+  /** Whether the entry has extended attributes. Absent when unknown. */
+  xattrs?: boolean;
 }
 
 /** What `status` reports. */

@@ -24,7 +24,7 @@ import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, type ChunkParams, type ChunkStore } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import { isCode, type VersionRecord } from "../../metadata/index.js";
-import { ControlDir, entryAttr, type ControlHandle, type VersionFileHandle } from "./control.js";
+import { ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
 import type { FileAttr, MountFs, MountStatus, MountSyncOptions, MountSyncResult } from "./mount-types.js";
 import { isPending, Overlay, type OverlayNode, type PendingContent, type PendingFileEntry, type StagedEntry } from "./overlay.js";
 import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
@@ -563,7 +563,7 @@ export class MountedVolume implements MountFs {
   private attrOf(segs: string[], e: StagedEntry): FileAttr {
     const c = contentOf(e);
     if (c) {
-      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: `staged:${c.id}` };
+      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: `staged:${c.id}`, xattrs: hasXattrs(e) };
     }
     return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
   }
