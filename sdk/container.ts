@@ -17,7 +17,7 @@ import type { Readable, Writable } from "node:stream";
 import type { AgentClient, BuildImageResult, GpuRequest, NetworkSpec, SandboxRecord, StopSandboxResult, VolumeMountRequest, VolumeSyncResult } from "../agent/index.js";
 import { AgentError, parseEgressEntry } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
-import { connectLocalAgent } from "./agent-main.js";
+import { connectLocalAgent } from "./local-agent.js";
 import { parseSize } from "./config.js";
 import { Image } from "./image.js";
 

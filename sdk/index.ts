@@ -33,7 +33,7 @@ export { StrataError, MetadataError } from "../metadata/index.js";
 export { VolumeError, type ConflictPolicy, type TreeDiff } from "../volumefs/index.js";
 export { Container, SandboxClient, Sandbox, parseDuration, parseGpu, parseNetwork, type ContainerOptions, type SandboxOptions, type SandboxCreateOptions, type SandboxClientOptions, type MountVolumeOptions, type ExecOutput, type ContainerProcess, type ProcessExit, type SpawnOptions } from "./container.js";
 export { Image, type AddLocalOptions } from "./image.js";
-export { connectLocalAgent, agentSocketPath, stopLocalAgent } from "./agent-main.js";
+export { connectLocalAgent, agentSocketPath, stopLocalAgent } from "./local-agent.js";
 export { AgentError, type AgentErrorCode } from "../agent/index.js";
 export type {
   SandboxRecord, SandboxVolume, SandboxGpu, SandboxExit, StopReason, NetworkSpec, VolumeSyncResult, StopSandboxResult, GpuRequest,

@@ -3,16 +3,17 @@
  * `agent`. They talk to the local node agent (`$STRATA_HOME/agent.sock`), which holds the
  * sandboxes and their volume mounts, so `sandbox ls/exec/stop` work across CLI invocations.
  * `run` and `image build` start an agent (detached) when none answers. cli.ts loads this module
- * (and with it the SDK's sandbox classes and gRPC) only when one of these commands runs.
+ * (and with it the SDK's sandbox classes and gRPC) only when one of these commands runs; the
+ * agent's own code (agent-main.ts: runtime, store, FUSE) loads only for `strata agent`.
  */
 import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, join, resolve } from "node:path";
 import { parseEgressEntry, type ImageSpec, type SandboxRecord, type VolumeMountRequest } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
-import { connectLocalAgent, runAgent } from "./agent-main.js";
 import { commands, usageError, stringOpt, timing, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
 import { SandboxClient, type Sandbox } from "./container.js";
 import { Image } from "./image.js";
+import { connectLocalAgent } from "./local-agent.js";
 
 const usage = usageError;
 const str = stringOpt;
@@ -230,5 +231,5 @@ export const run: GroupRun<"sandbox"> = {
   run: cmdRun,
   sandbox: cmdSandbox,
   image: cmdImage,
-  agent: (args, io) => runAgent(io, { daemon: args.values.daemon === true }),
+  agent: async (args, io) => (await import("./agent-main.js")).runAgent(io, { daemon: args.values.daemon === true }),
 };
