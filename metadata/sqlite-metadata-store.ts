@@ -13,9 +13,10 @@
  * only ever await between retries. Schema: see migrations.ts.
  */
 import { mkdirSync } from "node:fs";
+import { createRequire } from "node:module";
 import { dirname } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import Database from "better-sqlite3";
+import type Database from "better-sqlite3";
 import { MetadataError } from "./errors.js";
 import { migrate } from "./migrations.js";
 import { isBusy, toMetadataError } from "./sqlite-errors.js";
@@ -71,6 +72,18 @@ interface ChunkRow {
   pack: string;
   offset: number;
   length: number;
+}
+
+let sqliteModule: typeof Database | undefined;
+
+/**
+ * better-sqlite3, loaded on the first open rather than with this module: every layer's errors
+ * come through metadata/index.ts, and commands that never open a database (`strata run`) should
+ * not load the native addon.
+ */
+function sqlite(): typeof Database {
+  sqliteModule ??= createRequire(import.meta.url)("better-sqlite3") as typeof Database;
+  return sqliteModule;
 }
 
 function prepareAll(db: Database.Database) {
@@ -187,7 +200,7 @@ export class SqliteMetadataStore implements MetadataStore {
     let db: Database.Database;
     try {
       if (opts.path !== ":memory:") mkdirSync(dirname(opts.path), { recursive: true });
-      db = new Database(opts.path, { timeout: busyTimeoutMs });
+      db = new (sqlite())(opts.path, { timeout: busyTimeoutMs });
     } catch (err) {
       throw toMetadataError(op, err);
     }
