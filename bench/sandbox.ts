@@ -3,10 +3,10 @@
  * - cold start to first output (image cached, one volume mounted), median of 20:
  *   bare `runsc run` of an equivalent bundle (same rootfs, overlay, cgroup limits, a bind-mounted
  *   host directory at /data) vs the SDK (`Container.run()` + exec, agent already running, volume
- *   mounted through FUSE) vs `strata run -v vol:/data -- echo` as a new CLI process from the
- *   compiled build (dist/, built here first, as `scripts/setup.sh` builds it for a user), split
- *   by the CLI's STRATA_TIMING milestones into Node start-up, loading the CLI, connecting to the
- *   agent, creating the sandbox and exec to first output;
+ *   mounted through FUSE) vs `strata run -v vol:/data -- echo` as a new CLI process: `bin/strata`
+ *   running the build (the bundle in dist/cli/, built here first, as `scripts/setup.sh` builds it
+ *   for a user), split by the CLI's STRATA_TIMING milestones into Node start-up, loading the CLI,
+ *   connecting to the agent, creating the sandbox and exec to first output;
  * - parallel agents: fork one volume 8 times, start 8 sandboxes each on its own fork, each
  *   writes 100 files, stop all (sync): total wall time and per-sandbox p50/p99 (run → stop done).
  * Needs root, runsc and the test image cache (built on first use, about 60 s).
@@ -63,7 +63,7 @@ function timed(argv: string[], env: NodeJS.ProcessEnv, cwd = ROOT): Promise<{ ms
 
 /**
  * Builds dist/ as `scripts/setup.sh` does (`npm run build`), so that the CLI rows measure what a
- * user runs; fails with the compiler's output when the build fails.
+ * user runs (`bin/strata`, which runs dist/cli/main.js); fails with the build's output when it fails.
  */
 async function build(): Promise<string> {
   try {
@@ -72,7 +72,7 @@ async function build(): Promise<string> {
     const e = err as { stdout?: string; stderr?: string };
     throw new Error(`bench sandbox: \`npm run build\` failed; the CLI rows measure the compiled build (dist/):\n${`${e.stdout ?? ""}${e.stderr ?? ""}`.trim().slice(-2000)}`);
   }
-  return join(ROOT, "dist/sdk/main.js");
+  return join(ROOT, "bin/strata");
 }
 
 /** Runs the benchmark; prints and records its table. */
@@ -156,7 +156,7 @@ export async function run(): Promise<void> {
     await report("sandbox", [
       { scenario: "cold start: bare runsc run (bundle, bind mount)", "median ms": median(bare), "p90 ms": pct(bare, 90), "× bare": 1 },
       { scenario: "cold start: SDK Container.run + exec, volume via FUSE", "median ms": median(sdk), "p90 ms": pct(sdk, 90), "× bare": median(sdk) / bareMs },
-      { scenario: "cold start: strata run -v (new CLI process, compiled build)", "median ms": median(cli), "p90 ms": pct(cli, 90), "× bare": median(cli) / bareMs },
+      { scenario: "cold start: strata run -v (new CLI process, bin/strata, built)", "median ms": median(cli), "p90 ms": pct(cli, 90), "× bare": median(cli) / bareMs },
       { scenario: "  Node start-up (an empty script, to first output)", "median ms": median(node), "p90 ms": pct(node, 90), "× bare": median(node) / bareMs },
       { scenario: "  CLI: process start to the run command loaded", "median ms": median(phases.load), "p90 ms": pct(phases.load, 90), "× bare": median(phases.load) / bareMs },
       { scenario: "  CLI: connect to the agent (gRPC, proto)", "median ms": median(phases.connect), "p90 ms": pct(phases.connect, 90), "× bare": median(phases.connect) / bareMs },
@@ -165,7 +165,7 @@ export async function run(): Promise<void> {
       { scenario: `parallel: ${PARALLEL} forks × ${FILES} files, run→stop(sync) wall`, "median ms": wall, "p90 ms": "", "× bare": "" },
       { scenario: "parallel: per sandbox p50", "median ms": pct(per, 50), "p90 ms": "", "× bare": "" },
       { scenario: "parallel: per sandbox p99", "median ms": pct(per, 99), "p90 ms": "", "× bare": "" },
-    ], `Time to the first byte of output with the image cached, median of ${RUNS}, on the embedded file store; bare runsc and Strata in the same run. The SDK row is the agent's own overhead (FUSE mount of a volume, gRPC, runsc run --detach then exec, vs one runsc run); the CLI row is \`strata run\` from the compiled build (dist/, built by the benchmark) as a new process; the indented rows split it by the CLI's STRATA_TIMING milestones (medians of per-run phases; "process start to loaded" includes Node's own start-up, shown alone on the row above it). Parallel: ${PARALLEL} sandboxes, each on its own fork of one volume, each writes ${FILES} files, then stop syncs each fork.`, { bare, sdk, cli, node, phases, parallel: { wall, per } });
+    ], `Time to the first byte of output with the image cached, median of ${RUNS}, on the embedded file store; bare runsc and Strata in the same run. The SDK row is the agent's own overhead (FUSE mount of a volume, gRPC, runsc run --detach then exec, vs one runsc run); the CLI row is \`bin/strata run\` on the build (the bundle in dist/cli/, built by the benchmark) as a new process; the indented rows split it by the CLI's STRATA_TIMING milestones (medians of per-run phases; "process start to loaded" includes Node's own start-up, shown alone on the row above it). Parallel: ${PARALLEL} sandboxes, each on its own fork of one volume, each writes ${FILES} files, then stop syncs each fork.`, { bare, sdk, cli, node, phases, parallel: { wall, per } });
   } finally {
     await client.close();
     await stopLocalAgent(join(base, "home"));
