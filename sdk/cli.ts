@@ -43,7 +43,9 @@ export async function runCli(argv: string[], io: CliIO): Promise<number> {
   const cmd: CommandSpec | undefined = Object.hasOwn(commands, name) ? commands[name as CommandName] : undefined;
   try {
     if (!cmd) throw new StrataError("USAGE", `unknown command ${JSON.stringify(name)}`, { hint: "run `strata --help` for the list of commands" });
-    if (rest.includes("--help") || rest.includes("-h")) {
+    const end = rest.indexOf("--");
+    const own = end < 0 ? rest : rest.slice(0, end); // everything after `--` is the command's (`run -- cmd --help`)
+    if (own.includes("--help") || own.includes("-h")) {
       out(io, `usage: strata ${cmd.usage}\n\n${cmd.summary}${cmd.help ? `\n\n${cmd.help.join("\n")}` : ""}`);
       return 0;
     }

@@ -195,6 +195,7 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
         [["volume", "create", "tab\there"], /INVALID_NAME/],
         [["cat", "data", "../../etc/passwd"], /INVALID_PATH/],
         [["cat", "nope", "x"], /UNKNOWN_VOLUME/],
+        [["cat", "nope", "--", "--help"], /UNKNOWN_VOLUME/],
         [["cat", "data", "src/a.txt", "--at", "deadbeef"], /UNKNOWN_VERSION/],
         [["cat", "data", "src/a.txt/x"], /NOT_A_DIRECTORY/],
         [["cat", "data", "src"], /IS_A_DIRECTORY/],

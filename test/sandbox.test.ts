@@ -147,6 +147,23 @@ describe("sandboxes with volumes (file store)", () => {
     expect(gone.stderr).toMatch(/NOT_RUNNING|NOT_FOUND/);
   });
 
+  it("arguments after -- belong to the command, --help and -h included (run and sandbox exec)", async () => {
+    const r = await e.cli("run", "--no-sync", "--", "sh", "-c", 'echo "$@"', "sh", "--help", "-h");
+    expect(r.code).toBe(0);
+    expect(r.stdout.toString()).toBe("--help -h\n");
+    const sb = await e.client.create({});
+    try {
+      const x = await e.cli("sandbox", "exec", sb.id, "--", "sh", "-c", 'echo "$@"', "sh", "-h", "--help");
+      expect(x.code).toBe(0);
+      expect(x.stdout.toString()).toBe("-h --help\n");
+    } finally {
+      await sb.stop();
+    }
+    const help = await e.cli("run", "--no-sync", "--help", "--", "true");
+    expect(help.code).toBe(0);
+    expect(help.stdout.toString()).toMatch(/^usage: strata run /);
+  });
+
   it("a memory bomb is reported as OOM, by the SDK and by strata run (exit 137)", async () => {
     const bomb = "x = []\nwhile True: x.append(bytearray(16 << 20))";
     const c = await new Container({ client: e.client, memory: "256Mi" }).run();
