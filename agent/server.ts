@@ -319,7 +319,7 @@ export class AgentService implements AgentClient {
         });
         let fuse: FuseMount;
         try {
-          fuse = await mountFs(fs, dir, { readOnly, immutable: !!v.at, name: `strata-${v.name}` });
+          fuse = await mountFs(fs, dir, { readOnly, immutable: !!v.at, name: `strata-${v.name}`, prepareNext: true });
         } catch (err) {
           await fs.close();
           throw err;

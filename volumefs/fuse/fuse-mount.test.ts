@@ -163,3 +163,25 @@ describe.each(["kernel", "fuse-native"] as const)("mountFs over a pass-through (
     }
   });
 });
+
+describe("mountFs with prepareNext (kernel driver)", () => {
+  it("serves each mount, the later ones from a reader thread started before they were asked for", async () => {
+    const base = await mkdtemp(join(tmpdir(), "strata-fuse-next-"));
+    const src = join(base, "src");
+    await mkdir(src);
+    await writeFile(join(src, "f.txt"), "f\n");
+    const mounts: FuseMount[] = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        const m = await mountFs(new PassthroughFs(src), join(base, `m${i}`), { prepareNext: true });
+        mounts.push(m);
+        expect((await run("cat", [join(base, `m${i}`, "f.txt")])).stdout).toBe("f\n");
+      }
+      await mounts.shift()!.unmount();
+      expect((await run("cat", [join(base, "m2", "f.txt")])).stdout).toBe("f\n");
+    } finally {
+      for (const m of mounts) await m.unmount().catch(() => undefined);
+      await rm(base, { recursive: true, force: true });
+    }
+  });
+});

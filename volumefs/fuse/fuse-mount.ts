@@ -66,6 +66,12 @@ export interface FuseMountOptions {
    * variable STRATA_FUSE_DRIVER sets the default.
    */
   driver?: "kernel" | "fuse-native";
+  /**
+   * Kernel driver: once mounted, start the request reader thread of this process's next mount,
+   * so that it does not wait for one to start (about 20 ms). For processes that mount again and
+   * again (the node agent). Default false.
+   */
+  prepareNext?: boolean;
 }
 
 /** A live mount. */
@@ -192,6 +198,7 @@ async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Pr
   if (dev.connection !== undefined) {
     await writeFile(`/sys/class/bdi/0:${dev.connection}/read_ahead_kb`, String(READ_AHEAD_KB)).catch(() => undefined);
   }
+  if (opts.prepareNext) FuseDevice.prepareReader();
   let closing: Promise<void> | undefined;
   return {
     dir: abs,

@@ -284,68 +284,86 @@ export class NodeBits {
 }
 
 /**
- * The reader thread (plain JavaScript, evaluated as a worker): blocking reads of the device into
- * the next free slot; a message to the main thread (Atomics.notify) only when it said it was idle; a message at the end.
+ * The reader thread (plain JavaScript, evaluated as a worker): once told its device (one
+ * message), blocking reads of the device into the next free slot; a message to the main thread
+ * (Atomics.notify) only when it said it was idle; a message at the end.
  * Control words: [0, slots) slot full flags, [slots, 2·slots) lengths, 2·slots the idle flag.
  */
 const READER_SOURCE = `
 const { readSync, writeSync } = require("node:fs");
-const { workerData, parentPort } = require("node:worker_threads");
-const { fd, sab, slots, slotSize, ctrlBytes, bits, answered } = workerData;
-const ctrl = new Int32Array(sab, 0, slots * 2 + 2);
-const views = Array.from({ length: slots }, (_, i) => new Uint8Array(sab, ctrlBytes + i * slotSize, slotSize));
-const dvs = views.map((v) => new DataView(v.buffer, v.byteOffset, v.byteLength));
-const noXattrs = new Int32Array(bits);
-const count = new Int32Array(answered);
-const NBITS = noXattrs.length * 32;
-const out = new Uint8Array(24);
-const outView = new DataView(out.buffer);
-const IDLE = slots * 2;
-// GETXATTR (22) and LISTXATTR (23) of a node the main thread marked as having no extended
-// attributes: answered here (ENODATA, an empty list) without waking the main thread.
-function answer(v, dv, n) {
-  if (n < 48) return false;
-  const op = dv.getUint32(4, true);
-  if (op !== 22 && op !== 23) return false;
-  if (dv.getUint32(20, true) !== 0) return false;
-  const node = dv.getUint32(16, true);
-  if (node >= NBITS || (Atomics.load(noXattrs, node >>> 5) & (1 << (node & 31))) === 0) return false;
-  let len = 16;
-  outView.setInt32(4, op === 22 ? -61 : 0, true);
-  if (op === 23 && dv.getUint32(40, true) === 0) {
-    outView.setBigUint64(16, 0n, true);
-    len = 24;
+const { parentPort } = require("node:worker_threads");
+parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered }) => {
+  const ctrl = new Int32Array(sab, 0, slots * 2 + 2);
+  const views = Array.from({ length: slots }, (_, i) => new Uint8Array(sab, ctrlBytes + i * slotSize, slotSize));
+  const dvs = views.map((v) => new DataView(v.buffer, v.byteOffset, v.byteLength));
+  const noXattrs = new Int32Array(bits);
+  const count = new Int32Array(answered);
+  const NBITS = noXattrs.length * 32;
+  const out = new Uint8Array(24);
+  const outView = new DataView(out.buffer);
+  const IDLE = slots * 2;
+  // GETXATTR (22) and LISTXATTR (23) of a node the main thread marked as having no extended
+  // attributes: answered here (ENODATA, an empty list) without waking the main thread.
+  function answer(v, dv, n) {
+    if (n < 48) return false;
+    const op = dv.getUint32(4, true);
+    if (op !== 22 && op !== 23) return false;
+    if (dv.getUint32(20, true) !== 0) return false;
+    const node = dv.getUint32(16, true);
+    if (node >= NBITS || (Atomics.load(noXattrs, node >>> 5) & (1 << (node & 31))) === 0) return false;
+    let len = 16;
+    outView.setInt32(4, op === 22 ? -61 : 0, true);
+    if (op === 23 && dv.getUint32(40, true) === 0) {
+      outView.setBigUint64(16, 0n, true);
+      len = 24;
+    }
+    outView.setUint32(0, len, true);
+    out.set(v.subarray(8, 16), 8);
+    try {
+      writeSync(fd, out, 0, len);
+    } catch {
+      // ENOENT: the request was interrupted meanwhile.
+    }
+    Atomics.add(count, op === 22 ? 0 : 1, 1);
+    return true;
   }
-  outView.setUint32(0, len, true);
-  out.set(v.subarray(8, 16), 8);
-  try {
-    writeSync(fd, out, 0, len);
-  } catch {
-    // ENOENT: the request was interrupted meanwhile.
+  let i = 0;
+  for (;;) {
+    while (Atomics.load(ctrl, i) !== 0) Atomics.wait(ctrl, i, 1);
+    let n;
+    try {
+      n = readSync(fd, views[i], 0, slotSize, null);
+    } catch (e) {
+      // ENOENT: the request was interrupted before it was read; EINTR, EAGAIN: try again; else
+      // (ENODEV) the session ended.
+      if (e.code === "ENOENT" || e.code === "EINTR" || e.code === "EAGAIN") continue;
+      break;
+    }
+    if (answer(views[i], dvs[i], n)) continue;
+    Atomics.store(ctrl, slots + i, n);
+    Atomics.store(ctrl, i, 1);
+    if (Atomics.compareExchange(ctrl, IDLE, 1, 0) === 1) Atomics.notify(ctrl, IDLE);
+    i = (i + 1) % slots;
   }
-  Atomics.add(count, op === 22 ? 0 : 1, 1);
-  return true;
-}
-let i = 0;
-for (;;) {
-  while (Atomics.load(ctrl, i) !== 0) Atomics.wait(ctrl, i, 1);
-  let n;
-  try {
-    n = readSync(fd, views[i], 0, slotSize, null);
-  } catch (e) {
-    // ENOENT: the request was interrupted before it was read; EINTR, EAGAIN: try again; else
-    // (ENODEV) the session ended.
-    if (e.code === "ENOENT" || e.code === "EINTR" || e.code === "EAGAIN") continue;
-    break;
-  }
-  if (answer(views[i], dvs[i], n)) continue;
-  Atomics.store(ctrl, slots + i, n);
-  Atomics.store(ctrl, i, 1);
-  if (Atomics.compareExchange(ctrl, IDLE, 1, 0) === 1) Atomics.notify(ctrl, IDLE);
-  i = (i + 1) % slots;
-}
-parentPort.postMessage("end");
+  parentPort.postMessage("end");
+});
 `;
+
+const SLOT_SIZE = MAX_IO + 4096;
+const CTRL_BYTES = (SLOTS * 2 + 2) * 4;
+
+/** A reader thread not yet given a device, and the slots it will fill. */
+interface Reader {
+  worker: Worker;
+  sab: SharedArrayBuffer;
+  dead: boolean;
+}
+
+function newReader(): Reader {
+  const r: Reader = { worker: new Worker(READER_SOURCE, { eval: true }), sab: new SharedArrayBuffer(CTRL_BYTES + SLOTS * SLOT_SIZE), dead: false };
+  r.worker.once("exit", () => (r.dead = true));
+  return r;
+}
 
 /**
  * An open /dev/fuse mounted at a directory. `start` begins serving; `closed` resolves when the
@@ -410,9 +428,12 @@ export class FuseDevice {
    * (Reading on the thread pool costs a pool hand-off per request; this costs none while busy.)
    */
   start(handler: DeviceHandler): void {
-    const slotSize = MAX_IO + 4096;
-    const ctrlBytes = (SLOTS * 2 + 2) * 4;
-    const sab = new SharedArrayBuffer(ctrlBytes + SLOTS * slotSize);
+    const slotSize = SLOT_SIZE;
+    const ctrlBytes = CTRL_BYTES;
+    const spare = FuseDevice.spare;
+    FuseDevice.spare = undefined;
+    const reader = spare && !spare.dead ? spare : newReader();
+    const sab = reader.sab;
     const ctrl = new Int32Array(sab, 0, SLOTS * 2 + 2);
     const views = Array.from({ length: SLOTS }, (_, i) => Buffer.from(sab, ctrlBytes + i * slotSize, slotSize));
     const IDLE = SLOTS * 2;
@@ -439,7 +460,9 @@ export class FuseDevice {
       if (w.async) void (w.value as Promise<unknown>).then(drain);
       else drain();
     };
-    const worker = new Worker(READER_SOURCE, { eval: true, workerData: { fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab } });
+    const worker = reader.worker;
+    worker.ref();
+    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab });
     this.worker = worker;
     sleep();
     worker.on("message", () => {
@@ -457,6 +480,22 @@ export class FuseDevice {
   }
 
   private worker: Worker | undefined;
+
+  /** A started reader thread waiting for the next device (`prepareReader`). */
+  private static spare: Reader | undefined;
+
+  /**
+   * Starts a reader thread for the next `start` of this process, unless one waits already, so
+   * that a process that mounts again and again (the node agent) does not wait for a thread to
+   * start on each mount (about 20 ms here). The thread does not keep the process alive.
+   */
+  static prepareReader(): void {
+    if (FuseDevice.spare && !FuseDevice.spare.dead) return;
+    const r = newReader();
+    r.worker.unref();
+    r.worker.on("error", () => (r.dead = true));
+    FuseDevice.spare = r;
+  }
 
   private dispatch(handler: DeviceHandler, buf: Buffer, n: number): void {
     if (n < IN_HEADER) return;
