@@ -232,8 +232,7 @@ export function parseSyncCommand(text: string): MountSyncOptions {
 /** stat(2) attributes of a stored entry. */
 export function entryAttr(e: Entry, immutable = true): FileAttr {
   const size = e.kind === "file" ? e.size : e.kind === "symlink" ? Buffer.byteLength(e.target) : 0;
-  const a: FileAttr = { kind: e.kind, mode: e.mode & 0o7777, size, mtime: e.mtime, atime: e.mtime, ctime: e.mtime, nlink: e.kind === "dir" ? 2 : 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: immutable && e.kind !== "dir" };
-  a.xattrs = hasXattrs(e);
+  const a: FileAttr = { kind: e.kind, mode: e.mode & 0o7777, size, mtime: e.mtime, atime: e.mtime, ctime: e.mtime, nlink: e.kind === "dir" ? 2 : 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: immutable && e.kind !== "dir", xattrs: hasXattrs(e) };
   if (e.kind === "file") a.tag = contentTag(e);
   else if (e.kind === "symlink") a.tag = e.target;
   return a;

@@ -61,19 +61,6 @@ export interface MountedVolumeOptions {
 
 type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
 
-interface FileHandle {
-  kind: "file";
-  /** The path the handle follows (renames move it); null once unlinked. */
-  segs: string[] | null;
-  /** What an unlinked handle still reads and writes. */
-  orphan?: StagedEntry;
-  flags: number;
-  /** Sequential-read detection and readahead state (see ReadAhead). */
-  next: number;
-  seq: number;
-  ahead?: number;
-}
-
 /** Per-handle sequential-read state of ChunkReader.readv. */
 export interface ReadAhead {
   /** Where the previous read ended. */
@@ -82,6 +69,15 @@ export interface ReadAhead {
   seq: number;
   /** The file offset up to which prefetches were issued. */
   ahead?: number;
+}
+
+interface FileHandle extends ReadAhead {
+  kind: "file";
+  /** The path the handle follows (renames move it); null once unlinked. */
+  segs: string[] | null;
+  /** What an unlinked handle still reads and writes. */
+  orphan?: StagedEntry;
+  flags: number;
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
