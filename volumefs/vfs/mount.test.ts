@@ -493,18 +493,24 @@ function countingStore(store: ObjectStore): ObjectStore & { packBytes: number; p
   return s;
 }
 
+/** Writes `size` seeded random bytes to a new file in 1 MiB writes; returns them. */
+async function writeRandomFile(m: MountedVolume, path: string, size: number, seed: number): Promise<Buffer> {
+  const data = Buffer.alloc(size);
+  const rand = rng(seed);
+  for (let i = 0; i < size; i += 4) data.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
+  const fh = await m.create(path, 0o644, O_WRONLY | O_CREAT);
+  for (let off = 0; off < size; off += 1 << 20) await m.write(fh, data.subarray(off, off + (1 << 20)), off);
+  await m.release(fh);
+  return data;
+}
+
 describe("MountedVolume with a large base file", () => {
   it("uploads only the chunks around three edits of a 64 MiB file, and reads the result right", async () => {
     const objects = countingStore(new MemoryObjectStore());
     const { open, repo } = await setup(objects);
     const size = 64 << 20;
-    const want = Buffer.alloc(size);
-    const rand = rng(7);
-    for (let i = 0; i < size; i += 4) want.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
     const m = await open();
-    const fh = await m.create("/big.bin", 0o644, O_WRONLY | O_CREAT);
-    for (let off = 0; off < size; off += 1 << 20) await m.write(fh, want.subarray(off, off + (1 << 20)), off);
-    await m.release(fh);
+    const want = await writeRandomFile(m, "/big.bin", size, 7);
     await m.sync();
     const before = objects.packBytes;
     expect(before).toBeGreaterThanOrEqual(size);
@@ -540,14 +546,8 @@ describe("MountedVolume reading a large stored file", () => {
   it("fetches a sequential read in a few large ranged GETs, not one per read", async () => {
     const objects = countingStore(new MemoryObjectStore());
     const { dir, open, stagingRoot } = await setup(objects);
-    const size = 64 << 20;
-    const want = Buffer.alloc(size);
-    const rand = rng(11);
-    for (let i = 0; i < size; i += 4) want.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
     const w = await open();
-    const fh = await w.create("/big.bin", 0o644, O_WRONLY | O_CREAT);
-    for (let off = 0; off < size; off += 1 << 20) await w.write(fh, want.subarray(off, off + (1 << 20)), off);
-    await w.release(fh);
+    const want = await writeRandomFile(w, "/big.bin", 64 << 20, 11);
     await w.sync();
     await w.close();
 
