@@ -274,10 +274,6 @@ export class NodeBits {
     if (id < this.size) Atomics.and(this.words, id >>> 5, ~(1 << (id & 31)));
   }
 
-  has(id: number): boolean {
-    return id < this.size && (Atomics.load(this.words, id >>> 5) & (1 << (id & 31))) !== 0;
-  }
-
   clear(): void {
     for (let i = 0; i < this.words.length; i++) Atomics.store(this.words, i, 0);
   }
