@@ -424,7 +424,6 @@ export class S3ObjectStore implements ObjectStore {
 
   /** GetObject, ranged when asked; a range starting at or past the end gives empty bytes. */
   async get(key: string, range?: ByteRange): Promise<Uint8Array> {
-    (globalThis as any).__gets ??= (process.on("exit", () => process.stderr.write(`GETS ${(globalThis as any).__gets.n} bytes ${(globalThis as any).__gets.b}\n`)), { n: 0, b: 0 }); (globalThis as any).__gets.n++; (globalThis as any).__gets.b += range ? range.length ?? 0 : 0;
     checkKey(key, "get object");
     let Range: string | undefined;
     if (range !== undefined) {
