@@ -356,7 +356,10 @@ describe("strata mount on the file store", () => {
     expect(readFileSync(join(r, "doc.txt"), "utf8")).toBe("version one\n");
     expect(existsSync(join(r, "added.txt"))).toBe(false);
     expect(readFileSync(join(r, ".strata/version"), "utf8").trim()).toBe(v1);
+    expect(lstatSync(join(r, "doc.txt")).size).toBe(12);
     expect((await e.strata("reload", r)).trim()).toBe(v2);
+    // The reload moves the base: attributes the kernel (or the FUSE reader thread) kept are asked for again.
+    expect(lstatSync(join(r, "doc.txt")).size).toBe(20);
     expect(readFileSync(join(r, "doc.txt"), "utf8")).toBe("version two, longer\n");
     expect(readFileSync(join(r, "added.txt"), "utf8")).toBe("added\n");
 

@@ -80,6 +80,41 @@ describe.each(["kernel", "fuse-native"] as const)("mountFs over a pass-through (
     expect(await readdir(src)).toEqual(["hello.txt"]);
   });
 
+  it.runIf(driver === "kernel")("answers a stat after every change with the new attributes, most from the reader thread's table", async () => {
+    // A child process changes files through the mount and compares each stat with the source's.
+    const script = `
+const fs = require("node:fs");
+const [mnt, src] = process.argv.slice(1);
+const bad = [];
+const seen = (p) => { const s = fs.statSync(p); return [s.mode, s.size, s.nlink, s.uid, s.gid, Math.round(s.mtimeMs * 1000), Math.round(s.ctimeMs * 1000)].join(" "); };
+const check = (step, ...names) => {
+  for (const n of ["", ...names]) {
+    for (let i = 0; i < 2; i++) { const a = seen(mnt + "/t/" + n), b = seen(src + "/t/" + n); if (a !== b) bad.push(step + " " + n + ": " + a + " != " + b); }
+  }
+};
+fs.mkdirSync(mnt + "/t");
+fs.writeFileSync(mnt + "/t/f", "abc"); check("create", "f");
+fs.appendFileSync(mnt + "/t/f", "defg"); check("append", "f");
+const fd = fs.openSync(mnt + "/t/f", "r+"); fs.writeSync(fd, Buffer.from("0123456789"), 0, 10, 5); check("pwrite", "f");
+fs.ftruncateSync(fd, 4); check("ftruncate", "f"); fs.closeSync(fd);
+fs.chmodSync(mnt + "/t/f", 0o640); check("chmod", "f");
+fs.truncateSync(mnt + "/t/f", 1); check("truncate", "f");
+fs.utimesSync(mnt + "/t/f", 1000, 2000); check("utimes", "f");
+fs.mkdirSync(mnt + "/t/d"); check("mkdir", "d", "f");
+fs.renameSync(mnt + "/t/f", mnt + "/t/d/g"); check("rename", "d", "d/g");
+fs.writeFileSync(mnt + "/t/d/h", "h"); fs.renameSync(mnt + "/t/d/h", mnt + "/t/d/g"); check("rename over", "d", "d/g");
+fs.symlinkSync("g", mnt + "/t/d/l"); check("symlink", "d");
+fs.unlinkSync(mnt + "/t/d/l"); check("unlink", "d", "d/g");
+fs.unlinkSync(mnt + "/t/d/g"); fs.rmdirSync(mnt + "/t/d"); check("rmdir");
+process.stdout.write(JSON.stringify(bad));`;
+    const before = m!.answered!().getattr!;
+    const { stdout } = await run(process.execPath, ["-e", script, mnt, src]);
+    expect(JSON.parse(stdout)).toEqual([]);
+    // The kernel asks again after each write (append, pwrite): the table has the new attributes.
+    expect(m!.answered!().getattr! - before).toBeGreaterThanOrEqual(2);
+    await rm(join(mnt, "t"), { recursive: true });
+  });
+
   it("turns errors into errno values", async () => {
     await expect(readFile(join(mnt, "missing"))).rejects.toMatchObject({ code: "ENOENT" });
     await expect(mkdir(join(mnt, "hello.txt"))).rejects.toMatchObject({ code: "EEXIST" });

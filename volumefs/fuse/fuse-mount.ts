@@ -80,6 +80,8 @@ export interface FuseMount {
   readonly dir: string;
   /** Unmounts (lazily, so open files do not block it), then closes the MountFs. Idempotent. */
   unmount(): Promise<void>;
+  /** Requests the kernel driver's reader thread answered itself, by operation (kernel driver only). */
+  answered?(): Record<string, number>;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -202,6 +204,7 @@ async function mountKernel(fs: MountFs, abs: string, opts: FuseMountOptions): Pr
   let closing: Promise<void> | undefined;
   return {
     dir: abs,
+    answered: () => dev.answered(),
     unmount() {
       closing ??= (async () => {
         await dev.unmount();

@@ -101,6 +101,17 @@ export function typeBits(kind: FileAttr["kind"]): number {
   return kind === "dir" ? S_IFDIR : kind === "symlink" ? S_IFLNK : S_IFREG;
 }
 
+/** Change counters read before attributes are fetched, so that a reply computed across a change marks and stores nothing (see kattr). */
+interface Epochs {
+  xattrs: number;
+  attrs: number;
+}
+
+/** A node's attributes as the kernel wants them. */
+function kernelAttr(id: number, a: FileAttr): KernelAttr {
+  return { ino: id, size: a.size, mode: typeBits(a.kind) | (a.mode & 0o7777), nlink: a.nlink, uid: a.uid, gid: a.gid, atime: a.atime, mtime: a.mtime, ctime: a.ctime };
+}
+
 function signature(a: FileAttr): string {
   return `${a.kind}:${a.size}:${a.mtime}:${a.mode}:${a.uid}:${a.gid}:${a.tag ?? ""}`;
 }
@@ -128,6 +139,8 @@ export class KernelSession {
   private nextDir = 1;
   /** Counts changes of extended attributes (see xattrsChanged). */
   private xattrEpoch = 0;
+  /** Counts drops from the attribute table (see dropAttrs). */
+  private attrEpoch = 0;
   private readonly fhNode = new Map<number, Node>();
   private readonly negatives = new Map<string, { parent: Node; name: string; at: number }>();
   private resolveInit!: () => void;
@@ -225,17 +238,78 @@ export class KernelSession {
 
   // ---- attributes and cache times ----
 
+  private epochs(): Epochs {
+    return { xattrs: this.xattrEpoch, attrs: this.attrEpoch };
+  }
+
   /**
-   * The kernel's attributes for a node. With `epoch` (xattrEpoch when `a` was asked for), also
-   * tells the reader thread whether the node has extended attributes: marked as having none
-   * only when no xattr changed since `a` was read.
+   * The kernel's attributes for a node, cached by the kernel for `timeout` seconds. With `epoch`
+   * (read before `a` was asked for), also tells the reader thread what it may answer itself:
+   * that the node has no extended attributes, when no xattr changed since; and, for attributes
+   * the kernel keeps long, the GETATTR reply, when no attribute table drop happened since.
    */
-  private kattr(n: Node, a: FileAttr, epoch?: number): KernelAttr {
+  private kattr(n: Node, a: FileAttr, epoch?: Epochs, timeout = 0): KernelAttr {
     n.sig = signature(a);
     n.mode = a.mode;
-    if (a.xattrs === false && epoch === this.xattrEpoch) this.dev.noXattrs.add(n.id);
+    if (a.xattrs === false && epoch?.xattrs === this.xattrEpoch) this.dev.noXattrs.add(n.id);
     else if (a.xattrs !== false) this.dev.noXattrs.delete(n.id);
-    return { ino: n.id, size: a.size, mode: typeBits(a.kind) | (a.mode & 0o7777), nlink: a.nlink, uid: a.uid, gid: a.gid, atime: a.atime, mtime: a.mtime, ctime: a.ctime };
+    const k = kernelAttr(n.id, a);
+    if (timeout === LONG && epoch?.attrs === this.attrEpoch) this.dev.attrs.put(n.id, attrOut(k, LONG));
+    return k;
+  }
+
+  /**
+   * Nodes whose attributes a request may change (its node, the parent directories, a linked,
+   * removed, moved or replaced node): their GETATTR replies leave the attribute table when the
+   * request arrives and again before it is answered, so that a GETATTR the kernel sends after
+   * the answer never gets the attributes from before the change.
+   */
+  private attrsTouched(req: Request): number[] | undefined {
+    const b = req.body;
+    const child = (dir: number, name: string) => this.nodes.get(dir)?.children?.get(name)?.id ?? 0;
+    switch (req.opcode) {
+      case Op.OPEN:
+        return (b.readUInt32LE(0) & 3) === O.O_RDONLY && !(b.readUInt32LE(0) & O.O_TRUNC) ? undefined : [req.nodeid];
+      case Op.SETATTR:
+      case Op.WRITE:
+      case Op.SETXATTR:
+      case Op.REMOVEXATTR:
+      case Op.CREATE:
+      case Op.MKNOD:
+      case Op.MKDIR:
+      case Op.SYMLINK:
+        return [req.nodeid];
+      case Op.LINK:
+        return [req.nodeid, u64(b, 0)];
+      case Op.UNLINK:
+      case Op.RMDIR:
+        return [req.nodeid, child(req.nodeid, cstring(b, 0)[0])];
+      case Op.RENAME:
+      case Op.RENAME2: {
+        const newdir = u64(b, 0);
+        const [from, at] = cstring(b, req.opcode === Op.RENAME2 ? 16 : 8);
+        return [req.nodeid, newdir, child(req.nodeid, from), child(newdir, cstring(b, at)[0])];
+      }
+      default:
+        return undefined;
+    }
+  }
+
+  private dropAttrs(ids: number[]): void {
+    this.attrEpoch++;
+    for (const id of ids) this.dev.attrs.drop(id);
+  }
+
+  /**
+   * Puts a changed node's new attributes in the attribute table (after a write, which the
+   * kernel follows with a GETATTR, and after a SETATTR). Never fails.
+   */
+  private async attrsAfter(id: number, fh?: number): Promise<void> {
+    const n = this.nodes.get(id);
+    if (!n || this.attrTimeout(this.pathOf(n) ?? "") !== LONG) return;
+    const epoch = this.attrEpoch;
+    const a = await this.attrOfNode(n, fh).catch(() => undefined);
+    if (a && epoch === this.attrEpoch) this.dev.attrs.put(id, attrOut(kernelAttr(id, a), LONG));
   }
 
   private attrTimeout(path: string): number {
@@ -254,10 +328,11 @@ export class KernelSession {
   /** The entry reply for a name that exists (made by the caller when `owner` is given: owned by the caller). */
   private async entry(parent: Node, name: string, path: string, owner?: { uid: number; gid: number }): Promise<{ out: Buffer; node: Node }> {
     if (owner && (owner.uid !== 0 || owner.gid !== 0)) await this.fs.chown(path, owner.uid, owner.gid);
-    const epoch = this.xattrEpoch;
+    const epoch = this.epochs();
     const a = await this.fs.getattr(path);
     const node = this.lookedUp(parent, name);
-    return { out: entryOut(node.id, this.kattr(node, a, epoch), LONG, this.attrTimeout(path)), node };
+    const timeout = this.attrTimeout(path);
+    return { out: entryOut(node.id, this.kattr(node, a, epoch, timeout), LONG, timeout), node };
   }
 
   private guard(path: string): void {
@@ -296,9 +371,10 @@ export class KernelSession {
         const fh = flags & GETATTR_FH ? u64(b, 8) : undefined;
         return this.run(req, "getattr", async () => {
           const n = this.node(req.nodeid);
-          const epoch = this.xattrEpoch;
+          const epoch = this.epochs();
           const a = await this.attrOfNode(n, fh);
-          return [attrOut(this.kattr(n, a, epoch), this.attrTimeout(this.pathOf(n) ?? ""))];
+          const timeout = this.attrTimeout(this.pathOf(n) ?? "");
+          return [attrOut(this.kattr(n, a, epoch, timeout), timeout)];
         });
       }
       case Op.SETATTR: {
@@ -313,7 +389,7 @@ export class KernelSession {
           uid: b.readUInt32LE(76),
           gid: b.readUInt32LE(80),
         };
-        return this.run(req, "setattr", () => this.setattr(req.nodeid, set));
+        return this.run(req, "setattr", () => this.setattr(req.nodeid, set), () => this.attrsAfter(req.nodeid, valid & Fattr.FH ? set.fh : undefined));
       }
       case Op.READLINK:
         return this.run(req, "readlink", async () => [Buffer.from(await this.fs.readlink(this.mustPath(this.node(req.nodeid))))]);
@@ -433,7 +509,7 @@ export class KernelSession {
           const written = await this.fs.write(fh, data, offset);
           if (kill && n) await this.killSuid(n);
           return [sizeOut(written)];
-        });
+        }, () => this.attrsAfter(req.nodeid, fh));
       }
       case Op.STATFS:
         return this.run(req, "statfs", async () => {
@@ -538,10 +614,15 @@ export class KernelSession {
   /** Per operation: calls and total milliseconds from request to reply (STRATA_FUSE_STATS=1 prints them at unmount). */
   readonly stats = new Map<string, { n: number; ms: number }>();
 
-  /** Runs a handler and answers with its payload, or with its error's errno. */
-  /** Runs `fn` and answers the request with its payload, or with its errno when it returns one. */
-  private run(req: Request, op: string, fn: () => Promise<Uint8Array[] | number>): void {
+  /**
+   * Runs `fn` and answers the request with its payload, or with its errno when it returns one.
+   * Nodes whose attributes the request may change leave the attribute table before and after
+   * (see attrsTouched); `after` runs after that, before a successful answer.
+   */
+  private run(req: Request, op: string, fn: () => Promise<Uint8Array[] | number>, after?: () => Promise<void>): void {
     const t0 = this.opts.stats ? performance.now() : 0;
+    const touched = this.attrsTouched(req);
+    if (touched) this.dropAttrs(touched);
     const done = () => {
       if (!this.opts.stats) return;
       const s = this.stats.get(op) ?? { n: 0, ms: 0 };
@@ -550,8 +631,15 @@ export class KernelSession {
       this.stats.set(op, s);
     };
     fn().then(
-      (payload) => (typeof payload === "number" ? this.dev.reply(req.unique, payload) : this.dev.reply(req.unique, 0, ...payload), done()),
+      async (payload) => {
+        if (touched) this.dropAttrs(touched);
+        if (after) await after().catch(() => undefined);
+        if (typeof payload === "number") this.dev.reply(req.unique, payload);
+        else this.dev.reply(req.unique, 0, ...payload);
+        done();
+      },
       (err) => {
+        if (touched) this.dropAttrs(touched);
         done();
         const errno = toErrno(err);
         if (this.opts.debug && errno !== -E.ENOENT) process.stderr.write(`strata fuse: ${op} (node ${req.nodeid}): ${(err as Error)?.message ?? String(err)} (${errno})\n`);
@@ -602,11 +690,12 @@ export class KernelSession {
   private async lookup(parentId: number, name: string): Promise<Uint8Array[]> {
     const parent = this.node(parentId);
     const path = this.childPath(parent, name);
-    const epoch = this.xattrEpoch;
+    const epoch = this.epochs();
     const a = this.fs.lookup ? await this.fs.lookup(path) : await this.fs.getattr(path).catch((err) => (toErrno(err) === -E.ENOENT ? undefined : Promise.reject(err)));
     if (a) {
       const node = this.lookedUp(parent, name);
-      return [entryOut(node.id, this.kattr(node, a, epoch), LONG, this.attrTimeout(path))];
+      const timeout = this.attrTimeout(path);
+      return [entryOut(node.id, this.kattr(node, a, epoch, timeout), LONG, timeout)];
     }
     if (this.opts.immutable) return [negativeEntryOut(LONG)];
     if (isControl(path) || !this.trackNegative(parent, name)) return [negativeEntryOut(0)];
@@ -695,11 +784,6 @@ export class KernelSession {
   }
 
   /**
-   * After a base move: asks again for every node the kernel knows and invalidates the ones whose
-   * content or attributes changed (dropping the names that are gone), and every missing name the
-   * kernel may cache. Resolves when the kernel has been told.
-   */
-  /**
    * Some node's extended attributes may have changed (a set, a remove, a base move): no node is
    * known to have none any more, and attributes read before now mark none (see kattr). Called
    * before the change is answered, so every later GETXATTR reaches the main thread.
@@ -709,8 +793,15 @@ export class KernelSession {
     this.dev.noXattrs.clear();
   }
 
+  /**
+   * After a base move: asks again for every node the kernel knows and invalidates the ones whose
+   * content or attributes changed (dropping the names that are gone), and every missing name the
+   * kernel may cache; the attribute table is emptied first. Resolves when the kernel has been told.
+   */
   private async revalidate(): Promise<void> {
     this.xattrsChanged();
+    this.attrEpoch++;
+    this.dev.attrs.clear();
     const sends: Promise<void>[] = [];
     for (const n of [...this.nodes.values()]) {
       if (n.id === ROOT && !n.sig) continue;

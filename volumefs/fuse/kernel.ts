@@ -279,6 +279,52 @@ export class NodeBits {
   }
 }
 
+/** Slots of the attribute table (a power of two; node ids share a slot modulo this). */
+const ATTR_SLOTS = 1 << 17;
+/** Size of `struct fuse_attr_out`. */
+const ATTR_OUT_SIZE = 16 + ATTR_SIZE;
+
+/**
+ * Attribute replies the reader thread may give without waking the main thread: one
+ * `struct fuse_attr_out` per slot, the slot chosen by node id. The main thread is the only
+ * writer; each slot has a sequence word (odd while being written) and the node id it holds, so a
+ * reader that sees the sequence change under it, or another node, leaves the request to the main
+ * thread.
+ */
+export class AttrTable {
+  /** Per slot: [sequence, node id (0: empty)]. */
+  readonly ctrlSab = new SharedArrayBuffer(ATTR_SLOTS * 8);
+  readonly dataSab = new SharedArrayBuffer(ATTR_SLOTS * ATTR_OUT_SIZE);
+  private readonly ctrl = new Int32Array(this.ctrlSab);
+  private readonly data = new Uint8Array(this.dataSab);
+
+  /** Stores the reply for `node` (`out`: a `struct fuse_attr_out`). */
+  put(node: number, out: Uint8Array): void {
+    if (node > 0x7fffffff) return;
+    const s = (node & (ATTR_SLOTS - 1)) * 2;
+    const q = Atomics.load(this.ctrl, s);
+    Atomics.store(this.ctrl, s, (q + 1) | 0);
+    this.data.set(out.subarray(0, ATTR_OUT_SIZE), (s / 2) * ATTR_OUT_SIZE);
+    Atomics.store(this.ctrl, s + 1, node);
+    Atomics.store(this.ctrl, s, (q + 2) | 0);
+  }
+
+  /** Forgets the reply for `node`: its next GETATTR reaches the main thread. */
+  drop(node: number): void {
+    const s = (node & (ATTR_SLOTS - 1)) * 2;
+    if (Atomics.load(this.ctrl, s + 1) !== node) return;
+    const q = Atomics.load(this.ctrl, s);
+    Atomics.store(this.ctrl, s, (q + 1) | 0);
+    Atomics.store(this.ctrl, s + 1, 0);
+    Atomics.store(this.ctrl, s, (q + 2) | 0);
+  }
+
+  /** Forgets every reply. */
+  clear(): void {
+    for (let s = 0; s < ATTR_SLOTS * 2; s += 2) if (Atomics.load(this.ctrl, s + 1) !== 0) this.drop(Atomics.load(this.ctrl, s + 1));
+  }
+}
+
 /**
  * The reader thread (plain JavaScript, evaluated as a worker): once told its device (one
  * message), blocking reads of the device into the next free slot; a message to the main thread
@@ -288,21 +334,50 @@ export class NodeBits {
 const READER_SOURCE = `
 const { readSync, writeSync } = require("node:fs");
 const { parentPort } = require("node:worker_threads");
-parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered }) => {
+parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered, attrCtrl, attrData }) => {
   const ctrl = new Int32Array(sab, 0, slots * 2 + 2);
   const views = Array.from({ length: slots }, (_, i) => new Uint8Array(sab, ctrlBytes + i * slotSize, slotSize));
   const dvs = views.map((v) => new DataView(v.buffer, v.byteOffset, v.byteLength));
   const noXattrs = new Int32Array(bits);
   const count = new Int32Array(answered);
   const NBITS = noXattrs.length * 32;
-  const out = new Uint8Array(24);
+  const tctrl = new Int32Array(attrCtrl);
+  const tdata = new Uint8Array(attrData);
+  const TSLOTS = tctrl.length / 2;
+  const ATTR_OUT = tdata.length / TSLOTS;
+  const out = new Uint8Array(16 + ATTR_OUT);
   const outView = new DataView(out.buffer);
   const IDLE = slots * 2;
+  function send(len) {
+    try {
+      writeSync(fd, out, 0, len);
+    } catch {
+      // ENOENT: the request was interrupted meanwhile.
+    }
+  }
+  // GETATTR (3) of a node whose reply the main thread put in the attribute table: the reply
+  // from there, unless the slot changed (or holds another node) while it was copied.
+  function attr(v, dv) {
+    if (dv.getUint32(20, true) !== 0) return false;
+    const node = dv.getUint32(16, true);
+    const s = (node & (TSLOTS - 1)) * 2;
+    const q = Atomics.load(tctrl, s);
+    if (q & 1 || Atomics.load(tctrl, s + 1) !== node) return false;
+    out.set(tdata.subarray((s / 2) * ATTR_OUT, (s / 2 + 1) * ATTR_OUT), 16);
+    if (Atomics.load(tctrl, s) !== q) return false;
+    outView.setUint32(0, 16 + ATTR_OUT, true);
+    outView.setInt32(4, 0, true);
+    out.set(v.subarray(8, 16), 8);
+    send(16 + ATTR_OUT);
+    Atomics.add(count, 2, 1);
+    return true;
+  }
   // GETXATTR (22) and LISTXATTR (23) of a node the main thread marked as having no extended
   // attributes: answered here (ENODATA, an empty list) without waking the main thread.
   function answer(v, dv, n) {
     if (n < 48) return false;
     const op = dv.getUint32(4, true);
+    if (op === 3) return attr(v, dv);
     if (op !== 22 && op !== 23) return false;
     if (dv.getUint32(20, true) !== 0) return false;
     const node = dv.getUint32(16, true);
@@ -315,11 +390,7 @@ parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answere
     }
     outView.setUint32(0, len, true);
     out.set(v.subarray(8, 16), 8);
-    try {
-      writeSync(fd, out, 0, len);
-    } catch {
-      // ENOENT: the request was interrupted meanwhile.
-    }
+    send(len);
     Atomics.add(count, op === 22 ? 0 : 1, 1);
     return true;
   }
@@ -372,11 +443,13 @@ export class FuseDevice {
    * before every write, so this saves the main thread one wake-up per write.
    */
   readonly noXattrs = new NodeBits(NO_XATTR_NODES);
-  private readonly answeredSab = new SharedArrayBuffer(8);
-  /** GETXATTR and LISTXATTR requests the reader thread answered. */
-  answered(): { getxattr: number; listxattr: number } {
+  /** Attribute replies the reader thread gives itself (GETATTR). */
+  readonly attrs = new AttrTable();
+  private readonly answeredSab = new SharedArrayBuffer(12);
+  /** GETXATTR, LISTXATTR and GETATTR requests the reader thread answered. */
+  answered(): { getxattr: number; listxattr: number; getattr: number } {
     const c = new Int32Array(this.answeredSab);
-    return { getxattr: Atomics.load(c, 0), listxattr: Atomics.load(c, 1) };
+    return { getxattr: Atomics.load(c, 0), listxattr: Atomics.load(c, 1), getattr: Atomics.load(c, 2) };
   }
   private ended = false;
   private notifyChain: Promise<void> = Promise.resolve();
@@ -458,7 +531,7 @@ export class FuseDevice {
     };
     const worker = reader.worker;
     worker.ref();
-    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab });
+    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab });
     this.worker = worker;
     sleep();
     worker.on("message", () => {
