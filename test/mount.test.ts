@@ -10,6 +10,7 @@ import {
   chmodSync,
   closeSync,
   existsSync,
+  linkSync,
   lstatSync,
   mkdirSync,
   mkdtempSync,
@@ -481,6 +482,35 @@ describe("strata mount on the file store", () => {
     expect(readFileSync(f, "utf8")).toBe("xmore");
     expect(py("print(os.getxattr(sys.argv[1], 'user.color').decode())")).toBe("blue");
     expect(py(missing)).toBe("61");
+    await e.unmount(mnt);
+  }, 120_000);
+
+  it("shows a write through one name of a hard link in the other until a sync, also after a remount", async () => {
+    await e.strata("volume", "create", "hl");
+    const mnt = join(e.base, "hl");
+    await e.mount("hl", mnt);
+    const f = join(mnt, "f");
+    const g = join(mnt, "g");
+    writeFileSync(f, "a\n");
+    expect(lstatSync(f).size).toBe(2); // the kernel now caches f's attributes and pages
+    linkSync(f, g);
+    appendFileSync(g, "bb\n");
+    expect(lstatSync(f).size).toBe(5);
+    expect(readFileSync(f, "utf8")).toBe("a\nbb\n");
+    writeFileSync(f, "zzz\n");
+    expect(lstatSync(g).size).toBe(4);
+    expect(readFileSync(g, "utf8")).toBe("zzz\n");
+    await e.unmount(mnt);
+    await e.mount("hl", mnt);
+    expect(readFileSync(g, "utf8")).toBe("zzz\n"); // so the kernel caches g
+    appendFileSync(f, "again\n");
+    expect(readFileSync(g, "utf8")).toBe("zzz\nagain\n");
+    expect(lstatSync(g).size).toBe(10);
+    // A version has no inodes: after a sync the names are two files with the same bytes.
+    await e.strata("sync", mnt);
+    writeFileSync(f, "apart\n");
+    expect(readFileSync(g, "utf8")).toBe("zzz\nagain\n");
+    expect(readFileSync(f, "utf8")).toBe("apart\n");
     await e.unmount(mnt);
   }, 120_000);
 

@@ -82,6 +82,8 @@ interface Node {
   sig?: string;
   /** Permission bits last told to the kernel. */
   mode?: number;
+  /** Another name shares the file's bytes (FileAttr.shared, or a LINK made here): nothing of it is cached. */
+  shared?: boolean;
 }
 
 /** Options of `serveKernel`. */
@@ -251,6 +253,7 @@ export class KernelSession {
   private kattr(n: Node, a: FileAttr, epoch?: Epochs, timeout = 0): KernelAttr {
     n.sig = signature(a);
     n.mode = a.mode;
+    n.shared = a.shared === true;
     if (a.xattrs === false && epoch?.xattrs === this.xattrEpoch) this.dev.noXattrs.add(n.id);
     else if (a.xattrs !== false) this.dev.noXattrs.delete(n.id);
     const k = kernelAttr(n.id, a);
@@ -309,11 +312,18 @@ export class KernelSession {
     if (!n || this.attrTimeout(this.pathOf(n) ?? "") !== LONG) return;
     const epoch = this.attrEpoch;
     const a = await this.attrOfNode(n, fh).catch(() => undefined);
-    if (a && epoch === this.attrEpoch) this.dev.attrs.put(id, attrOut(kernelAttr(id, a), LONG));
+    if (a && epoch === this.attrEpoch && this.attrTimeout("", a) === LONG) this.dev.attrs.put(id, attrOut(kernelAttr(id, a), LONG));
   }
 
-  private attrTimeout(path: string): number {
-    return isLiveControl(path) ? 0 : LONG;
+  /** How long the kernel may keep attributes: not at all for live control files and for bytes another name shares. */
+  private attrTimeout(path: string, a?: FileAttr): number {
+    return isLiveControl(path) || a?.shared ? 0 : LONG;
+  }
+
+  /** open_flags of an open or create reply: page cache kept across opens unless something else may change the bytes. */
+  private openFlags(n: Node, path: string): number {
+    if (isLiveControl(path)) return FOPEN_DIRECT_IO;
+    return n.shared ? FOPEN_NOFLUSH : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH;
   }
 
   private async attrOfNode(n: Node, fh?: number): Promise<FileAttr> {
@@ -331,7 +341,7 @@ export class KernelSession {
     const epoch = this.epochs();
     const a = await this.fs.getattr(path);
     const node = this.lookedUp(parent, name);
-    const timeout = this.attrTimeout(path);
+    const timeout = this.attrTimeout(path, a);
     return { out: entryOut(node.id, this.kattr(node, a, epoch, timeout), LONG, timeout), node };
   }
 
@@ -373,7 +383,7 @@ export class KernelSession {
           const n = this.node(req.nodeid);
           const epoch = this.epochs();
           const a = await this.attrOfNode(n, fh);
-          const timeout = this.attrTimeout(this.pathOf(n) ?? "");
+          const timeout = this.attrTimeout(this.pathOf(n) ?? "", a);
           return [attrOut(this.kattr(n, a, epoch, timeout), timeout)];
         });
       }
@@ -454,7 +464,12 @@ export class KernelSession {
           const parent = this.node(req.nodeid);
           const path = this.childPath(parent, name);
           this.guard(path);
-          await this.fs.link(this.mustPath(this.node(old)), path);
+          const src = this.node(old);
+          await this.fs.link(this.mustPath(src), path);
+          // Both names now share the bytes (until a sync): the kernel must not cache them, and
+          // drops what it has of the source (a successful LINK only updates its ctime).
+          src.shared = true;
+          await this.invalInode(src.id, -1);
           return [(await this.entry(parent, name, path)).out];
         });
       }
@@ -468,7 +483,7 @@ export class KernelSession {
           const fh = await this.fs.open(path, flags);
           if (kill) await this.killSuid(n);
           this.opened(n, fh);
-          return [openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH)];
+          return [openOut(fh, this.openFlags(n, path))];
         });
       }
       case Op.CREATE: {
@@ -483,7 +498,7 @@ export class KernelSession {
           try {
             const { out, node } = await this.entry(parent, name, path, req);
             this.opened(node, fh);
-            return [out, openOut(fh, isLiveControl(path) ? FOPEN_DIRECT_IO : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH)];
+            return [out, openOut(fh, this.openFlags(node, path))];
           } catch (err) {
             await this.fs.release(fh).catch(() => undefined);
             throw err;
@@ -694,7 +709,7 @@ export class KernelSession {
     const a = this.fs.lookup ? await this.fs.lookup(path) : await this.fs.getattr(path).catch((err) => (toErrno(err) === -E.ENOENT ? undefined : Promise.reject(err)));
     if (a) {
       const node = this.lookedUp(parent, name);
-      const timeout = this.attrTimeout(path);
+      const timeout = this.attrTimeout(path, a);
       return [entryOut(node.id, this.kattr(node, a, epoch, timeout), LONG, timeout)];
     }
     if (this.opts.immutable) return [negativeEntryOut(LONG)];
@@ -737,7 +752,7 @@ export class KernelSession {
       await this.fs.utimens(this.mustPath(n), atime, mtime);
     }
     const a = await this.attrOfNode(n, fh);
-    return [attrOut(this.kattr(n, a), this.attrTimeout(path ?? ""))];
+    return [attrOut(this.kattr(n, a), this.attrTimeout(path ?? "", a))];
   }
 
   private async rename(fromDir: number, from: string, toDir: number, to: string, flags: number): Promise<Uint8Array[]> {

@@ -29,6 +29,11 @@ export interface FileAttr {
   tag?: string;
   /** Whether the entry has extended attributes. Absent when unknown. */
   xattrs?: boolean;
+  /**
+   * True when another name shares the file's bytes (a hard link not yet synced): a change
+   * through that name changes this file too, so its attributes and pages must not be cached.
+   */
+  shared?: boolean;
 }
 
 /** What `status` reports. */

@@ -464,6 +464,8 @@ export class MountedVolume implements MountFs {
         const e = await ov.lookup(op.p.split("/"));
         if (!e) throw VolumeError.NOT_FOUND(op.p);
         const d = op.d.split("/");
+        const c = contentOf(e);
+        if (c) c.linked = true;
         await ov.put(d, { ...e, name: d.at(-1)! });
         return;
       }
@@ -559,7 +561,7 @@ export class MountedVolume implements MountFs {
   private attrOf(segs: string[], e: StagedEntry): FileAttr {
     const c = contentOf(e);
     if (c) {
-      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: `staged:${c.id}`, xattrs: hasXattrs(e) };
+      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: `staged:${c.id}`, xattrs: hasXattrs(e), shared: c.linked };
     }
     return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
   }

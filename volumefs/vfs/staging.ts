@@ -413,6 +413,8 @@ export class StagedContent {
   private inline: Buffer | undefined;
   /** True once the content's bytes live in its data file. */
   hasFile = false;
+  /** True once a hard link gave it a second name: a change through one name shows in the other. */
+  linked = false;
 
   constructor(
     private readonly staging: StagingDir,
