@@ -9,7 +9,11 @@
  * move the session asks again for every node the kernel knows and invalidates exactly the
  * entries and inodes whose content changed, and every missing name it had let the kernel cache.
  * Control files under `/.strata/` (except the immutable `versions/` tree) are never cached:
- * their attributes expire at once and they are opened with direct I/O.
+ * their attributes expire at once and they are opened with direct I/O. A file whose bytes a
+ * staged hard link shares with another name (FileAttr.shared) is not cached either: another
+ * name's writes change it behind the kernel's back, so its attributes expire at once and its
+ * pages are dropped at each open. The attribute replies the kernel keeps long are also kept in
+ * the device's attribute table, for the reader thread's GETATTR answers (see attrsTouched).
  *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.

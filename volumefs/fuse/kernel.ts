@@ -7,7 +7,9 @@
  * requests, and no thread hop per request beyond the read of the device.
  *
  * Reads of the device block, so a worker thread does them into slots of shared memory and wakes
- * the main thread only when it is idle. Replies are written synchronously: the kernel never
+ * the main thread only when it is idle. The worker answers two kinds of request itself, from
+ * shared tables the main thread keeps exact: GETATTR (AttrTable) and the xattr questions of
+ * nodes that have none (NodeBits). Replies are written synchronously: the kernel never
  * blocks a reply. Notifications can block (an entry invalidation takes the directory's lock,
  * which a request we have not answered yet may hold), so they are written from the pool, one at
  * a time.
@@ -327,8 +329,10 @@ export class AttrTable {
 
 /**
  * The reader thread (plain JavaScript, evaluated as a worker): once told its device (one
- * message), blocking reads of the device into the next free slot; a message to the main thread
- * (Atomics.notify) only when it said it was idle; a message at the end.
+ * message), blocking reads of the device into the next free slot, except the requests it
+ * answers itself (GETATTR from the attribute table, GETXATTR and LISTXATTR of nodes without
+ * xattrs); a message to the main thread (Atomics.notify) only when it said it was idle; a
+ * message at the end.
  * Control words: [0, slots) slot full flags, [slots, 2·slots) lengths, 2·slots the idle flag.
  */
 const READER_SOURCE = `
