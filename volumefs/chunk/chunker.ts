@@ -106,7 +106,6 @@ function cut(st: ScanState, at: number): number {
  * past the boundary (and resets `st`), or -1 when no boundary lies in the range (`st` advanced).
  */
 function scan(m: Masks, st: ScanState, src: Uint8Array, start: number, end: number): number {
-  const gear = GEAR;
   let n = st.n;
   let h = st.h;
   let i = start;
@@ -121,66 +120,51 @@ function scan(m: Masks, st: ScanState, src: Uint8Array, start: number, end: numb
     }
   }
   if (n < m.avg - 1) {
-    const maskS = m.maskS;
+    // Below the average size: the stricter mask (normalized chunking).
     const base = i - n;
     const stop = Math.min(end, i + (m.avg - 1 - n));
-    while (i + 4 <= stop) {
-      h = ((h << 1) + gear[src[i]!]!) | 0;
-      if ((h & maskS) === 0) return cut(st, i + 1);
-      h = ((h << 1) + gear[src[i + 1]!]!) | 0;
-      if ((h & maskS) === 0) return cut(st, i + 2);
-      h = ((h << 1) + gear[src[i + 2]!]!) | 0;
-      if ((h & maskS) === 0) return cut(st, i + 3);
-      h = ((h << 1) + gear[src[i + 3]!]!) | 0;
-      if ((h & maskS) === 0) return cut(st, i + 4);
-      i += 4;
-    }
-    while (i < stop) {
-      h = ((h << 1) + gear[src[i]!]!) | 0;
-      i++;
-      if ((h & maskS) === 0) {
-        st.n = 0;
-        st.h = 0;
-        return i;
-      }
-    }
+    const at = roll(st, src, i, stop, h, m.maskS);
+    if (at >= 0) return at;
+    i = stop;
+    h = st.h;
     n = i - base;
     if (n < m.avg - 1) {
       st.n = n;
-      st.h = h;
       return -1;
     }
   }
-  const maskL = m.maskL;
   const base = i - n;
   const stop = Math.min(end, i + (m.max - n));
+  const at = roll(st, src, i, stop, h, m.maskL);
+  if (at >= 0) return at;
+  n = stop - base;
+  if (n >= m.max) return cut(st, stop);
+  st.n = n;
+  return -1;
+}
+
+/**
+ * Rolls the gear hash `h` over `src[i, stop)`: the index just past the first byte after which
+ * `(h & mask) === 0` (and `st` reset), or -1 with the hash at `stop` in `st.h`. Unrolled by four.
+ */
+function roll(st: ScanState, src: Uint8Array, i: number, stop: number, h: number, mask: number): number {
+  const gear = GEAR;
   while (i + 4 <= stop) {
     h = ((h << 1) + gear[src[i]!]!) | 0;
-    if ((h & maskL) === 0) return cut(st, i + 1);
+    if ((h & mask) === 0) return cut(st, i + 1);
     h = ((h << 1) + gear[src[i + 1]!]!) | 0;
-    if ((h & maskL) === 0) return cut(st, i + 2);
+    if ((h & mask) === 0) return cut(st, i + 2);
     h = ((h << 1) + gear[src[i + 2]!]!) | 0;
-    if ((h & maskL) === 0) return cut(st, i + 3);
+    if ((h & mask) === 0) return cut(st, i + 3);
     h = ((h << 1) + gear[src[i + 3]!]!) | 0;
-    if ((h & maskL) === 0) return cut(st, i + 4);
+    if ((h & mask) === 0) return cut(st, i + 4);
     i += 4;
   }
   while (i < stop) {
     h = ((h << 1) + gear[src[i]!]!) | 0;
     i++;
-    if ((h & maskL) === 0) {
-      st.n = 0;
-      st.h = 0;
-      return i;
-    }
+    if ((h & mask) === 0) return cut(st, i);
   }
-  n = i - base;
-  if (n >= m.max) {
-    st.n = 0;
-    st.h = 0;
-    return i;
-  }
-  st.n = n;
   st.h = h;
   return -1;
 }
