@@ -58,6 +58,8 @@ interface Env {
   strataFail(...args: string[]): Promise<{ code: number; stderr: string }>;
   /** Starts `strata mount NAME DIR ...` in a child process; resolves once the mount answers. */
   mount(name: string, dir: string, ...extra: string[]): Promise<ChildProcess>;
+  /** Creates volume NAME and mounts it at BASE/NAME; resolves to that directory. */
+  mountNew(name: string): Promise<string>;
   unmount(dir: string): Promise<void>;
   cleanup(): Promise<void>;
 }
@@ -113,6 +115,12 @@ function makeEnv(extraEnv: NodeJS.ProcessEnv = {}): Env {
         if (i > 1200) throw new Error(`strata mount ${name} ${dir}: not live after 60 s: ${stderr}`);
         await new Promise((r) => setTimeout(r, 50));
       }
+    },
+    async mountNew(name) {
+      await strata("volume", "create", name);
+      const dir = join(base, name);
+      await this.mount(name, dir);
+      return dir;
     },
     async unmount(dir) {
       await strata("unmount", dir);
@@ -294,9 +302,7 @@ describe("strata mount on the file store", () => {
   }, 300_000);
 
   it("reports staged changes in status and keeps them across a remount", async () => {
-    await e.strata("volume", "create", "st");
-    const mnt = join(e.base, "st");
-    await e.mount("st", mnt);
+    const mnt = await e.mountNew("st");
     writeFileSync(join(mnt, "keep.txt"), "one\n");
     const v1 = (await e.strata("sync", mnt)).trim();
     writeFileSync(join(mnt, "new.txt"), "new\n");
@@ -419,9 +425,7 @@ describe("strata mount on the file store", () => {
   }, 180_000);
 
   it("answers bad input with the right errors", async () => {
-    await e.strata("volume", "create", "bad");
-    const mnt = join(e.base, "bad");
-    await e.mount("bad", mnt);
+    const mnt = await e.mountNew("bad");
     expect(() => writeFileSync(join(mnt, "n".repeat(256)), "x")).toThrow(expect.objectContaining({ code: "ENAMETOOLONG" }));
     expect(() => mkdirSync(join(mnt, "é".repeat(128)))).toThrow(expect.objectContaining({ code: "ENAMETOOLONG" }));
     writeFileSync(join(mnt, "n".repeat(255)), "ok");
@@ -458,9 +462,7 @@ describe("strata mount on the file store", () => {
   }, 120_000);
 
   it("keeps extended attributes through the kernel, a sync and a remount; a missing one is ENODATA", async () => {
-    await e.strata("volume", "create", "xa");
-    const mnt = join(e.base, "xa");
-    await e.mount("xa", mnt);
+    const mnt = await e.mountNew("xa");
     const f = join(mnt, "f.txt");
     writeFileSync(f, "x");
     const py = (code: string) => execFileSync("python3", ["-c", `import os, sys\n${code}`, f], { encoding: "utf8" }).trim();
@@ -486,9 +488,7 @@ describe("strata mount on the file store", () => {
   }, 120_000);
 
   it("shows a write through one name of a hard link in the other until a sync, also after a remount", async () => {
-    await e.strata("volume", "create", "hl");
-    const mnt = join(e.base, "hl");
-    await e.mount("hl", mnt);
+    const mnt = await e.mountNew("hl");
     const f = join(mnt, "f");
     const g = join(mnt, "g");
     writeFileSync(f, "a\n");
@@ -515,9 +515,7 @@ describe("strata mount on the file store", () => {
   }, 120_000);
 
   it("runs git init, add and commit on the mount", async () => {
-    await e.strata("volume", "create", "repo");
-    const mnt = join(e.base, "repo");
-    await e.mount("repo", mnt);
+    const mnt = await e.mountNew("repo");
     mkdirSync(join(mnt, "src"));
     for (let i = 0; i < 50; i++) writeFileSync(join(mnt, "src", `m${i}.ts`), `export const x${i} = ${i};\n`);
     const git = (cmd: string) => execFileSync("sh", ["-c", cmd], { cwd: mnt, encoding: "utf8", env: { ...process.env, GIT_AUTHOR_NAME: "t", GIT_AUTHOR_EMAIL: "t@x", GIT_COMMITTER_NAME: "t", GIT_COMMITTER_EMAIL: "t@x" } });
