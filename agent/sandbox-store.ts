@@ -23,9 +23,9 @@
  * sandbox that never ran is always named by a row.
  */
 import { mkdirSync } from "node:fs";
-import { createRequire } from "node:module";
 import { dirname } from "node:path";
 import type Database from "better-sqlite3";
+import { loadSqlite } from "../metadata/index.js";
 import type { SandboxRecord } from "./client.js";
 import { AgentError } from "./errors.js";
 import type { SandboxState } from "./runtime.js";
@@ -82,11 +82,6 @@ export interface SandboxStore {
   close(): Promise<void>;
 }
 
-/** better-sqlite3, loaded by the first `SqliteSandboxStore` (the CLI loads this module without opening one). */
-function sqlite(): typeof Database {
-  return createRequire(import.meta.url)("better-sqlite3") as typeof Database;
-}
-
 /** `SandboxStore` on one SQLite file (created with its directory if missing). */
 export class SqliteSandboxStore implements SandboxStore {
   private readonly db: Database.Database;
@@ -96,7 +91,7 @@ export class SqliteSandboxStore implements SandboxStore {
   constructor(readonly path: string) {
     try {
       mkdirSync(dirname(path), { recursive: true });
-      this.db = new (sqlite())(path);
+      this.db = new (loadSqlite())(path);
       this.db.pragma("journal_mode = WAL");
       this.db.pragma("synchronous = NORMAL");
       this.db.exec(`CREATE TABLE IF NOT EXISTS sandboxes (

@@ -12,5 +12,5 @@
  */
 export * from "./errors.js";
 export * from "./types.js";
-export { SqliteMetadataStore, type SqliteMetadataStoreOptions } from "./sqlite-metadata-store.js";
+export { loadSqlite, SqliteMetadataStore, type SqliteMetadataStoreOptions } from "./sqlite-metadata-store.js";
 export { MIGRATIONS, LATEST_SCHEMA_VERSION, migrate, schemaVersion, type Migration } from "./migrations.js";

@@ -79,9 +79,9 @@ let sqliteModule: typeof Database | undefined;
 /**
  * better-sqlite3, loaded on the first open rather than with this module: every layer's errors
  * come through metadata/index.ts, and commands that never open a database (`strata run`) should
- * not load the native addon.
+ * not load the native addon. The agent's sandbox store loads it through here too.
  */
-function sqlite(): typeof Database {
+export function loadSqlite(): typeof Database {
   sqliteModule ??= createRequire(import.meta.url)("better-sqlite3") as typeof Database;
   return sqliteModule;
 }
@@ -200,7 +200,7 @@ export class SqliteMetadataStore implements MetadataStore {
     let db: Database.Database;
     try {
       if (opts.path !== ":memory:") mkdirSync(dirname(opts.path), { recursive: true });
-      db = new (sqlite())(opts.path, { timeout: busyTimeoutMs });
+      db = new (loadSqlite())(opts.path, { timeout: busyTimeoutMs });
     } catch (err) {
       throw toMetadataError(op, err);
     }

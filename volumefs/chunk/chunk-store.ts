@@ -553,17 +553,30 @@ export class ChunkStore {
    * for an id the chunk index does not know, CORRUPT when the bytes do not hash to `id`.
    */
   async read(id: string): Promise<Uint8Array> {
-    const running = this.writing.get(id) ?? this.inflight.get(id);
-    if (running) return running;
-    const p = (async () => {
-      const loc = (await this.meta.getChunks([id])).get(id);
-      if (!loc) throw VolumeError.NOT_FOUND(`chunk ${id}`, { op: "read chunk" });
-      const hit = await this.cached(loc);
-      if (hit) return hit;
-      const [got] = await this.fetch([loc]);
-      return got!.data;
-    })();
-    return this.track(id, p);
+    return this.running(id) ?? this.track(id, this.load([id]).then((m) => m.get(id)!));
+  }
+
+  /** The bytes of a chunk a read or a cache write has in memory now, if any. */
+  private running(id: string): Promise<Uint8Array> | undefined {
+    return this.writing.get(id) ?? this.inflight.get(id);
+  }
+
+  /** The bytes of each of `ids` from the cache, else from their packs. Throws NOT_FOUND for an id the index does not know. */
+  private async load(ids: string[]): Promise<Map<string, Uint8Array>> {
+    const locs = await this.meta.getChunks(ids);
+    const unknown = ids.find((id) => !locs.has(id));
+    if (unknown) throw VolumeError.NOT_FOUND(`chunk ${unknown}`, { op: "read chunk" });
+    const found = new Map<string, Uint8Array>();
+    const absent: ChunkLocation[] = [];
+    await Promise.all(
+      [...locs.values()].map(async (loc) => {
+        const hit = await this.cached(loc);
+        if (hit) found.set(loc.id, hit);
+        else absent.push(loc);
+      }),
+    );
+    for (const c of await this.fetch(absent)) found.set(c.id, c.data);
+    return found;
   }
 
   private async cached(loc: ChunkLocation): Promise<Uint8Array | undefined> {
@@ -687,28 +700,13 @@ export class ChunkStore {
     const missing: string[] = [];
     const waits: Promise<void>[] = [];
     for (const id of new Set(refs.map((r) => r.id))) {
-      const running = this.writing.get(id) ?? this.inflight.get(id);
+      const running = this.running(id);
       if (running) waits.push(running.then((data) => void got.set(id, data), () => void missing.push(id)));
       else missing.push(id);
     }
     await Promise.all(waits);
     if (missing.length > 0) {
-      const p = (async () => {
-        const locs = await this.meta.getChunks(missing);
-        const unknown = missing.find((id) => !locs.has(id));
-        if (unknown) throw VolumeError.NOT_FOUND(`chunk ${unknown}`, { op: "read chunk" });
-        const found = new Map<string, Uint8Array>();
-        const absent: ChunkLocation[] = [];
-        await Promise.all(
-          [...locs.values()].map(async (loc) => {
-            const hit = await this.cached(loc);
-            if (hit) found.set(loc.id, hit);
-            else absent.push(loc);
-          }),
-        );
-        for (const c of await this.fetch(absent)) found.set(c.id, c.data);
-        return found;
-      })();
+      const p = this.load(missing);
       for (const id of missing) this.track(id, p.then((m) => m.get(id)!));
       for (const [id, data] of await p) got.set(id, data);
     }

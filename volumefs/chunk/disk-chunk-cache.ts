@@ -154,7 +154,8 @@ export class DiskChunkCache implements ChunkCache {
       } catch (err) {
         throw VolumeError.IO("open chunk cache", err, { path: this.dir });
       }
-      this.scanning = this.scan()
+      this.scanning = this.removeOldLayout()
+        .then(() => this.scan())
         .then(() => this.evict())
         .catch(() => undefined)
         .finally(() => (this.scanning = undefined));
@@ -169,7 +170,6 @@ export class DiskChunkCache implements ChunkCache {
 
   private async scan(): Promise<void> {
     const found: { pack: string; size: number; mtime: number }[] = [];
-    await this.removeOldLayout();
     const now = Date.now();
     for (const top of await readdir(this.packsDir).catch(() => [] as string[])) {
       if (this.closed) return;
@@ -195,7 +195,8 @@ export class DiskChunkCache implements ChunkCache {
   }
 
   /**
-   * The first layout kept one file per chunk in <ab>/<id> and temp files in tmp/, beside packs/.
+   * The first layout kept one file per chunk in <ab>/<id> and temp files in tmp/, beside packs/
+   * (cleared once per process, before the first scan).
    * A directory is removed only when every name in it is one that layout made (the cache
    * directory is the user's choice: nothing else in it is touched).
    */

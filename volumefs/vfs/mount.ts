@@ -230,7 +230,7 @@ export class ChunkReader {
       this.cache.set(c.id, hit);
       return hit.p;
     }
-    const p = this.store.readRange([c], 0, c.length);
+    const p = this.store.readChunks([c]).then((m) => m.get(c.id)!);
     p.catch(() => this.drop(c.id, p));
     this.put(c.id, p, c.length);
     return p;
