@@ -39,7 +39,7 @@ export { bundleConfig, gpuEnv, resolveUser, DEFAULT_PATH, type BundleOptions } f
 export * from "./gpu.js";
 export * from "./image.js";
 export * from "./dockerfile.js";
-export { setupEgress, teardownEgress, restoreForwarding, egressNames, parseEgressEntry, EGRESS_SUBNET, IP_FORWARD_SAVED, type EgressNetwork, type EgressEntry } from "./network.js";
+export { setupEgress, teardownEgress, egressNames, parseEgressEntry, EGRESS_SUBNET, IP_FORWARD_SAVED, type EgressNetwork, type EgressEntry } from "./network.js";
 export * from "./client.js";
 export { AgentService, serveAgent, type AgentServiceOptions, type AgentServer, type RecoveryReport } from "./server.js";
 export * from "./sandbox-store.js";

@@ -22,16 +22,11 @@ import { hash } from "blake3";
 import { runCli, Strata, loadConfig, Volume } from "../sdk/index.js";
 import { Chunker, DEFAULT_CHUNK_PARAMS, S3ObjectStore, chunkId } from "../volumefs/index.js";
 import { startRgw } from "../test/support/rgw.js";
-import { report, type Row } from "./report.js";
+import { median, report, type Row } from "./report.js";
 
 const exec = promisify(execFile);
 const QUICK = process.env.BENCH_QUICK === "1";
 const MiB = 1 << 20;
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
 
 async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
   const t = performance.now();

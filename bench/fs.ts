@@ -23,7 +23,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { CreateBucketCommand, GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
-import { report, type Row } from "./report.js";
+import { median, report, type Row } from "./report.js";
 import { startRgw, type RgwHandle } from "../test/support/rgw.js";
 
 const exec = promisify(execFile);
@@ -93,8 +93,7 @@ async function warmRead(file: string): Promise<Measure> {
   try {
     const runs: number[] = [];
     for (let i = 0; i < WARM_RUNS; i++) runs.push(await ddSeconds(`dd if=${file} of=/dev/null bs=1M`));
-    runs.sort((a, b) => a - b);
-    return { seconds: runs[WARM_RUNS >> 1]! };
+    return { seconds: median(runs) };
   } catch (err) {
     return { error: (err as Error).message.split("\n")[0]!.slice(0, 160) };
   }

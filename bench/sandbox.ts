@@ -20,17 +20,12 @@ import { promisify } from "node:util";
 import { bundleConfig, sandboxSpecFor } from "../agent/index.js";
 import { TEST_IMAGE_CACHE, testImage } from "../agent/testing.js";
 import { Container, SandboxClient, stopLocalAgent } from "../sdk/index.js";
-import { report } from "./report.js";
+import { median, report } from "./report.js";
 
 const ROOT = resolve(fileURLToPath(new URL("..", import.meta.url)));
 const RUNS = 20;
 const PARALLEL = 8;
 const FILES = 100;
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
-}
 
 function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);

@@ -11,11 +11,11 @@
  * `runsc` on PATH). The client side (finding, reaching and starting the agent) is local-agent.ts;
  * only `strata agent` loads this module.
  */
-import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { AgentError, AgentService, GvisorRuntime, ImageBuilder, NvidiaGpuInventory, serveAgent } from "../agent/index.js";
 import { loadConfig, type StrataConfig } from "./config.js";
-import { agentSocketPath, connectLocalAgent } from "./local-agent.js";
+import { agentSocketPath, connectLocalAgent, readAgentPid } from "./local-agent.js";
 import { processAlive } from "./process.js";
 
 /** Where a command writes (the CLI's `CliIO`). */
@@ -38,7 +38,7 @@ async function takePidFile(path: string): Promise<void> {
       return;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-      const pid = Number((await readFile(path, "utf8").catch(() => "")).trim());
+      const pid = await readAgentPid(path);
       if (pid > 0 && processAlive(pid)) {
         throw new AgentError("ALREADY_EXISTS", `start agent: one already runs with pid ${pid}`, { op: "start agent", hint: `stop it with \`kill ${pid}\`` });
       }

@@ -75,12 +75,16 @@ export async function connectLocalAgent(env: NodeJS.ProcessEnv = process.env, op
  * holds), then SIGKILL after `graceMs`. Resolves once it is gone.
  */
 export async function stopLocalAgent(home: string, graceMs = 30_000): Promise<void> {
-  const pid = Number((await readFile(join(home, "agent.pid"), "utf8").catch(() => "")).trim());
-  await terminateProcess(pid, graceMs);
+  await terminateProcess(await readAgentPid(join(home, "agent.pid")), graceMs);
+}
+
+/** The pid a pid file names; 0 when it is missing or empty. */
+export async function readAgentPid(path: string): Promise<number> {
+  return Number((await readFile(path, "utf8").catch(() => "")).trim()) || 0;
 }
 
 async function otherAgentAlive(config: StrataConfig): Promise<boolean> {
-  const pid = Number((await readFile(join(config.home, "agent.pid"), "utf8").catch(() => "")).trim());
+  const pid = await readAgentPid(join(config.home, "agent.pid"));
   return pid > 0 && processAlive(pid);
 }
 

@@ -169,14 +169,14 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
 
 /**
  * The JSON shape of `sandbox ls --json`: id, node, state, image, cpu, memory, gpu, volumes, and
- * network (`{"mode":"none"}` or `{"mode":"egress","allow":[...]}`) when the record has one.
+ * network (`{"mode":"none"}` or `{"mode":"egress","allow":[...]}`).
  */
 export function sandboxJson(r: SandboxRecord): Record<string, unknown> {
   return {
     id: r.id, node: r.node, state: r.state, image: r.image, cpu: r.cpu, memory: r.memoryBytes,
     gpu: r.gpu ? `${r.gpu.type}:${r.gpu.count}` : null,
     volumes: r.volumes.map((v) => ({ name: v.name, path: v.path, readOnly: v.readOnly, ...(v.at ? { at: v.at } : {}), ...(v.forkedFrom ? { forkedFrom: v.forkedFrom } : {}) })),
-    ...(r.network ? { network: r.network.mode === "egress" ? { mode: "egress", allow: [...r.network.allow] } : { mode: r.network.mode } } : {}),
+    network: r.network,
   };
 }
 

@@ -338,7 +338,7 @@ describe("sandbox networks (real runsc, netns, nftables)", () => {
     });
 
     it("a restarted agent puts net.ipv4.ip_forward back: after stopping a killed agent's egress sandbox, and when the killed agent had torn down its last one but not restored", async () => {
-      const home = join(e.base, "home");
+      const home = e.home;
       await withForwardingOff(async () => {
         const sb = await e.client.create({ network: { egress: [`${SRV_A}:18080`] }, volumes: [{ name: "fwd", path: "/v" }] });
         expect(await forwarding()).toBe("1");

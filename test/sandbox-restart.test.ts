@@ -17,18 +17,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCommand } from "../agent/exec-util.js";
 import { testImage } from "../agent/testing.js";
 import { SandboxClient, type SandboxRecord } from "../sdk/index.js";
+import { processAlive } from "../sdk/process.js";
 import { makeEnv, type Env } from "./support/sandbox-env.js";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Polls `list()` until `pred` holds for the sandbox `id` (bounded); returns its record. */
 async function waitFor(client: SandboxClient, id: string, pred: (r: SandboxRecord | undefined) => boolean): Promise<SandboxRecord | undefined> {
@@ -49,7 +42,7 @@ describe("an agent killed with SIGKILL, and the next one", () => {
   beforeAll(async () => {
     await testImage();
     e = await makeEnv();
-    home = join(e.base, "home");
+    home = e.home;
     runscRoot = join(home, "agent", "runsc");
   }, 600_000);
 
@@ -68,15 +61,15 @@ describe("an agent killed with SIGKILL, and the next one", () => {
 
     const agentPid = Number((await readFile(join(home, "agent.pid"), "utf8")).trim());
     process.kill(agentPid, "SIGKILL");
-    for (let i = 0; i < 100 && alive(agentPid); i++) await sleep(50);
-    expect(alive(agentPid)).toBe(false);
+    for (let i = 0; i < 100 && processAlive(agentPid); i++) await sleep(50);
+    expect(processAlive(agentPid)).toBe(false);
     await first.close();
 
     // While no agent runs: the sandbox "doomed" dies (its sandbox process is killed).
     const st = await runCommand(["runsc", `--root=${runscRoot}`, "state", "doomed"]);
     const doomedPid = (JSON.parse(st.stdout.toString()) as { pid: number }).pid;
     process.kill(doomedPid, "SIGKILL");
-    for (let i = 0; i < 100 && alive(doomedPid); i++) await sleep(50);
+    for (let i = 0; i < 100 && processAlive(doomedPid); i++) await sleep(50);
 
     const second = new SandboxClient({ env: e.env });
     try {
@@ -132,7 +125,7 @@ describe("an agent killed between forking a sandbox's volumes and starting it", 
   beforeAll(async () => {
     await testImage();
     e = await makeEnv();
-    home = join(e.base, "home");
+    home = e.home;
     await writeFile(join(e.base, "in.txt"), "source\n");
     await e.ok("volume", "create", "src");
     await e.ok("put", "src", join(e.base, "in.txt"), "/in.txt");
@@ -151,8 +144,8 @@ describe("an agent killed between forking a sandbox's volumes and starting it", 
     await expect(first.create({ name: "half-made", volumes: forks })).rejects.toThrow();
     await first.close();
     const agentPid = Number((await readFile(join(home, "agent.pid"), "utf8")).trim());
-    for (let i = 0; i < 100 && alive(agentPid); i++) await sleep(50);
-    expect(alive(agentPid)).toBe(false);
+    for (let i = 0; i < 100 && processAlive(agentPid); i++) await sleep(50);
+    expect(processAlive(agentPid)).toBe(false);
     const names = async () => (JSON.parse(await e.ok("volume", "ls", "--json")) as { name: string }[]).map((v) => v.name).sort();
     expect(await names()).toEqual(["bystander", "fork-a", "fork-b", "fork-c", "src"]);
 

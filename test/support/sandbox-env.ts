@@ -23,6 +23,8 @@ export interface Result {
 export interface Env {
   /** The temp dir everything lives under (`home/` is STRATA_HOME). */
   base: string;
+  /** STRATA_HOME: `base/home`. */
+  home: string;
   env: NodeJS.ProcessEnv;
   /** Runs `strata ARGS…` to completion. */
   cli(...args: string[]): Promise<Result>;
@@ -35,9 +37,10 @@ export interface Env {
 /** Builds an environment; `extra` overrides variables (e.g. STRATA_STORE for S3). */
 export async function makeEnv(extra: NodeJS.ProcessEnv = {}): Promise<Env> {
   const base = await mkdtemp(join(tmpdir(), "strata-sandbox-"));
+  const home = join(base, "home");
   const env: NodeJS.ProcessEnv = {
     ...process.env,
-    STRATA_HOME: join(base, "home"),
+    STRATA_HOME: home,
     STRATA_IMAGE_CACHE: TEST_IMAGE_CACHE,
     AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: "true",
   };
@@ -58,10 +61,10 @@ export async function makeEnv(extra: NodeJS.ProcessEnv = {}): Promise<Env> {
   };
   const client = new SandboxClient({ env });
   return {
-    base, env, cli, ok, client,
+    base, home, env, cli, ok, client,
     async cleanup() {
       await client.close();
-      await stopLocalAgent(join(base, "home"));
+      await stopLocalAgent(home);
       await rm(base, { recursive: true, force: true });
     },
   };
