@@ -381,6 +381,45 @@ describe("strata mount on the file store", () => {
     await e.unmount(r);
   }, 120_000);
 
+  it("says a name is missing from a directory it made without the main thread, and finds every name made since, also after a reload", async () => {
+    await e.strata("volume", "create", "names");
+    const dir = join(e.base, "names");
+    // STRATA_FUSE_STATS: the mount prints at unmount how many requests its reader thread answered.
+    e.env.STRATA_FUSE_STATS = "1";
+    const child = await e.mount("names", dir).finally(() => delete e.env.STRATA_FUSE_STATS);
+    let stderr = "";
+    child.stderr!.on("data", (d) => (stderr += d));
+    const d = join(dir, "d");
+    mkdirSync(join(d, "sub"), { recursive: true });
+    writeFileSync(join(dir, "top"), "t");
+    for (let i = 0; i < 200; i++) expect(existsSync(join(d, `missing-${i}`))).toBe(false);
+    // Every request that makes a name, each name looked up right after.
+    writeFileSync(join(d, "f"), "f");
+    mkdirSync(join(d, "sub/deeper"));
+    symlinkSync("f", join(d, "l"));
+    linkSync(join(d, "f"), join(d, "h"));
+    renameSync(join(dir, "top"), join(d, "moved"));
+    renameSync(join(d, "f"), join(d, "sub/f2"));
+    closeSync(openSync(join(d, "sub/deeper/x"), "wx"));
+    expect(() => openSync(join(d, "sub/deeper/x"), "wx")).toThrow(/EEXIST/);
+    const present = (p: string) => lstatSync(join(d, p), { throwIfNoEntry: false }) !== undefined;
+    for (const p of ["sub/deeper", "l", "h", "moved", "sub/f2", "sub/deeper/x"]) expect(present(p), p).toBe(true);
+    expect(existsSync(join(d, "f"))).toBe(false);
+    expect(readdirSync(d).sort()).toEqual(["h", "l", "moved", "sub"]);
+    // A name made by another writer shows once a reload has moved the base.
+    await e.strata("sync", dir);
+    expect(existsSync(join(d, "from-put"))).toBe(false);
+    const src = join(e.base, "put.txt");
+    writeFileSync(src, "put\n");
+    await e.strata("put", "names", src, "d/from-put");
+    await e.strata("reload", dir);
+    expect(readFileSync(join(d, "from-put"), "utf8")).toBe("put\n");
+    await e.unmount(dir);
+    if (child.exitCode === null) await new Promise((r) => child.once("exit", r));
+    const answered = /lookup (\d+) calls answered by the reader thread/.exec(stderr);
+    expect(Number(answered?.[1] ?? 0), stderr).toBeGreaterThanOrEqual(200);
+  }, 120_000);
+
   it("survives kill -9 of the mount during a sync: the old version intact, staged changes found again", async () => {
     await e.strata("volume", "create", "crash");
     const mnt = join(e.base, "crash");

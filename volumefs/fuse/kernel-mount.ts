@@ -14,6 +14,10 @@
  * name's writes change it behind the kernel's back, so its attributes expire at once and its
  * pages are dropped at each open. The attribute replies the kernel keeps long are also kept in
  * the device's attribute table, for the reader thread's GETATTR answers (see attrsTouched).
+ * For the same reason a directory made through this mount holds only names made by requests
+ * since: the session puts each such name in the device's name filter before carrying the request
+ * out, so the reader thread can answer the kernel's LOOKUP of any other name there (ENOENT, not
+ * cached) without waking this thread (see namesMade). A base move forgets every made directory.
  *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
@@ -160,6 +164,50 @@ export class KernelSession {
   ) {
     this.nodes.set(ROOT, { id: ROOT, parent: null, name: "", lookups: 1, children: new Map() });
     fs.onExternalChange?.(() => this.revalidate());
+    // Only a file system that reports every change not made through this mount (a base move) may
+    // let the reader thread say a name is missing (a pass-through directory can change under us).
+    this.madeDirsOn = fs.onExternalChange !== undefined && !opts.readOnly && !opts.immutable;
+  }
+
+  /** The reader thread answers missing names in directories made through this mount (FuseDevice.madeDirs). */
+  private readonly madeDirsOn: boolean;
+
+  /**
+   * Puts the names a request may make into the name filter, before the request is carried out,
+   * so that a LOOKUP the kernel sends after the answer never finds them missing. A full filter
+   * starts over, and with it the set of made directories (cleared first: the reader thread reads
+   * the filter first).
+   */
+  private namesMade(req: Request): void {
+    const b = req.body;
+    const made: [number, string][] = [];
+    switch (req.opcode) {
+      case Op.CREATE:
+      case Op.MKNOD:
+        made.push([req.nodeid, cstring(b, 16)[0]]);
+        break;
+      case Op.MKDIR:
+      case Op.LINK:
+        made.push([req.nodeid, cstring(b, 8)[0]]);
+        break;
+      case Op.SYMLINK:
+        made.push([req.nodeid, cstring(b, 0)[0]]);
+        break;
+      case Op.RENAME:
+      case Op.RENAME2: {
+        const at = cstring(b, req.opcode === Op.RENAME2 ? 16 : 8)[1];
+        made.push([u64(b, 0), cstring(b, at)[0]]);
+        break;
+      }
+      default:
+        return;
+    }
+    for (const [parent, name] of made) {
+      if (parent > 0x7fffffff || this.dev.names.add(parent, name)) continue;
+      this.dev.madeDirs.clear();
+      this.dev.names.clear();
+      this.dev.names.add(parent, name);
+    }
   }
 
   // ---- nodes ----
@@ -438,7 +486,9 @@ export class KernelSession {
           const path = this.childPath(parent, name);
           this.guard(path);
           await this.fs.mkdir(path, mode & 0o7777);
-          return [(await this.entry(parent, name, path, req)).out];
+          const { out, node } = await this.entry(parent, name, path, req);
+          if (this.madeDirsOn) this.dev.madeDirs.add(node.id);
+          return [out];
         });
       }
       case Op.UNLINK:
@@ -640,6 +690,7 @@ export class KernelSession {
    */
   private run(req: Request, op: string, fn: () => Promise<Uint8Array[] | number>, after?: () => Promise<void>): void {
     const t0 = this.opts.stats ? performance.now() : 0;
+    if (this.madeDirsOn) this.namesMade(req);
     const touched = this.attrsTouched(req);
     if (touched) this.dropAttrs(touched);
     const done = () => {
@@ -818,6 +869,7 @@ export class KernelSession {
    * kernel may cache; the attribute table is emptied first. Resolves when the kernel has been told.
    */
   private async revalidate(): Promise<void> {
+    this.dev.madeDirs.clear();
     this.xattrsChanged();
     this.attrEpoch++;
     this.dev.attrs.clear();

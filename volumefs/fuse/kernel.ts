@@ -7,9 +7,10 @@
  * requests, and no thread hop per request beyond the read of the device.
  *
  * Reads of the device block, so a worker thread does them into slots of shared memory and wakes
- * the main thread only when it is idle. The worker answers two kinds of request itself, from
- * shared tables the main thread keeps exact: GETATTR (AttrTable) and the xattr questions of
- * nodes that have none (NodeBits). Replies are written synchronously: the kernel never
+ * the main thread only when it is idle. The worker answers three kinds of request itself, from
+ * shared tables the main thread keeps exact: GETATTR (AttrTable), the xattr questions of nodes
+ * that have none (NodeBits), and LOOKUP of a name never made in a directory made through this
+ * mount (NameFilter and FuseDevice.madeDirs). Replies are written synchronously: the kernel never
  * blocks a reply. Notifications can block (an entry invalidation takes the directory's lock,
  * which a request we have not answered yet may hold), so they are written from the pool, one at
  * a time.
@@ -281,6 +282,56 @@ export class NodeBits {
   }
 }
 
+/** Bits of the name filter (2 MiB of shared memory). */
+const NAME_BITS = 1 << 24;
+/** Names the filter takes before it starts over (about 1.4% false positives at two bits each). */
+const NAME_LIMIT = 1 << 20;
+/** Node ids the made-directories bitmap covers; larger ids are answered by the main thread. */
+const MADE_DIR_NODES = 1 << 22;
+
+/**
+ * The two 24-bit filter positions of name bytes [from, to) of `b` under directory `parent` (FNV-1a
+ * with two offsets, then a finalizer). A function expression with literals only: the reader
+ * thread's source embeds its text.
+ */
+export const nameBits = function (parent: number, b: Uint8Array, from: number, to: number): [number, number] {
+  let h1 = Math.imul(0x811c9dc5 ^ parent, 0x01000193);
+  let h2 = Math.imul(0x9747b28c ^ parent, 0x01000193);
+  for (let i = from; i < to; i++) {
+    h1 = Math.imul(h1 ^ b[i]!, 0x01000193);
+    h2 = Math.imul(h2 ^ b[i]!, 0x01000193);
+  }
+  h1 = Math.imul(h1 ^ (h1 >>> 16), 0x85ebca6b);
+  h2 = Math.imul(h2 ^ (h2 >>> 13), 0xc2b2ae35);
+  return [(h1 ^ (h1 >>> 15)) >>> 8, (h2 ^ (h2 >>> 16)) >>> 8];
+};
+
+/**
+ * Names that may exist, per directory node: a Bloom filter the main thread adds to (before a
+ * request that makes a name is carried out) and the reader thread reads. It never forgets a name
+ * (a removed one only costs a trip to the main thread), so "not in the filter" means "was never
+ * made through this mount". Full, it starts over, and so must every use of it (see FuseDevice.madeDirs).
+ */
+export class NameFilter {
+  readonly sab = new SharedArrayBuffer(NAME_BITS / 8);
+  private readonly words = new Int32Array(this.sab);
+  private count = 0;
+
+  /** Adds `name` under `parent`; false when the filter is full (the caller starts it over). */
+  add(parent: number, name: string): boolean {
+    if (this.count >= NAME_LIMIT) return false;
+    this.count++;
+    const b = Buffer.from(name);
+    for (const bit of nameBits(parent, b, 0, b.length)) Atomics.or(this.words, bit >>> 5, 1 << (bit & 31));
+    return true;
+  }
+
+  clear(): void {
+    for (let i = 0; i < this.words.length; i++) Atomics.store(this.words, i, 0);
+    this.count = 0;
+  }
+}
+
 /** Slots of the attribute table (a power of two; node ids share a slot modulo this). */
 const ATTR_SLOTS = 1 << 17;
 /** Size of `struct fuse_attr_out`. */
@@ -331,14 +382,15 @@ export class AttrTable {
  * The reader thread (plain JavaScript, evaluated as a worker): once told its device (one
  * message), blocking reads of the device into the next free slot, except the requests it
  * answers itself (GETATTR from the attribute table, GETXATTR and LISTXATTR of nodes without
- * xattrs); a message to the main thread (Atomics.notify) only when it said it was idle; a
+ * xattrs, LOOKUP of names missing from directories made through this mount); a message to the main thread (Atomics.notify) only when it said it was idle; a
  * message at the end.
  * Control words: [0, slots) slot full flags, [slots, 2·slots) lengths, 2·slots the idle flag.
  */
 const READER_SOURCE = `
 const { readSync, writeSync } = require("node:fs");
 const { parentPort } = require("node:worker_threads");
-parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered, attrCtrl, attrData }) => {
+const nameBits = ${nameBits.toString()};
+parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered, attrCtrl, attrData, names, madeDirs }) => {
   const ctrl = new Int32Array(sab, 0, slots * 2 + 2);
   const views = Array.from({ length: slots }, (_, i) => new Uint8Array(sab, ctrlBytes + i * slotSize, slotSize));
   const dvs = views.map((v) => new DataView(v.buffer, v.byteOffset, v.byteLength));
@@ -352,6 +404,9 @@ parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answere
   const out = new Uint8Array(16 + ATTR_OUT);
   const outView = new DataView(out.buffer);
   const IDLE = slots * 2;
+  const nameWords = new Int32Array(names);
+  const made = new Int32Array(madeDirs);
+  const NMADE = made.length * 32;
   function send(len) {
     try {
       writeSync(fd, out, 0, len);
@@ -376,11 +431,29 @@ parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answere
     Atomics.add(count, 2, 1);
     return true;
   }
+  // LOOKUP (1) of an ASCII name in a directory made through this mount, when the name filter
+  // says it was never made there: ENOENT, not cached by the kernel. The filter is read before the
+  // directory's bit, and the main thread clears the bits before the filter.
+  function lookup(v, dv, n) {
+    if (dv.getUint32(20, true) !== 0 || n < 42 || v[n - 1] !== 0) return false;
+    for (let i = 40; i < n - 1; i++) if (v[i] >= 0x80 || v[i] === 0) return false;
+    const node = dv.getUint32(16, true);
+    for (const bit of nameBits(node, v, 40, n - 1)) if ((Atomics.load(nameWords, bit >>> 5) & (1 << (bit & 31))) !== 0) return false;
+    if (node >= NMADE || (Atomics.load(made, node >>> 5) & (1 << (node & 31))) === 0) return false;
+    outView.setUint32(0, 16, true);
+    outView.setInt32(4, -2, true);
+    out.set(v.subarray(8, 16), 8);
+    send(16);
+    Atomics.add(count, 3, 1);
+    return true;
+  }
   // GETXATTR (22) and LISTXATTR (23) of a node the main thread marked as having no extended
   // attributes: answered here (ENODATA, an empty list) without waking the main thread.
   function answer(v, dv, n) {
-    if (n < 48) return false;
+    if (n < 40) return false;
     const op = dv.getUint32(4, true);
+    if (op === 1) return lookup(v, dv, n);
+    if (n < 48) return false;
     if (op === 3) return attr(v, dv);
     if (op !== 22 && op !== 23) return false;
     if (dv.getUint32(20, true) !== 0) return false;
@@ -449,11 +522,20 @@ export class FuseDevice {
   readonly noXattrs = new NodeBits(NO_XATTR_NODES);
   /** Attribute replies the reader thread gives itself (GETATTR). */
   readonly attrs = new AttrTable();
-  private readonly answeredSab = new SharedArrayBuffer(12);
-  /** GETXATTR, LISTXATTR and GETATTR requests the reader thread answered. */
-  answered(): { getxattr: number; listxattr: number; getattr: number } {
+  /**
+   * Directories made through this mount (empty then, so every name in them since was made by a
+   * request, and is in `names`): the reader thread answers a LOOKUP there of a name not in
+   * `names` with ENOENT. Cleared before `names` starts over and whenever the content may have
+   * changed other than through this mount (a base move).
+   */
+  readonly madeDirs = new NodeBits(MADE_DIR_NODES);
+  /** Names made through this mount, per directory (see madeDirs). */
+  readonly names = new NameFilter();
+  private readonly answeredSab = new SharedArrayBuffer(16);
+  /** GETXATTR, LISTXATTR, GETATTR and LOOKUP requests the reader thread answered. */
+  answered(): { getxattr: number; listxattr: number; getattr: number; lookup: number } {
     const c = new Int32Array(this.answeredSab);
-    return { getxattr: Atomics.load(c, 0), listxattr: Atomics.load(c, 1), getattr: Atomics.load(c, 2) };
+    return { getxattr: Atomics.load(c, 0), listxattr: Atomics.load(c, 1), getattr: Atomics.load(c, 2), lookup: Atomics.load(c, 3) };
   }
   private ended = false;
   private notifyChain: Promise<void> = Promise.resolve();
@@ -535,7 +617,7 @@ export class FuseDevice {
     };
     const worker = reader.worker;
     worker.ref();
-    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab });
+    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab, names: this.names.sab, madeDirs: this.madeDirs.sab });
     this.worker = worker;
     sleep();
     worker.on("message", () => {
