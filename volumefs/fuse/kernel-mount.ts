@@ -122,6 +122,33 @@ function kernelAttr(id: number, a: FileAttr): KernelAttr {
   return { ino: id, size: a.size, mode: typeBits(a.kind) | (a.mode & 0o7777), nlink: a.nlink, uid: a.uid, gid: a.gid, atime: a.atime, mtime: a.mtime, ctime: a.ctime };
 }
 
+/**
+ * The (directory, name) pairs a request names, as it will make or remove them: the one name of
+ * a CREATE, MKNOD, MKDIR, SYMLINK, LINK, UNLINK or RMDIR; a rename's source, then its target.
+ */
+function namedIn(req: Request): [number, string][] | undefined {
+  const b = req.body;
+  switch (req.opcode) {
+    case Op.CREATE:
+    case Op.MKNOD:
+      return [[req.nodeid, cstring(b, 16)[0]]];
+    case Op.MKDIR:
+    case Op.LINK:
+      return [[req.nodeid, cstring(b, 8)[0]]];
+    case Op.SYMLINK:
+    case Op.UNLINK:
+    case Op.RMDIR:
+      return [[req.nodeid, cstring(b, 0)[0]]];
+    case Op.RENAME:
+    case Op.RENAME2: {
+      const [from, at] = cstring(b, req.opcode === Op.RENAME2 ? 16 : 8);
+      return [[req.nodeid, from], [u64(b, 0), cstring(b, at)[0]]];
+    }
+    default:
+      return undefined;
+  }
+}
+
 function signature(a: FileAttr): string {
   return `${a.kind}:${a.size}:${a.mtime}:${a.mode}:${a.uid}:${a.gid}:${a.tag ?? ""}`;
 }
@@ -173,41 +200,18 @@ export class KernelSession {
   private readonly madeDirsOn: boolean;
 
   /**
-   * Puts the names a request may make into the name filter, before the request is carried out,
-   * so that a LOOKUP the kernel sends after the answer never finds them missing. A full filter
-   * starts over, and with it the set of made directories (cleared first: the reader thread reads
-   * the filter first).
+   * Puts the names a request may make (`named`, see namedIn; the last one: a rename's target) into
+   * the name filter, before the request is carried out, so that a LOOKUP the kernel sends after
+   * the answer never finds them missing. A full filter starts over, and with it the set of made
+   * directories (cleared first: the reader thread reads the filter first).
    */
-  private namesMade(req: Request): void {
-    const b = req.body;
-    const made: [number, string][] = [];
-    switch (req.opcode) {
-      case Op.CREATE:
-      case Op.MKNOD:
-        made.push([req.nodeid, cstring(b, 16)[0]]);
-        break;
-      case Op.MKDIR:
-      case Op.LINK:
-        made.push([req.nodeid, cstring(b, 8)[0]]);
-        break;
-      case Op.SYMLINK:
-        made.push([req.nodeid, cstring(b, 0)[0]]);
-        break;
-      case Op.RENAME:
-      case Op.RENAME2: {
-        const at = cstring(b, req.opcode === Op.RENAME2 ? 16 : 8)[1];
-        made.push([u64(b, 0), cstring(b, at)[0]]);
-        break;
-      }
-      default:
-        return;
-    }
-    for (const [parent, name] of made) {
-      if (parent > 0x7fffffff || this.dev.names.add(parent, name)) continue;
-      this.dev.madeDirs.clear();
-      this.dev.names.clear();
-      this.dev.names.add(parent, name);
-    }
+  private namesMade(op: number, named: [number, string][]): void {
+    if (op === Op.UNLINK || op === Op.RMDIR) return;
+    const [parent, name] = named[named.length - 1]!;
+    if (parent > 0x7fffffff || this.dev.names.add(parent, name)) return;
+    this.dev.madeDirs.clear();
+    this.dev.names.clear();
+    this.dev.names.add(parent, name);
   }
 
   // ---- nodes ----
@@ -319,12 +323,11 @@ export class KernelSession {
    * request arrives and again before it is answered, so that a GETATTR the kernel sends after
    * the answer never gets the attributes from before the change.
    */
-  private attrsTouched(req: Request): number[] | undefined {
-    const b = req.body;
-    const child = (dir: number, name: string) => this.nodes.get(dir)?.children?.get(name)?.id ?? 0;
+  private attrsTouched(req: Request, named: [number, string][] | undefined): number[] | undefined {
+    const child = ([dir, name]: [number, string]) => this.nodes.get(dir)?.children?.get(name)?.id ?? 0;
     switch (req.opcode) {
       case Op.OPEN:
-        return (b.readUInt32LE(0) & 3) === O.O_RDONLY && !(b.readUInt32LE(0) & O.O_TRUNC) ? undefined : [req.nodeid];
+        return (req.body.readUInt32LE(0) & 3) === O.O_RDONLY && !(req.body.readUInt32LE(0) & O.O_TRUNC) ? undefined : [req.nodeid];
       case Op.SETATTR:
       case Op.WRITE:
       case Op.SETXATTR:
@@ -335,16 +338,13 @@ export class KernelSession {
       case Op.SYMLINK:
         return [req.nodeid];
       case Op.LINK:
-        return [req.nodeid, u64(b, 0)];
+        return [req.nodeid, u64(req.body, 0)];
       case Op.UNLINK:
       case Op.RMDIR:
-        return [req.nodeid, child(req.nodeid, cstring(b, 0)[0])];
+        return [req.nodeid, child(named![0]!)];
       case Op.RENAME:
-      case Op.RENAME2: {
-        const newdir = u64(b, 0);
-        const [from, at] = cstring(b, req.opcode === Op.RENAME2 ? 16 : 8);
-        return [req.nodeid, newdir, child(req.nodeid, from), child(newdir, cstring(b, at)[0])];
-      }
+      case Op.RENAME2:
+        return [req.nodeid, named![1]![0], child(named![0]!), child(named![1]!)];
       default:
         return undefined;
     }
@@ -690,8 +690,9 @@ export class KernelSession {
    */
   private run(req: Request, op: string, fn: () => Promise<Uint8Array[] | number>, after?: () => Promise<void>): void {
     const t0 = this.opts.stats ? performance.now() : 0;
-    if (this.madeDirsOn) this.namesMade(req);
-    const touched = this.attrsTouched(req);
+    const named = namedIn(req);
+    if (named && this.madeDirsOn) this.namesMade(req.opcode, named);
+    const touched = this.attrsTouched(req, named);
     if (touched) this.dropAttrs(touched);
     const done = () => {
       if (!this.opts.stats) return;

@@ -382,8 +382,8 @@ export class AttrTable {
  * The reader thread (plain JavaScript, evaluated as a worker): once told its device (one
  * message), blocking reads of the device into the next free slot, except the requests it
  * answers itself (GETATTR from the attribute table, GETXATTR and LISTXATTR of nodes without
- * xattrs, LOOKUP of names missing from directories made through this mount); a message to the main thread (Atomics.notify) only when it said it was idle; a
- * message at the end.
+ * xattrs, LOOKUP of names missing from directories made through this mount); a message to the
+ * main thread (Atomics.notify) only when it said it was idle; a message at the end.
  * Control words: [0, slots) slot full flags, [slots, 2·slots) lengths, 2·slots the idle flag.
  */
 const READER_SOURCE = `
@@ -447,8 +447,9 @@ parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answere
     Atomics.add(count, 3, 1);
     return true;
   }
+  // A request this thread answers itself (true), else false: LOOKUP, GETATTR (above), and
   // GETXATTR (22) and LISTXATTR (23) of a node the main thread marked as having no extended
-  // attributes: answered here (ENODATA, an empty list) without waking the main thread.
+  // attributes (ENODATA, an empty list).
   function answer(v, dv, n) {
     if (n < 40) return false;
     const op = dv.getUint32(4, true);
