@@ -63,6 +63,7 @@ import {
 import { AgentError } from "./errors.js";
 import { GpuAllocator, NvidiaGpuInventory, sandboxGpus, type GpuAllocation, type GpuInventory } from "./gpu.js";
 import { sandboxSpecFor, type ImageBuilder, type ImageSpec } from "./image.js";
+import { parseEgressEntry } from "./network.js";
 import type { ExecOptions, ExecProcess, NetworkSpec, Runtime, SandboxExit, SandboxHandle, SandboxState } from "./runtime.js";
 import { SqliteSandboxStore, type PendingFork, type SandboxStore, type StoredSandbox } from "./sandbox-store.js";
 
@@ -129,6 +130,8 @@ function checkNetwork(n: NetworkSpec | undefined): NetworkSpec {
   if (!Array.isArray(n.allow) || !n.allow.every((a) => typeof a === "string" && a.length > 0)) {
     throw AgentError.INVALID_SPEC("network allow", "must be a list of addresses, CIDRs or host names, each optionally with :PORT");
   }
+  // The syntax of each entry now, before create has built, forked or mounted anything.
+  for (const a of n.allow) parseEgressEntry(a);
   return { mode: "egress", allow: [...n.allow] };
 }
 

@@ -264,6 +264,13 @@ describe("sandboxes with volumes (file store)", () => {
       expect(r.stderr, value).not.toMatch(/\n\s+at /);
     }
     expect((await e.client.list()).length).toBe(before);
+    // A raw agent caller skips the SDK's checks: the agent checks the syntax itself, before the
+    // fork (of a volume that does not exist) would fail the create with NOT_FOUND.
+    const agent = await e.client.agent();
+    await expect(
+      agent.create({ image: { base: { kind: "debian-slim" }, steps: [] }, volumes: [{ name: "never-made", path: "/d", forkFrom: "no-such-volume" }], network: { mode: "egress", allow: ["10.0.0.9", "10.0.0.1:99999"] } }),
+    ).rejects.toMatchObject({ code: "INVALID_SPEC", message: expect.stringContaining('"10.0.0.1:99999"') });
+    expect((await e.client.list()).length).toBe(before);
     const help = await e.cli("run", "--help");
     expect(help.code).toBe(0);
     expect(help.stdout.toString()).toMatch(/^usage: strata run .*\[--egress ADDR\[:PORT\]\[,ADDR\[:PORT\]\.\.\.\]\]\.\.\./);
