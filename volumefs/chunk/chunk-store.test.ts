@@ -159,7 +159,12 @@ describe("ChunkStore", () => {
       // Read again at once: the chunks whose cache write is still running come from memory.
       await first.store.readRange(chunks, 0, data.length);
       expect(first.objects.calls.get - before).toBe(gets);
-      await new Promise((r) => setTimeout(r, 200)); // the writes behind the reads end
+      // The writes behind the reads end: wait (bounded) until the cache directory holds every chunk.
+      const locs = [...(await first.meta.getChunks(chunks.map((c) => c.id))).values()];
+      const probe = new DiskChunkCache({ dir, maxBytes: 1 << 30 });
+      const cachedAll = async () => (await Promise.all(locs.map((l) => probe.get(l)))).every((d) => d !== undefined);
+      for (let i = 0; i < 100 && !(await cachedAll()); i++) await new Promise((r) => setTimeout(r, 20));
+      await probe.close();
       const second = new ChunkStore({ objects: first.objects, meta: first.meta, params: SMALL, cache: new DiskChunkCache({ dir, maxBytes: 1 << 30 }) });
       const at = first.objects.calls.get;
       expect(Buffer.from(await second.readRange(chunks, 1000, 2_000_000)).equals(Buffer.from(data.subarray(1000, 2_001_000)))).toBe(true);
