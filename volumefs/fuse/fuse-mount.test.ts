@@ -3,7 +3,7 @@
  * touches it only with asynchronous calls, one at a time (the pass-through needs the thread pool
  * too), or through child processes.
  */
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { appendFile, chmod, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rename, rm, rmdir, stat, symlink, truncate, unlink, utimes, writeFile, open } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -219,4 +219,41 @@ describe("mountFs with prepareNext (kernel driver)", () => {
       await rm(base, { recursive: true, force: true });
     }
   });
+
+  it("keeps answering a busy mount while other busy mounts of the process are unmounted (one poll loop serves them all)", async () => {
+    const within = <T,>(ms: number, what: string, p: Promise<T>) =>
+      Promise.race([p, new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`${what}: no answer in ${ms} ms`)), ms).unref())]);
+    const base = await mkdtemp(join(tmpdir(), "strata-fuse-poll-"));
+    const src = join(base, "src");
+    await mkdir(src);
+    await writeFile(join(src, "f.txt"), "f\n");
+    const busy = await mountFs(new PassthroughFs(src), join(base, "busy"), { prepareNext: true });
+    const hammer = (dir: string) => run("timeout", ["60", "sh", "-c", `while [ ! -e ${join(base, "stop")} ] && cat ${join(dir, "f.txt")} >/dev/null 2>&1; do :; done`]).catch(() => undefined);
+    // Another process keeps the busy mount's device polled (a request every few microseconds)
+    // the whole time.
+    const onBusy = hammer(join(base, "busy"));
+    try {
+      for (let i = 0; i < 12; i++) {
+        const dir = join(base, `m${i}`);
+        const m = await within(15_000, `mount ${i}`, mountFs(new PassthroughFs(src), dir, { prepareNext: true }));
+        expect((await run("timeout", ["10", "cat", join(dir, "f.txt")])).stdout).toBe("f\n");
+        // Unmounted while busy too: a request it read last may be taken after it ended. Then
+        // nothing else of this process is active, so a device left polled with no poll coming
+        // would never be read again: `timeout` makes that a failure instead of a hung suite.
+        const onThis = hammer(dir);
+        // A process inside it keeps asking after the unmount detached it, until the abort.
+        const child = spawn("timeout", ["20", process.execPath, "-e", `process.chdir(${JSON.stringify(dir)}); const fs = require("fs"); fs.readdirSync("."); process.stdout.write("in\\n"); for (;;) { try { fs.readdirSync("."); } catch { process.exit(0); } }`], { stdio: ["ignore", "pipe", "ignore"] });
+        const inside = new Promise<void>((res) => child.on("close", () => res()));
+        await new Promise<void>((res) => child.stdout.once("data", () => res()));
+        await within(15_000, `unmount ${i}`, Promise.all([m.unmount(), onThis, inside]));
+        expect((await run("timeout", ["10", "cat", join(base, "busy", "f.txt")])).stdout, `after unmount ${i}`).toBe("f\n");
+      }
+    } finally {
+      await writeFile(join(base, "stop"), "");
+      // The unmount aborts the session: a process still waiting on the busy mount gets an error.
+      await busy.unmount().catch(() => undefined);
+      await within(20_000, "the busy mount's last reader", onBusy).catch(() => undefined);
+      await rm(base, { recursive: true, force: true });
+    }
+  }, 60_000);
 });

@@ -7,7 +7,8 @@
  * requests, and no thread hop per request beyond the read of the device.
  *
  * Reads of the device block, so a worker thread does them into slots of shared memory and wakes
- * the main thread only when it is idle. The worker answers three kinds of request itself, from
+ * the main thread only when it is idle; after each batch the main thread polls the slots for a
+ * moment first (SPIN_NS), so that a busy program's next request needs no wake-up. The worker answers three kinds of request itself, from
  * shared tables the main thread keeps exact: GETATTR (AttrTable), the xattr questions of nodes
  * that have none (NodeBits), and LOOKUP of a name never made in a directory made through this
  * mount (NameFilter and FuseDevice.madeDirs). Replies are written synchronously: the kernel never
@@ -255,6 +256,71 @@ const waitAsync = (Atomics as unknown as { waitAsync(ta: Int32Array, index: numb
 
 /** Request slots shared with the reader thread. */
 const SLOTS = 8;
+
+/**
+ * How long the main thread polls for a device's next request after answering a batch, before it
+ * sleeps (STRATA_FUSE_SPIN_US, microseconds; 0 turns polling off). A program working through a
+ * mount sends its next request a few microseconds after our reply; found by polling, it costs no
+ * wake-up of a sleeping thread, which on a virtual machine whose idle vCPUs halt is the largest
+ * cost of a small request. The bound keeps the loop's other work (thread pool completions,
+ * sockets) waiting at most this long, and the CPU spent at most this much per batch.
+ */
+const SPIN_NS = BigInt(Math.round(Math.max(0, Number(process.env.STRATA_FUSE_SPIN_US ?? 100) || 0) * 1000));
+
+/** A started device's side of the poll: whether a request is waiting, take it, or go to sleep. */
+interface Poller {
+  ready(): boolean;
+  take(): void;
+  sleep(): void;
+}
+
+/** Devices polling for their next request; one loop polls them all (one process may serve many mounts). */
+const polling = new Set<Poller>();
+let pollScheduled = false;
+
+function pollLater(p: Poller): void {
+  polling.add(p);
+  schedulePoll();
+}
+
+function schedulePoll(): void {
+  if (pollScheduled) return;
+  pollScheduled = true;
+  // After the replies of this batch: its handlers' continuations run first (microtasks).
+  setImmediate(pollDevices);
+}
+
+/**
+ * Takes the first device with a request, or, after SPIN_NS with none, puts every polled device
+ * to sleep. A polled device gets no wake-up from its reader, so whoever leaves devices in
+ * `polling` must make sure a poll is scheduled: a device taken here may end instead of asking
+ * to be polled again, and the others must not be stranded.
+ */
+function pollDevices(): void {
+  pollScheduled = false;
+  const until = process.hrtime.bigint() + SPIN_NS;
+  let taken: Poller | undefined;
+  do {
+    for (const p of polling) {
+      if (p.ready()) {
+        taken = p;
+        break;
+      }
+    }
+  } while (!taken && process.hrtime.bigint() < until);
+  if (taken) {
+    polling.delete(taken);
+    try {
+      taken.take();
+    } finally {
+      if (polling.size > 0) schedulePoll();
+    }
+    return;
+  }
+  const idle = [...polling];
+  polling.clear();
+  for (const p of idle) p.sleep();
+}
 
 /** Node ids the no-xattrs bitmap covers (512 KiB); larger ids are answered by the main thread. */
 const NO_XATTR_NODES = 1 << 22;
@@ -580,8 +646,9 @@ export class FuseDevice {
 
   /**
    * Starts serving: a worker thread reads requests into a ring of shared slots and wakes this
-   * thread only when it is idle; this thread decodes each request in place and frees its slot.
-   * (Reading on the thread pool costs a pool hand-off per request; this costs none while busy.)
+   * thread only when it is idle; this thread decodes each request in place and frees its slot,
+   * then polls (pollDevices) before it says it is idle. (Reading on the thread pool costs a pool
+   * hand-off per request; this costs none while busy.)
    */
   start(handler: DeviceHandler): void {
     const slotSize = SLOT_SIZE;
@@ -604,11 +671,22 @@ export class FuseDevice {
           Atomics.notify(ctrl, head);
           head = (head + 1) % SLOTS;
         }
+        // Not idle while polled: the reader sees IDLE 0 and sends no wake-up.
+        if (SPIN_NS > 0n && !this.ended) return pollLater(poller);
         Atomics.store(ctrl, IDLE, 1);
         // A request that landed after the last check and before IDLE was set: take it here,
         // unless the reader has already claimed the wake-up (then its notify will come).
         if (Atomics.load(ctrl, head) !== 1 || Atomics.compareExchange(ctrl, IDLE, 1, 0) !== 1) return sleep();
       }
+    };
+    const poller: Poller = {
+      ready: () => Atomics.load(ctrl, head) === 1,
+      take: drain,
+      sleep: () => {
+        Atomics.store(ctrl, IDLE, 1);
+        if (Atomics.load(ctrl, head) !== 1 || Atomics.compareExchange(ctrl, IDLE, 1, 0) !== 1) sleep();
+        else drain();
+      },
     };
     const sleep = (): void => {
       if (this.ended) return;
