@@ -8,13 +8,13 @@
  *
  * Reads of the device block, so a worker thread does them into slots of shared memory and wakes
  * the main thread only when it is idle; after each batch the main thread polls the slots for a
- * moment first (SPIN_NS), so that a busy program's next request needs no wake-up. The worker answers three kinds of request itself, from
- * shared tables the main thread keeps exact: GETATTR (AttrTable), the xattr questions of nodes
- * that have none (NodeBits), and LOOKUP of a name never made in a directory made through this
- * mount (NameFilter and FuseDevice.madeDirs). Replies are written synchronously: the kernel never
- * blocks a reply. Notifications can block (an entry invalidation takes the directory's lock,
- * which a request we have not answered yet may hold), so they are written from the pool, one at
- * a time.
+ * moment first (SPIN_NS), so that a busy program's next request needs no wake-up. The worker
+ * answers three kinds of request itself, from shared tables the main thread keeps exact: GETATTR
+ * (AttrTable), the xattr questions of nodes that have none (NodeBits), and LOOKUP of a name never
+ * made in a directory made through this mount (NameFilter and FuseDevice.madeDirs). Replies are
+ * written synchronously: the kernel never blocks a reply. Notifications can block (an entry
+ * invalidation takes the directory's lock, which a request we have not answered yet may hold), so
+ * they are written from the pool, one at a time.
  */
 import { spawn } from "node:child_process";
 import fs from "node:fs";
