@@ -277,6 +277,12 @@ interface Poller {
 /** Devices polling for their next request; one loop polls them all (one process may serve many mounts). */
 const polling = new Set<Poller>();
 let pollScheduled = false;
+/**
+ * Requests of this process's devices whose handler has not replied yet when the poll starts: it
+ * waits for the thread pool, a socket or a timer, whose completion the poll would delay. So no
+ * poll runs while there are any (the devices sleep and are woken as before).
+ */
+let unanswered = 0;
 
 function pollLater(p: Poller): void {
   polling.add(p);
@@ -298,7 +304,7 @@ function schedulePoll(): void {
  */
 function pollDevices(): void {
   pollScheduled = false;
-  const until = process.hrtime.bigint() + SPIN_NS;
+  const until = unanswered > 0 ? 0n : process.hrtime.bigint() + SPIN_NS;
   let taken: Poller | undefined;
   do {
     for (const p of polling) {
@@ -742,6 +748,10 @@ export class FuseDevice {
       pid: buf.readUInt32LE(32),
       body: buf.subarray(IN_HEADER, n),
     };
+    if (req.opcode !== Op.FORGET && req.opcode !== Op.BATCH_FORGET && req.opcode !== Op.INTERRUPT && !this.awaiting.has(req.unique)) {
+      this.awaiting.add(req.unique);
+      unanswered++;
+    }
     try {
       handler.request(req);
     } catch (e) {
@@ -750,9 +760,14 @@ export class FuseDevice {
     }
   }
 
+  /** Requests dispatched and not replied to yet (see `unanswered`). */
+  private readonly awaiting = new Set<bigint>();
+
   private finish(): void {
     if (this.finished) return;
     this.finished = true;
+    unanswered -= this.awaiting.size;
+    this.awaiting.clear();
     try {
       fs.closeSync(this.fd);
     } catch {
@@ -771,6 +786,7 @@ export class FuseDevice {
 
   /** Answers request `unique` with `error` (0 or a negative errno) and the payload parts. */
   reply(unique: bigint, error: number, ...payload: Uint8Array[]): void {
+    if (this.awaiting.delete(unique)) unanswered--;
     if (this.ended) return;
     let len = OUT_HEADER;
     for (const p of payload) len += p.length;
