@@ -669,31 +669,26 @@ export class FuseDevice {
     Atomics.store(ctrl, IDLE, 1);
     let head = 0;
     const drain = (): void => {
-      for (;;) {
-        while (Atomics.load(ctrl, head) === 1) {
-          const n = Atomics.load(ctrl, SLOTS + head);
-          this.dispatch(handler, views[head]!, n);
-          Atomics.store(ctrl, head, 0);
-          Atomics.notify(ctrl, head);
-          head = (head + 1) % SLOTS;
-        }
-        // Not idle while polled: the reader sees IDLE 0 and sends no wake-up.
-        if (SPIN_NS > 0n && !this.ended) return pollLater(poller);
-        Atomics.store(ctrl, IDLE, 1);
-        // A request that landed after the last check and before IDLE was set: take it here,
-        // unless the reader has already claimed the wake-up (then its notify will come).
-        if (Atomics.load(ctrl, head) !== 1 || Atomics.compareExchange(ctrl, IDLE, 1, 0) !== 1) return sleep();
+      while (Atomics.load(ctrl, head) === 1) {
+        const n = Atomics.load(ctrl, SLOTS + head);
+        this.dispatch(handler, views[head]!, n);
+        Atomics.store(ctrl, head, 0);
+        Atomics.notify(ctrl, head);
+        head = (head + 1) % SLOTS;
       }
+      // Not idle while polled: the reader sees IDLE 0 and sends no wake-up.
+      if (SPIN_NS > 0n && !this.ended) return pollLater(poller);
+      idle();
     };
-    const poller: Poller = {
-      ready: () => Atomics.load(ctrl, head) === 1,
-      take: drain,
-      sleep: () => {
-        Atomics.store(ctrl, IDLE, 1);
-        if (Atomics.load(ctrl, head) !== 1 || Atomics.compareExchange(ctrl, IDLE, 1, 0) !== 1) sleep();
-        else drain();
-      },
+    /** Says this thread is idle and sleeps, after the batch (or after a poll found nothing). */
+    const idle = (): void => {
+      Atomics.store(ctrl, IDLE, 1);
+      // A request that landed after the last check and before IDLE was set: take it here,
+      // unless the reader has already claimed the wake-up (then its notify will come).
+      if (Atomics.load(ctrl, head) !== 1 || Atomics.compareExchange(ctrl, IDLE, 1, 0) !== 1) return sleep();
+      drain();
     };
+    const poller: Poller = { ready: () => Atomics.load(ctrl, head) === 1, take: drain, sleep: idle };
     const sleep = (): void => {
       if (this.ended) return;
       const w = waitAsync(ctrl, IDLE, 1);
