@@ -18,6 +18,7 @@
  */
 import { spawn } from "node:child_process";
 import fs from "node:fs";
+import { createRequire } from "node:module";
 import { constants } from "node:os";
 import { Worker } from "node:worker_threads";
 import { VolumeError } from "../errors.js";
@@ -82,6 +83,16 @@ export const FATTR_KILL_SUIDGID = 1 << 11;
 /** open_flags of an open or create reply. */
 export const FOPEN_DIRECT_IO = 1 << 0;
 export const FOPEN_KEEP_CACHE = 1 << 1;
+/** The kernel reads and writes the open file's backing file itself (`FuseDevice.openBacking`; protocol 7.40). */
+export const FOPEN_PASSTHROUGH = 1 << 7;
+
+/** INIT flags: the second word of flags (flags2) is present (protocol 7.36). */
+export const INIT_EXT = 1 << 30;
+/** INIT flags2 bits (flag bit 32 + n). */
+export const Init2 = {
+  /** Backing files (flag bit 37): see `FuseDevice.openBacking`. */
+  PASSTHROUGH: 1 << 5,
+} as const;
 
 /** setattr `valid` bits. */
 export const Fattr = {
@@ -196,11 +207,12 @@ export function attrOut(attr: KernelAttr, attrTimeout: number): Buffer {
   return b;
 }
 
-/** `struct fuse_open_out`. */
-export function openOut(fh: number, flags: number): Buffer {
+/** `struct fuse_open_out`; `backingId` with FOPEN_PASSTHROUGH. */
+export function openOut(fh: number, flags: number, backingId = 0): Buffer {
   const b = Buffer.alloc(16);
   w64(b, fh, 0);
   b.writeUInt32LE(flags, 8);
+  b.writeInt32LE(backingId, 12);
   return b;
 }
 
@@ -815,6 +827,33 @@ export class FuseDevice {
     return this.notifyChain;
   }
 
+  /**
+   * Registers `fileFd` (a file of a local file system, open for what the kernel will do with it)
+   * as a backing file of this connection (ioctl FUSE_DEV_IOC_BACKING_OPEN; needs CAP_SYS_ADMIN
+   * and a session whose INIT accepted Init2.PASSTHROUGH with a stack depth). An open or create
+   * reply carrying the returned id and FOPEN_PASSTHROUGH has the kernel read, write and map that
+   * file itself, through the backing file system's page cache: no READ or WRITE requests reach
+   * the server for that open file. The kernel keeps its own reference from the reply on, so the
+   * id (and `fileFd`) may be closed once the open is answered. Throws VolumeError IO when refused.
+   */
+  openBacking(fileFd: number): number {
+    const map = Buffer.alloc(16); // struct fuse_backing_map { s32 fd; u32 flags; u64 padding; }
+    map.writeInt32LE(fileFd, 0);
+    const id = ioctls().call(this.fd, FUSE_DEV_IOC_BACKING_OPEN, map);
+    if (id < 0) throw VolumeError.IO("register a FUSE backing file", errnoError(ioctls().errno(), "ioctl"), { hint: "backing files need Linux 6.9 or newer, root, and a session that accepted them at INIT" });
+    return id;
+  }
+
+  /** Drops a backing file id (`openBacking`); files already open on it keep their backing. */
+  closeBacking(id: number): void {
+    const arg = Buffer.alloc(4);
+    arg.writeUInt32LE(id, 0);
+    if (ioctls().call(this.fd, FUSE_DEV_IOC_BACKING_CLOSE, arg) < 0) {
+      const errno = ioctls().errno();
+      if (!this.ended) throw VolumeError.IO(`drop FUSE backing file ${id}`, errnoError(errno, "ioctl"));
+    }
+  }
+
   /** Detaches the mount (lazily: open files do not block it) and aborts the connection. */
   async unmount(): Promise<void> {
     await new Promise<void>((res) => spawn("umount", ["-l", this.dir], { stdio: "ignore" }).on("exit", () => res()).on("error", () => res()));
@@ -830,6 +869,35 @@ export class FuseDevice {
     this.ended = true;
     await Promise.race([this.closed, new Promise((r) => setTimeout(r, 2000).unref())]);
   }
+}
+
+/** _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t) of linux/fuse.h. */
+const FUSE_DEV_IOC_BACKING_OPEN = 0x4010e501;
+const FUSE_DEV_IOC_BACKING_CLOSE = 0x4004e502;
+
+interface Ioctl {
+  call(fd: number, request: number, arg: Buffer): number;
+  errno(): number;
+}
+let ioctlFn: Ioctl | undefined;
+
+/**
+ * ioctl(2) from libc through koffi (a foreign function interface with prebuilt binaries): Node
+ * has no ioctl, and this saves the project a native module of its own. Loaded on first use, so
+ * that processes that never register backing files do not pay for it.
+ */
+function ioctls(): Ioctl {
+  if (ioctlFn) return ioctlFn;
+  const koffi = createRequire(import.meta.url)("koffi") as typeof import("koffi");
+  const f = koffi.load("libc.so.6").func("int ioctl(int fd, unsigned long request, _Inout_ uint8_t *arg)");
+  ioctlFn = { call: (fd, request, arg) => f(fd, request, arg) as number, errno: () => koffi.errno() };
+  return ioctlFn;
+}
+
+/** An Error shaped like Node's system errors, from an errno value. */
+function errnoError(errno: number, syscall: string): NodeJS.ErrnoException {
+  const name = Object.entries(E).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`;
+  return Object.assign(new Error(`${syscall}: ${name}`), { code: name, errno: -errno, syscall });
 }
 
 /** One line of /proc/self/mountinfo. */
