@@ -38,7 +38,7 @@ import { hostname } from "node:os";
 import { isAbsolute, join, posix } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { isCode } from "../metadata/index.js";
-import type { FuseMount, MountedVolume, MountFs, Repository } from "../volumefs/index.js";
+import type { FileCopyCache, FuseMount, MountedVolume, MountFs, Repository } from "../volumefs/index.js";
 
 /**
  * The storage layer, loaded when the agent first mounts a volume: `agent/index.ts` is also the
@@ -79,6 +79,8 @@ export interface AgentServiceOptions {
   stateDir: string;
   /** Staging directories of mounted volumes (e.g. $STRATA_HOME/staging). */
   stagingRoot: string;
+  /** Whole-file copies for read-only volume mounts (MountedVolumeOptions.copies). */
+  copies?: FileCopyCache;
   /** This node's name in records. Default the host name. */
   node?: string;
   /** This node's GPUs. Default `NvidiaGpuInventory` (nvidia-smi and /dev/nvidia*; none on a node without). */
@@ -318,7 +320,7 @@ export class AgentService implements AgentClient {
         await mkdir(dir, { recursive: true });
         const { MountedVolume, mountFs } = await volumefs();
         const fs = await MountedVolume.open({
-          repo: this.opts.repo, volume: v.name, at: v.at || undefined, readOnly, stagingRoot: this.opts.stagingRoot, labels, mountpoint: dir,
+          repo: this.opts.repo, volume: v.name, at: v.at || undefined, readOnly, stagingRoot: this.opts.stagingRoot, labels, mountpoint: dir, copies: this.opts.copies,
         });
         let fuse: FuseMount;
         try {

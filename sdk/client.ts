@@ -5,6 +5,7 @@ import { SqliteMetadataStore } from "../metadata/index.js";
 import {
   blake3Hex,
   DiskChunkCache,
+  FileCopyCache,
   FileObjectStore,
   Repository,
   S3ObjectStore,
@@ -25,6 +26,11 @@ export class Strata {
     readonly config: StrataConfig,
     readonly repo: Repository,
     private readonly cache: DiskChunkCache,
+    /**
+     * Whole-file copies that read-only mounts let the kernel read directly, in `<cacheDir>/files`,
+     * up to a quarter of the cache size on top of the chunk cache.
+     */
+    readonly copies: FileCopyCache,
   ) {}
 
   /** Opens the store described by `config` (default: from the environment). */
@@ -34,7 +40,8 @@ export class Strata {
     const meta = SqliteMetadataStore.open({ path: metadataPath(config) });
     const cache = new DiskChunkCache({ dir: config.cacheDir, maxBytes: config.cacheBytes });
     const repo = new Repository({ meta, objects, cache, env: config.env, labels: opts.labels });
-    return new Strata(config, repo, cache);
+    const copies = new FileCopyCache({ dir: join(config.cacheDir, "files"), maxBytes: Math.floor(config.cacheBytes / 4) });
+    return new Strata(config, repo, cache, copies);
   }
 
   /** The client configured from the environment, made on first use. */

@@ -65,6 +65,7 @@ export async function openVolumeMount(c: Strata, name: string, dir: string, opts
     at: opts.at,
     readOnly: opts.readOnly,
     labels: opts.labels,
+    copies: c.copies,
     stagingRoot: join(c.config.home, "staging"),
     mountpoint: dir,
   });

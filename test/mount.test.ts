@@ -5,6 +5,7 @@
  * S3 (Ceph RGW from the global setup).
  */
 import { execFile, execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import {
   appendFileSync,
   chmodSync,
@@ -571,6 +572,67 @@ describe("strata mount on the file store", () => {
     expect(git("git show HEAD:src/m0.ts")).toBe("export const x0 = 'changed';\n");
     await e.unmount(mnt);
   }, 180_000);
+});
+
+describe("read-only mounts and whole-file copies (kernel backing files)", () => {
+  let e: Env;
+  beforeAll(() => {
+    e = makeEnv();
+  });
+  afterAll(async () => {
+    await e?.cleanup();
+  });
+
+  /** Runs `strata mount NAME DIR ...` with `env`, reads `path` in another process, unmounts; the READ requests the mount answered. */
+  async function readThrough(name: string, dir: string, path: string, env: NodeJS.ProcessEnv, settled = async () => {}): Promise<{ bytes: Buffer; reads: number }> {
+    mkdirSync(dir, { recursive: true });
+    const child = spawn(process.execPath, [...CLI, "mount", name, dir, "--read-only"], { env: { ...e.env, ...env, STRATA_FUSE_STATS: "1" }, stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    child.stderr!.on("data", (d) => (stderr += d));
+    const exited = new Promise((r) => child.once("exit", r));
+    for (let i = 0; !(isMounted(dir) && existsSync(join(dir, ".strata/version"))); i++) {
+      if (i > 1200 || child.exitCode !== null) throw new Error(`mount ${dir}: ${stderr}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const { stdout } = await execAsync("cat", [join(dir, path)], { encoding: "buffer", maxBuffer: 64 << 20 });
+    await settled();
+    await e.strata("unmount", dir);
+    await exited;
+    return { bytes: stdout, reads: Number(/stats: read (\d+) calls/.exec(stderr)?.[1] ?? 0) };
+  }
+
+  it("reads a file's whole copy through the kernel once one read of it made the copy, with no READ request", async (ctx) => {
+    const probe = join(e.base, "probe");
+    mkdirSync(probe);
+    const { BackingServer } = await import("./support/backing-server.js");
+    const server = await BackingServer.mount(probe, new Map(), { passthrough: true });
+    const offered = server.offered;
+    await server.unmount();
+    if (!offered) ctx.skip();
+
+    await e.strata("volume", "create", "data");
+    const data = randomBytes(5 * 1024 * 1024 + 4321);
+    const src = join(e.base, "big.bin");
+    writeFileSync(src, data);
+    await e.strata("put", "data", src, "big.bin");
+    const dir = join(e.base, "ro");
+
+    // Served without backing files: every read of a new mount asks the mount, and a whole read
+    // makes the copy (with backing files off, only the kernel's side is off).
+    const files = join(e.env.STRATA_HOME!, "cache", "files");
+    const copies = () => (existsSync(files) ? readdirSync(files).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => readdirSync(join(files, d))) : []);
+    const copied = async () => {
+      for (let i = 0; i < 200 && copies().length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+    };
+    const served = await readThrough("data", dir, "big.bin", { STRATA_FUSE_BACKING: "0" }, copied);
+    expect(served.bytes.equals(data)).toBe(true);
+    expect(served.reads).toBeGreaterThan(0);
+    expect(copies()).toHaveLength(1);
+
+    const backed = await readThrough("data", dir, "big.bin", {});
+    expect(backed.bytes.equals(data)).toBe(true);
+    expect(backed.reads).toBe(0);
+  }, 120_000);
 });
 
 describe("strata mount on S3", () => {

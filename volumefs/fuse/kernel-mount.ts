@@ -22,7 +22,7 @@
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
  */
-import { constants as fsConstants } from "node:fs";
+import { closeSync, constants as fsConstants } from "node:fs";
 import { constants } from "node:os";
 import { VolumeError } from "../errors.js";
 import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
@@ -36,9 +36,12 @@ import {
   Fattr,
   FOPEN_DIRECT_IO,
   FOPEN_KEEP_CACHE,
+  FOPEN_PASSTHROUGH,
   FuseDevice,
   GETATTR_FH,
   Init,
+  INIT_EXT,
+  Init2,
   MAX_IO,
   negativeEntryOut,
   NOTIFY_INVAL_ENTRY,
@@ -92,6 +95,11 @@ interface Node {
   mode?: number;
   /** Another name shares the file's bytes (FileAttr.shared, or a LINK made here): nothing of it is cached. */
   shared?: boolean;
+  /**
+   * The backing file its open handles share, and how many: the kernel takes one backing file
+   * per inode at a time, and fails (EIO) an open that names another, or none, while one is open.
+   */
+  backing?: { id: number; opens: number };
 }
 
 /** Options of `serveKernel`. */
@@ -179,6 +187,10 @@ export class KernelSession {
   /** Counts drops from the attribute table (see dropAttrs). */
   private attrEpoch = 0;
   private readonly fhNode = new Map<number, Node>();
+  /** Open handles with a backing file (their node's `backing`), let go at RELEASE. */
+  private readonly backedFhs = new Set<number>();
+  /** The session took backing files at INIT (a read-only mount, Linux 6.9+, MountFs.backingFd). */
+  private passthrough = false;
   private readonly negatives = new Map<string, { parent: Node; name: string; at: number }>();
   private resolveInit!: () => void;
   /** Resolves once the kernel's INIT has been answered. */
@@ -536,8 +548,9 @@ export class KernelSession {
           if ((flags & 3) !== O.O_RDONLY || flags & O.O_TRUNC) this.guard(path);
           const fh = await this.fs.open(path, flags);
           if (kill) await this.killSuid(n);
+          const out = await this.openReply(n, fh, path);
           this.opened(n, fh);
-          return [openOut(fh, this.openFlags(n, path))];
+          return [out];
         });
       }
       case Op.CREATE: {
@@ -598,6 +611,10 @@ export class KernelSession {
           if (n) {
             n.fhs?.delete(fh);
             this.dropIfUnused(n);
+          }
+          if (this.backedFhs.delete(fh) && n?.backing && --n.backing.opens === 0) {
+            this.dev.closeBacking(n.backing.id);
+            n.backing = undefined;
           }
           await this.fs.release(fh);
           return [];
@@ -729,6 +746,32 @@ export class KernelSession {
     n.sig = undefined;
   }
 
+  /**
+   * `struct fuse_open_out` of a new open: with a backing file when the file system has one (the
+   * kernel then reads the file without asking), else served with `openFlags`. Every open of a
+   * node with a backing file open must name that file, and none may while the node has served
+   * opens (the kernel fails either with EIO), so a served open keeps later ones served until it
+   * is released, and a backed one makes later ones share its file.
+   */
+  private async openReply(n: Node, fh: number, path: string): Promise<Buffer> {
+    if (!this.passthrough || isControl(path)) return openOut(fh, this.openFlags(n, path));
+    if (!n.backing) {
+      if (n.fhs && n.fhs.size > 0) return openOut(fh, this.openFlags(n, path));
+      const fd = await this.fs.backingFd!(fh);
+      if (fd === undefined) return openOut(fh, this.openFlags(n, path));
+      try {
+        n.backing = { id: this.dev.openBacking(fd), opens: 0 };
+      } catch {
+        return openOut(fh, this.openFlags(n, path));
+      } finally {
+        closeSync(fd);
+      }
+    }
+    n.backing.opens++;
+    this.backedFhs.add(fh);
+    return openOut(fh, FOPEN_PASSTHROUGH, n.backing.id);
+  }
+
   private opened(n: Node, fh: number): void {
     (n.fhs ??= new Set()).add(fh);
     this.fhNode.set(fh, n);
@@ -739,16 +782,24 @@ export class KernelSession {
     const major = b.readUInt32LE(0);
     const maxReadahead = b.readUInt32LE(8);
     const offered = b.readUInt32LE(12);
+    const offered2 = offered & INIT_EXT ? b.readUInt32LE(16) : 0;
     if (major !== 7) {
       this.dev.reply(req.unique, -E.EPROTO);
       return;
     }
     const want = Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS | Init.HANDLE_KILLPRIV_V2;
     const out = Buffer.alloc(64);
+    // Backing files (protocol 7.40, with a stack depth) for read-only mounts, whose files never
+    // change under an open one. STRATA_FUSE_BACKING=0 turns them off.
+    this.passthrough = (offered2 & Init2.PASSTHROUGH) !== 0 && this.opts.readOnly && this.fs.backingFd !== undefined && process.env.STRATA_FUSE_BACKING !== "0";
     out.writeUInt32LE(7, 0);
-    out.writeUInt32LE(31, 4);
+    out.writeUInt32LE(this.passthrough ? 41 : 31, 4);
     out.writeUInt32LE(maxReadahead, 8);
-    out.writeUInt32LE((offered & want) >>> 0, 12);
+    out.writeUInt32LE(((offered & want) | (this.passthrough ? INIT_EXT : 0)) >>> 0, 12);
+    if (this.passthrough) {
+      out.writeUInt32LE(Init2.PASSTHROUGH, 32); // flags2
+      out.writeUInt32LE(1, 36); // max_stack_depth: backing files live on a plain file system
+    }
     out.writeUInt16LE(64, 16); // max_background
     out.writeUInt16LE(48, 18); // congestion_threshold
     out.writeUInt32LE(MAX_IO, 20); // max_write

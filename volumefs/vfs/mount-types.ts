@@ -86,6 +86,12 @@ export interface MountFs {
   flush(fh: number): Promise<void>;
   fsync(fh: number, datasync: boolean): Promise<void>;
   release(fh: number): Promise<void>;
+  /**
+   * Optional: a descriptor of a local file holding exactly the bytes of open file `fh`, which
+   * the kernel may then read directly for this open (a backing file), or undefined when the open
+   * must be served. The caller owns the descriptor. Asked of read-only mounts only.
+   */
+  backingFd?(fh: number): Promise<number | undefined>;
   unlink(path: string): Promise<void>;
   mkdir(path: string, mode: number): Promise<void>;
   rmdir(path: string): Promise<void>;

@@ -21,7 +21,7 @@
 import { randomBytes } from "node:crypto";
 import { constants } from "node:fs";
 import { hostname } from "node:os";
-import { DEFAULT_CHUNK_PARAMS, type ChunkParams, type ChunkStore } from "../chunk/index.js";
+import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import { isCode, type VersionRecord } from "../../metadata/index.js";
 import { ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
@@ -57,6 +57,11 @@ export interface MountedVolumeOptions {
   readaheadBytes?: number;
   /** Chunking parameters used to re-chunk around edits; default the store's. */
   chunkParams?: ChunkParams;
+  /**
+   * Whole-file copies for the kernel to read itself (`backingFd`), used by read-only mounts: a
+   * file read through one from its start is copied as it is read, and later opens read the copy.
+   */
+  copies?: FileCopyCache;
 }
 
 type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
@@ -78,6 +83,8 @@ interface FileHandle extends ReadAhead {
   /** What an unlinked handle still reads and writes. */
   orphan?: StagedEntry;
   flags: number;
+  /** The whole-file copy this handle's reads are writing (read-only mounts); null: none. */
+  fill?: CopyFill | null;
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
@@ -265,6 +272,9 @@ export class MountedVolume implements MountFs {
   private lock: Promise<unknown> = Promise.resolve();
   private syncing: Promise<MountSyncResult> | undefined;
   private readonly reader: ChunkReader;
+  private readonly copies: FileCopyCache | undefined;
+  /** Copy keys of stored files' chunk lists. */
+  private readonly copyKeys = new WeakMap<readonly ChunkRef[], string>();
   private readonly labels: Record<string, string>;
   /** True when mounted `at` a fixed version: read-only, and reload refuses. */
   readonly pinned: boolean;
@@ -282,6 +292,7 @@ export class MountedVolume implements MountFs {
     this.overlay = opts.repo.stage(base);
     this.staging = staging;
     this.reader = new ChunkReader(opts.repo.chunks, opts.cacheBytes, opts.readaheadBytes);
+    this.copies = this.readOnly ? opts.copies : undefined;
     this.labels = { mount: mountName, ...(opts.labels ?? {}) };
     this.params = opts.chunkParams ?? (opts.repo.chunks as unknown as { params?: ChunkParams }).params ?? DEFAULT_CHUNK_PARAMS;
     this.control = new ControlDir(this);
@@ -749,7 +760,44 @@ export class MountedVolume implements MountFs {
     if (c) return [await c.read(position, length, this.readChunks)];
     if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
     const f = e as FileEntry;
-    return this.reader.readv(f.chunks, f.size, position, length, h);
+    const pieces = await this.reader.readv(f.chunks, f.size, position, length, h);
+    if (this.copies && h.fill !== null) this.copyBehind(h, f, position, pieces);
+    return pieces;
+  }
+
+  private copyKey(f: FileEntry): string {
+    let k = this.copyKeys.get(f.chunks);
+    if (!k) {
+      k = FileCopyCache.key(f.chunks.map((c) => c.id));
+      this.copyKeys.set(f.chunks, k);
+    }
+    return k;
+  }
+
+  /**
+   * Writes what a read of a stored file returned into the file's whole copy, for a handle whose
+   * first read began at offset 0 (a reader of the whole file); a copy left incomplete when the
+   * handle is released is dropped.
+   */
+  private copyBehind(h: FileHandle, f: FileEntry, position: number, pieces: Uint8Array[]): void {
+    if (h.fill === undefined) {
+      h.fill = position === 0 ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
+      if (!h.fill) return;
+    }
+    if (!h.fill!.write(position, pieces)) h.fill = null;
+  }
+
+  /**
+   * A descriptor of a local file holding exactly the bytes of open file `fh` (the caller owns
+   * it), for the kernel to read directly; undefined when the open must be served. Read-only
+   * mounts with `copies` only: the stored file's whole copy, once one is complete.
+   */
+  async backingFd(fh: number): Promise<number | undefined> {
+    const h = this.handles.get(fh);
+    if (!this.copies || !h || h.kind !== "file") return undefined;
+    const e = await this.entryOf(h).catch(() => undefined);
+    if (!e || e.kind !== "file" || contentOf(e)) return undefined;
+    return this.copies.open(this.copyKey(e as FileEntry));
   }
 
   // ---- MountFs: writing ----
@@ -823,8 +871,9 @@ export class MountedVolume implements MountFs {
 
   /** Closes a handle; idempotent for unknown handles is not given: BAD_HANDLE. */
   async release(fh: number): Promise<void> {
-    this.handle(fh);
+    const h = this.handle(fh);
     this.handles.delete(fh);
+    if (h.kind === "file" && h.fill) h.fill.abandon();
   }
 
   /** Removes a file or symlink; open handles keep reading and writing it. */

@@ -1,0 +1,93 @@
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readSync, closeSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { FileCopyCache } from "./index.js";
+
+const MiB = 2 ** 20;
+
+/** Waits for the fill's writes, sync and rename to end. */
+async function settle(cache: FileCopyCache, key: string): Promise<number | undefined> {
+  for (let i = 0; i < 200; i++) {
+    const fd = cache.open(key);
+    if (fd !== undefined) return fd;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return undefined;
+}
+
+function readAll(fd: number, size: number): Buffer {
+  const b = Buffer.alloc(size + 1);
+  let n = 0;
+  for (let got; (got = readSync(fd, b, n, b.length - n, n)) > 0; ) n += got;
+  closeSync(fd);
+  return b.subarray(0, n);
+}
+
+describe("FileCopyCache", () => {
+  const dirs: string[] = [];
+  const dir = () => {
+    const d = mkdtempSync(join(tmpdir(), "strata-copies-"));
+    dirs.push(d);
+    return d;
+  };
+  afterEach(() => {
+    for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+  });
+
+  it("keeps a copy given in any order once every byte is in, and names it by the chunk ids", async () => {
+    const cache = new FileCopyCache({ dir: dir(), maxBytes: 64 * MiB });
+    const data = randomBytes(3 * MiB + 17);
+    const key = FileCopyCache.key(["a".repeat(64), "b".repeat(64)]);
+    expect(FileCopyCache.key(["a".repeat(64), "b".repeat(64)])).toBe(key);
+    expect(FileCopyCache.key(["b".repeat(64), "a".repeat(64)])).not.toBe(key);
+    const fill = cache.startFill(key, data.length)!;
+    expect(cache.startFill(key, data.length)).toBeUndefined();
+    expect(fill.write(2 * MiB, [data.subarray(2 * MiB, 3 * MiB), data.subarray(3 * MiB)])).toBe(true);
+    expect(fill.write(0, [data.subarray(0, MiB)])).toBe(true);
+    expect(cache.open(key)).toBeUndefined();
+    expect(fill.write(MiB, [data.subarray(MiB, 2 * MiB)])).toBe(true);
+    const fd = await settle(cache, key);
+    expect(fd).toBeDefined();
+    expect(readAll(fd!, data.length).equals(data)).toBe(true);
+    expect(cache.startFill(key, data.length)).toBeUndefined();
+  });
+
+  it("keeps nothing of a copy given up, or of one that goes past the file's end", async () => {
+    const d = dir();
+    const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });
+    const data = randomBytes(2 * MiB);
+    const key = FileCopyCache.key(["c".repeat(64)]);
+    const fill = cache.startFill(key, data.length)!;
+    fill.write(0, [data.subarray(0, MiB)]);
+    fill.abandon();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(cache.open(key)).toBeUndefined();
+    expect(readdirSync(join(d, "tmp"))).toEqual([]);
+
+    const again = cache.startFill(key, data.length)!;
+    expect(again.write(MiB, [data])).toBe(false);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(cache.open(key)).toBeUndefined();
+    expect(readdirSync(join(d, "tmp"))).toEqual([]);
+  });
+
+  it("copies no file under minBytes or over half the bound, and evicts the least recently opened beyond the bound", async () => {
+    const d = dir();
+    const cache = new FileCopyCache({ dir: d, maxBytes: 5 * MiB, minBytes: MiB });
+    expect(cache.startFill("0".repeat(64), MiB - 1)).toBeUndefined();
+    expect(cache.startFill("0".repeat(64), 3 * MiB)).toBeUndefined();
+    const keys = ["1", "2", "3"].map((c) => c.repeat(64));
+    for (const k of keys) {
+      const f = cache.startFill(k, 2 * MiB)!;
+      f.write(0, [randomBytes(2 * MiB)]);
+      closeSync((await settle(cache, k))!);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    // 3 × 2 MiB over a 5 MiB bound: the oldest went.
+    expect(existsSync(join(d, keys[0]!.slice(0, 2), keys[0]!))).toBe(false);
+    expect(cache.size).toBeLessThanOrEqual(5 * MiB);
+    for (const k of keys.slice(1)) expect(readFileSync(join(d, k.slice(0, 2), k)).length).toBe(2 * MiB);
+  });
+});

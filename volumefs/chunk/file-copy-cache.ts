@@ -1,0 +1,291 @@
+/**
+ * Whole copies of stored files, beside the host-wide chunk cache, for the kernel to read itself
+ * (FUSE backing files): a file read once from start to end through a read-only mount is written
+ * here as it is read, and later opens of it read the copy through the local file system's page
+ * cache, with no request to the mount at all. A FUSE file's own page cache holds 4 KiB pages
+ * only (Linux 6.18), which caps a warm read at about a third of the local disk's speed.
+ *
+ * Layout under `dir`: `<ab>/<key>`, a complete copy named by the file's content (`key`: blake3
+ * of its chunk ids), and `tmp/` for copies being written. A copy is renamed into place only once
+ * every byte is written and synced, so a name is always a whole file; writers of the same key in
+ * other processes write the same bytes. A copy is not verified when the kernel reads it: its
+ * bytes were verified chunk by chunk on their way in, and from then on the local disk is trusted,
+ * as the page cache is.
+ *
+ * Eviction: least recently opened first (the mtime, touched on an open at most once a minute),
+ * beyond `maxBytes`. Sizes and recency are learned by a scan on first use and every `rescanMs`,
+ * so that processes sharing the directory keep it under the bound together. A copy another
+ * process removes is a miss, never an error.
+ */
+import { closeSync, fstatSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
+import { fsync, write } from "node:fs";
+import { join } from "node:path";
+import { hash } from "blake3";
+
+export interface FileCopyCacheOptions {
+  /** The directory of the copies; created if missing. */
+  dir: string;
+  /** Upper bound of the bytes of copies this process keeps the directory under. */
+  maxBytes: number;
+  /** Smallest file worth a copy (smaller ones read well enough from the mount's page cache); default 1 MiB. */
+  minBytes?: number;
+  /** Most bytes of one copy's writes in flight before the copy is given up (the disk fell behind); default 64 MiB. */
+  maxPendingBytes?: number;
+  /** Interval between rescans of the directory; default 60 000 ms. */
+  rescanMs?: number;
+}
+
+const KEY = /^[0-9a-f]{64}$/;
+const TOUCH_EVERY_MS = 60_000;
+
+export class FileCopyCache {
+  readonly dir: string;
+  private readonly maxBytes: number;
+  private readonly minBytes: number;
+  private readonly maxPending: number;
+  private readonly rescanMs: number;
+  private readonly entries = new Map<string, { size: number; touched: number }>();
+  private bytes = 0;
+  private lastScan = 0;
+  private readonly filling = new Map<string, CopyFill>();
+
+  constructor(opts: FileCopyCacheOptions) {
+    this.dir = opts.dir;
+    this.maxBytes = opts.maxBytes;
+    this.minBytes = opts.minBytes ?? 2 ** 20;
+    this.maxPending = opts.maxPendingBytes ?? 64 * 2 ** 20;
+    this.rescanMs = opts.rescanMs ?? 60_000;
+  }
+
+  /** The key of a file's copy: blake3 of its chunk ids, in order. */
+  static key(chunkIds: readonly string[]): string {
+    return hash(Buffer.from(chunkIds.join(","))).toString("hex");
+  }
+
+  private path(key: string): string {
+    return join(this.dir, key.slice(0, 2), key);
+  }
+
+  /** A read-only descriptor of the complete copy of `key`, or undefined. The caller closes it. */
+  open(key: string): number | undefined {
+    this.maybeScan();
+    let fd: number;
+    try {
+      fd = openSync(this.path(key), constants.O_RDONLY);
+    } catch {
+      this.forget(key);
+      return undefined;
+    }
+    const now = Date.now();
+    const e = this.entries.get(key);
+    if (!e) {
+      this.remember(key, fstatSync(fd).blocks * 512, now);
+      this.evict();
+    } else if (now - e.touched > TOUCH_EVERY_MS) {
+      e.touched = now;
+      try {
+        futimesSync(fd, now / 1000, now / 1000);
+      } catch {
+        // read-only cache directory: recency stays this process's
+      }
+    }
+    return fd;
+  }
+
+  /**
+   * Starts a copy of a `size`-byte file, to be given its bytes in order from offset 0; undefined
+   * when none is wanted (too small or too large, present, or being written by this process).
+   */
+  startFill(key: string, size: number): CopyFill | undefined {
+    if (size < this.minBytes || size > this.maxBytes / 2 || this.filling.has(key)) return undefined;
+    this.maybeScan();
+    if (this.entries.has(key)) return undefined;
+    const tmpDir = join(this.dir, "tmp");
+    try {
+      mkdirSync(tmpDir, { recursive: true });
+      const tmp = join(tmpDir, `${key}.${process.pid}.${Math.random().toString(36).slice(2)}`);
+      const fd = openSync(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
+      const fill = new CopyFill(this, key, size, fd, tmp, this.maxPending);
+      this.filling.set(key, fill);
+      return fill;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Called by a fill when it ends, whole or given up. */
+  ended(fill: CopyFill, whole: boolean): void {
+    if (this.filling.get(fill.key) === fill) this.filling.delete(fill.key);
+    if (!whole) return;
+    try {
+      mkdirSync(join(this.dir, fill.key.slice(0, 2)), { recursive: true });
+      renameSync(fill.tmp, this.path(fill.key));
+      this.remember(fill.key, statSync(this.path(fill.key)).blocks * 512, Date.now());
+      this.evict();
+    } catch {
+      rmSync(fill.tmp, { force: true });
+    }
+  }
+
+  /** Bytes of the copies this process knows of. */
+  get size(): number {
+    return this.bytes;
+  }
+
+  private remember(key: string, size: number, touched: number): void {
+    this.forget(key);
+    this.entries.set(key, { size, touched });
+    this.bytes += size;
+  }
+
+  private forget(key: string): void {
+    const e = this.entries.get(key);
+    if (!e) return;
+    this.entries.delete(key);
+    this.bytes -= e.size;
+  }
+
+  private maybeScan(): void {
+    if (Date.now() - this.lastScan < this.rescanMs) return;
+    this.lastScan = Date.now();
+    this.entries.clear();
+    this.bytes = 0;
+    for (const top of readdirSafe(this.dir)) {
+      if (!/^[0-9a-f]{2}$/.test(top)) continue;
+      for (const name of readdirSafe(join(this.dir, top))) {
+        if (!KEY.test(name)) continue;
+        try {
+          const st = statSync(join(this.dir, top, name));
+          this.remember(name, st.blocks * 512, st.mtimeMs);
+        } catch {
+          // removed meanwhile
+        }
+      }
+    }
+    // Copies a killed process left half written.
+    for (const name of readdirSafe(join(this.dir, "tmp"))) {
+      const p = join(this.dir, "tmp", name);
+      try {
+        if (Date.now() - statSync(p).mtimeMs > 10 * 60_000) unlinkSync(p);
+      } catch {
+        // removed meanwhile
+      }
+    }
+    this.evict();
+  }
+
+  private evict(): void {
+    if (this.bytes <= this.maxBytes) return;
+    const oldest = [...this.entries].sort((a, b) => a[1].touched - b[1].touched);
+    for (const [key] of oldest) {
+      if (this.bytes <= this.maxBytes) break;
+      try {
+        unlinkSync(this.path(key));
+      } catch {
+        // another process evicted it
+      }
+      this.forget(key);
+    }
+  }
+}
+
+function readdirSafe(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * One copy being written: the file's bytes as reads return them, in any order (the kernel reads
+ * ahead in parallel), written behind those reads; synced and renamed into place once every byte
+ * of the `size` is written.
+ */
+export class CopyFill {
+  /** Written (or being written) byte ranges, sorted, disjoint, merged. */
+  private covered: [number, number][] = [];
+  private pending = 0;
+  private failed = false;
+  private ended = false;
+
+  constructor(
+    private readonly cache: FileCopyCache,
+    readonly key: string,
+    readonly size: number,
+    private readonly fd: number,
+    readonly tmp: string,
+    private readonly maxPending: number,
+  ) {}
+
+  /** True once every byte was handed to `write`. */
+  get whole(): boolean {
+    return this.covered.length === 1 && this.covered[0]![0] === 0 && this.covered[0]![1] === this.size;
+  }
+
+  /**
+   * The file's bytes at `offset`, in pieces that must not change afterwards. False once the copy
+   * is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind).
+   */
+  write(offset: number, pieces: readonly Uint8Array[]): boolean {
+    if (this.failed) return false;
+    let at = offset;
+    for (const p of pieces) {
+      if (p.length === 0) continue;
+      if (at + p.length > this.size || this.pending > this.maxPending) {
+        this.abandon();
+        return false;
+      }
+      const from = at;
+      this.pending += p.length;
+      write(this.fd, p, 0, p.length, from, (err) => {
+        this.pending -= p.length;
+        if (err) this.failed = true;
+        this.maybeEnd();
+      });
+      this.cover(from, from + p.length);
+      at += p.length;
+    }
+    return true;
+  }
+
+  private cover(a: number, b: number): void {
+    const out: [number, number][] = [];
+    for (const [x, y] of this.covered) {
+      if (y < a || x > b) out.push([x, y]);
+      else {
+        a = Math.min(a, x);
+        b = Math.max(b, y);
+      }
+    }
+    out.push([a, b]);
+    out.sort((p, q) => p[0] - q[0]);
+    this.covered = out;
+  }
+
+  /** Gives the copy up unless every byte was handed in: nothing is kept. */
+  abandon(): void {
+    if (this.whole && !this.failed) return;
+    this.failed = true;
+    this.maybeEnd();
+  }
+
+  private maybeEnd(): void {
+    if (this.ended || this.pending > 0) return;
+    if (!this.failed && !this.whole) return;
+    this.ended = true;
+    if (this.failed) {
+      closeSync(this.fd);
+      rmSync(this.tmp, { force: true });
+      this.cache.ended(this, false);
+      return;
+    }
+    fsync(this.fd, (err) => {
+      closeSync(this.fd);
+      if (err) {
+        rmSync(this.tmp, { force: true });
+        this.cache.ended(this, false);
+      } else this.cache.ended(this, true);
+    });
+  }
+}
