@@ -19,6 +19,7 @@ import {
   readdirSync,
   readFileSync,
   readlinkSync,
+  readSync,
   renameSync,
   rmdirSync,
   rmSync,
@@ -583,6 +584,19 @@ describe("read-only mounts and whole-file copies (kernel backing files)", () => 
     await e?.cleanup();
   });
 
+  /** Whether this kernel offers FUSE backing files (asked through a probe mount served here). */
+  let offered: boolean | undefined;
+  async function backingOffered(): Promise<boolean> {
+    if (offered === undefined) {
+      const probe = mkdtempSync(join(e.base, "probe-"));
+      const { BackingServer } = await import("./support/backing-server.js");
+      const server = await BackingServer.mount(probe, new Map(), { passthrough: true });
+      offered = server.offered;
+      await server.unmount();
+    }
+    return offered;
+  }
+
   /** Runs `strata mount NAME DIR ...` with `env`, reads `path` in another process, unmounts; the READ requests the mount answered. */
   async function readThrough(name: string, dir: string, path: string, env: NodeJS.ProcessEnv, settled = async () => {}): Promise<{ bytes: Buffer; reads: number }> {
     mkdirSync(dir, { recursive: true });
@@ -602,13 +616,7 @@ describe("read-only mounts and whole-file copies (kernel backing files)", () => 
   }
 
   it("reads a file's whole copy through the kernel once one read of it made the copy, with no READ request", async (ctx) => {
-    const probe = join(e.base, "probe");
-    mkdirSync(probe);
-    const { BackingServer } = await import("./support/backing-server.js");
-    const server = await BackingServer.mount(probe, new Map(), { passthrough: true });
-    const offered = server.offered;
-    await server.unmount();
-    if (!offered) ctx.skip();
+    if (!(await backingOffered())) ctx.skip();
 
     await e.strata("volume", "create", "data");
     const data = randomBytes(5 * 1024 * 1024 + 4321);
@@ -632,6 +640,38 @@ describe("read-only mounts and whole-file copies (kernel backing files)", () => 
     const backed = await readThrough("data", dir, "big.bin", {});
     expect(backed.bytes.equals(data)).toBe(true);
     expect(backed.reads).toBe(0);
+  }, 120_000);
+
+  it("shows a reloaded file's new bytes to new opens while an open kept from before reads the old ones", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    await e.strata("volume", "create", "moving");
+    const v1 = randomBytes(2 * 1024 * 1024);
+    const v2 = randomBytes(3 * 1024 * 1024);
+    const src = join(e.base, "moving.bin");
+    writeFileSync(src, v1);
+    await e.strata("put", "moving", src, "f.bin");
+    const ro = join(e.base, "moving-ro");
+    await e.mount("moving", ro, "--read-only");
+    const files = join(e.env.STRATA_HOME!, "cache", "files");
+    const copies = () => (existsSync(files) ? readdirSync(files).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => readdirSync(join(files, d))) : []);
+    const before = copies().length;
+    expect(readFileSync(join(ro, "f.bin")).equals(v1)).toBe(true);
+    for (let i = 0; i < 200 && copies().length === before; i++) await new Promise((r) => setTimeout(r, 50));
+    expect(copies()).toHaveLength(before + 1);
+    const fd = openSync(join(ro, "f.bin"), "r"); // backed by the copy of v1
+    try {
+      writeFileSync(src, v2);
+      await e.strata("put", "moving", src, "f.bin");
+      await e.strata("reload", ro);
+      expect(readFileSync(join(ro, "f.bin")).equals(v2)).toBe(true);
+      const old = Buffer.alloc(v1.length + 10);
+      expect(readSync(fd, old, 0, old.length, 0)).toBe(v1.length);
+      expect(old.subarray(0, v1.length).equals(v1)).toBe(true);
+    } finally {
+      closeSync(fd);
+    }
+    expect(readFileSync(join(ro, "f.bin")).equals(v2)).toBe(true);
+    await e.unmount(ro);
   }, 120_000);
 });
 

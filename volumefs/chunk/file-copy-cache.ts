@@ -18,7 +18,7 @@
  * process removes is a miss, never an error.
  */
 import { closeSync, fstatSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
-import { fsync, write } from "node:fs";
+import { fsync, writev } from "node:fs";
 import { join } from "node:path";
 import { hash } from "blake3";
 
@@ -229,23 +229,22 @@ export class CopyFill {
    */
   write(offset: number, pieces: readonly Uint8Array[]): boolean {
     if (this.failed) return false;
-    let at = offset;
-    for (const p of pieces) {
-      if (p.length === 0) continue;
-      if (at + p.length > this.size || this.pending > this.maxPending) {
-        this.abandon();
-        return false;
-      }
-      const from = at;
-      this.pending += p.length;
-      write(this.fd, p, 0, p.length, from, (err) => {
-        this.pending -= p.length;
-        if (err) this.failed = true;
-        this.maybeEnd();
-      });
-      this.cover(from, from + p.length);
-      at += p.length;
+    let n = 0;
+    for (const p of pieces) n += p.length;
+    if (n === 0) return true;
+    if (offset + n > this.size || this.pending > this.maxPending) {
+      this.abandon();
+      return false;
     }
+    // One write per call (a read's worth, up to 1 MiB): the page cache then holds the copy in
+    // large folios, which later reads go through about half again as fast as 64 KiB ones.
+    this.pending += n;
+    writev(this.fd, pieces as Uint8Array[], offset, (err, written) => {
+      this.pending -= n;
+      if (err || written !== n) this.failed = true;
+      this.maybeEnd();
+    });
+    this.cover(offset, offset + n);
     return true;
   }
 

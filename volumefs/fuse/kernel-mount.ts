@@ -19,6 +19,11 @@
  * out, so the reader thread can answer the kernel's LOOKUP of any other name there (ENOENT, not
  * cached) without waking this thread (see namesMade). A base move forgets every made directory.
  *
+ * Backing files. On a read-only mount the MountFs may hold a local file with exactly a file's
+ * bytes (`backingFd`: a whole-file copy); an open of it then names that file, and the kernel reads
+ * it without asking (see openReply). A base move that changes such a file while it is open gives
+ * its name a new node, so that new opens see the new bytes and open ones keep the old.
+ *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
  */
@@ -938,6 +943,14 @@ export class KernelSession {
         a = undefined;
       }
       if (a && signature(a) === n.sig) continue;
+      if (n.backing && n.parent) {
+        // Open with a backing file of the old bytes, which every open of this inode must name
+        // while one is open: the name gets a new node (the kernel looks it up again), and the
+        // open files keep the old bytes, as after a rename over them.
+        sends.push(this.invalEntry(n.parent, n.name));
+        this.detach(n.parent, n.name);
+        continue;
+      }
       if (!a || (n.sig && !n.sig.startsWith(a.kind + ":"))) {
         if (n.parent) sends.push(this.invalEntry(n.parent, n.name));
       }
