@@ -79,7 +79,7 @@ export interface AgentServiceOptions {
   stateDir: string;
   /** Staging directories of mounted volumes (e.g. $STRATA_HOME/staging). */
   stagingRoot: string;
-  /** Whole-file copies for read-only volume mounts (MountedVolumeOptions.copies). */
+  /** Whole-file copies of stored files that volume mounts let the kernel read (MountedVolumeOptions.copies). */
   copies?: FileCopyCache;
   /** This node's name in records. Default the host name. */
   node?: string;

@@ -27,8 +27,8 @@ export class Strata {
     readonly repo: Repository,
     private readonly cache: DiskChunkCache,
     /**
-     * Whole-file copies that read-only mounts let the kernel read directly, in `<cacheDir>/files`,
-     * up to a quarter of the cache size on top of the chunk cache.
+     * Whole-file copies that mounts let the kernel read directly, in `<cacheDir>/files`, up to a
+     * quarter of the cache size on top of the chunk cache.
      */
     readonly copies: FileCopyCache,
   ) {}

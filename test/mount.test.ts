@@ -575,7 +575,7 @@ describe("strata mount on the file store", () => {
   }, 180_000);
 });
 
-describe("read-only mounts and whole-file copies (kernel backing files)", () => {
+describe("whole-file copies read by the kernel (backing files)", () => {
   let e: Env;
   beforeAll(() => {
     e = makeEnv();
@@ -640,6 +640,62 @@ describe("read-only mounts and whole-file copies (kernel backing files)", () => 
     const backed = await readThrough("data", dir, "big.bin", {});
     expect(backed.bytes.equals(data)).toBe(true);
     expect(backed.reads).toBe(0);
+  }, 120_000);
+
+  it("lets a writable mount's program write, truncate and link a file others read through its copy; they keep the old bytes", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    await e.strata("volume", "create", "rw");
+    const v1 = randomBytes(2 * 1024 * 1024 + 5);
+    const src = join(e.base, "rw.bin");
+    writeFileSync(src, v1);
+    await e.strata("put", "rw", src, "f.bin");
+    const mnt = join(e.base, "rw-mnt");
+    await e.mount("rw", mnt);
+    const f = join(mnt, "f.bin");
+    const files = join(e.env.STRATA_HOME!, "cache", "files");
+    const copies = () => (existsSync(files) ? readdirSync(files).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => readdirSync(join(files, d))) : []);
+    const before = copies().length;
+    expect(readFileSync(f).equals(v1)).toBe(true);
+    for (let i = 0; i < 200 && copies().length === before; i++) await new Promise((r) => setTimeout(r, 50));
+    expect(copies()).toHaveLength(before + 1);
+    const readOld = (fd: number, want: Buffer) => {
+      const b = Buffer.alloc(want.length + 10);
+      expect(readSync(fd, b, 0, b.length, 0)).toBe(want.length);
+      expect(b.subarray(0, want.length).equals(want)).toBe(true);
+    };
+
+    const fd1 = openSync(f, "r"); // backed by the copy
+    try {
+      writeFileSync(f, "new bytes\n"); // open O_TRUNC: the kernel retries it on a new node
+      expect(readFileSync(f, "utf8")).toBe("new bytes\n");
+      readOld(fd1, v1);
+    } finally {
+      closeSync(fd1);
+    }
+    await e.strata("sync", mnt);
+    await e.unmount(mnt);
+    await e.mount("rw", mnt);
+    expect(readFileSync(f, "utf8")).toBe("new bytes\n");
+
+    // truncate(2) and link(2) of a file open through its copy.
+    const v3 = randomBytes(3 * 1024 * 1024);
+    writeFileSync(src, v3);
+    await e.strata("put", "rw", src, "g.bin");
+    await e.strata("reload", mnt);
+    const g = join(mnt, "g.bin");
+    expect(readFileSync(g).equals(v3)).toBe(true); // makes the copy
+    for (let i = 0; i < 200 && copies().length === before + 1; i++) await new Promise((r) => setTimeout(r, 50));
+    const fd2 = openSync(g, "r");
+    try {
+      linkSync(g, join(mnt, "g2.bin"));
+      truncateSync(g, 10);
+      expect(readFileSync(g).equals(v3.subarray(0, 10))).toBe(true);
+      expect(lstatSync(g).size).toBe(10);
+      readOld(fd2, v3);
+    } finally {
+      closeSync(fd2);
+    }
+    await e.unmount(mnt);
   }, 120_000);
 
   it("shows a reloaded file's new bytes to new opens while an open kept from before reads the old ones", async (ctx) => {

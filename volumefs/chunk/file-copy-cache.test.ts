@@ -68,6 +68,11 @@ describe("FileCopyCache", () => {
 
     const again = cache.startFill(key, data.length)!;
     expect(again.write(MiB, [data])).toBe(false);
+
+    // A read far from what the copy holds so far: a random reader, not a whole-file one.
+    const far = new FileCopyCache({ dir: d, maxBytes: 64 * MiB, maxPendingBytes: 256 * 1024 }).startFill(FileCopyCache.key(["d".repeat(64)]), data.length)!;
+    expect(far.write(0, [data.subarray(0, 1024)])).toBe(true);
+    expect(far.write(MiB, [data.subarray(MiB, MiB + 1024)])).toBe(false);
     await new Promise((r) => setTimeout(r, 100));
     expect(cache.open(key)).toBeUndefined();
     expect(readdirSync(join(d, "tmp"))).toEqual([]);

@@ -1,7 +1,7 @@
 /**
  * Whole copies of stored files, beside the host-wide chunk cache, for the kernel to read itself
- * (FUSE backing files): a file read once from start to end through a read-only mount is written
- * here as it is read, and later opens of it read the copy through the local file system's page
+ * (FUSE backing files): a stored file read from its start through a mount is written here as it
+ * is read, and later read-only opens of it read the copy through the local file system's page
  * cache, with no request to the mount at all. A FUSE file's own page cache holds 4 KiB pages
  * only (Linux 6.18), which caps a warm read at about a third of the local disk's speed.
  *
@@ -232,7 +232,10 @@ export class CopyFill {
     let n = 0;
     for (const p of pieces) n += p.length;
     if (n === 0) return true;
-    if (offset + n > this.size || this.pending > this.maxPending) {
+    // Past the file's end, too far behind, or far from what was read so far (a random reader,
+    // not one that reads the whole file).
+    const end = this.covered.length > 0 ? this.covered[this.covered.length - 1]![1] : 0;
+    if (offset + n > this.size || this.pending > this.maxPending || offset > end + this.maxPending) {
       this.abandon();
       return false;
     }

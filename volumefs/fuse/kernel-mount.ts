@@ -19,10 +19,11 @@
  * out, so the reader thread can answer the kernel's LOOKUP of any other name there (ENOENT, not
  * cached) without waking this thread (see namesMade). A base move forgets every made directory.
  *
- * Backing files. On a read-only mount the MountFs may hold a local file with exactly a file's
- * bytes (`backingFd`: a whole-file copy); an open of it then names that file, and the kernel reads
- * it without asking (see openReply). A base move that changes such a file while it is open gives
- * its name a new node, so that new opens see the new bytes and open ones keep the old.
+ * Backing files. The MountFs may hold a local file with exactly a stored file's bytes
+ * (`backingFd`: a whole-file copy); a read-only open of it then names that file, and the kernel
+ * reads it without asking (see openReply). A change to the bytes of such a file while it is open
+ * (a write open, a truncate, a link, a base move) gives its name a new node, so that the change
+ * and new opens go to it while open ones keep the old bytes (see restale).
  *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
@@ -468,7 +469,15 @@ export class KernelSession {
           uid: b.readUInt32LE(76),
           gid: b.readUInt32LE(80),
         };
-        return this.run(req, "setattr", () => this.setattr(req.nodeid, set), () => this.attrsAfter(req.nodeid, valid & Fattr.FH ? set.fh : undefined));
+        return this.run(
+          req,
+          "setattr",
+          () => {
+            const n = this.nodes.get(req.nodeid);
+            return valid & Fattr.SIZE && n?.backing ? Promise.resolve(this.restale(n)) : this.setattr(req.nodeid, set);
+          },
+          () => this.attrsAfter(req.nodeid, valid & Fattr.FH ? set.fh : undefined),
+        );
       }
       case Op.READLINK:
         return this.run(req, "readlink", async () => [Buffer.from(await this.fs.readlink(this.mustPath(this.node(req.nodeid))))]);
@@ -536,6 +545,7 @@ export class KernelSession {
           const path = this.childPath(parent, name);
           this.guard(path);
           const src = this.node(old);
+          if (src.backing) return this.restale(src);
           await this.fs.link(this.mustPath(src), path);
           // Both names now share the bytes (until a sync): the kernel must not cache them, and
           // drops what it has of the source (a successful LINK only updates its ctime).
@@ -550,7 +560,9 @@ export class KernelSession {
         return this.run(req, "open", async () => {
           const n = this.node(req.nodeid);
           const path = this.mustPath(n);
-          if ((flags & 3) !== O.O_RDONLY || flags & O.O_TRUNC) this.guard(path);
+          const write = (flags & 3) !== O.O_RDONLY || (flags & O.O_TRUNC) !== 0;
+          if (write) this.guard(path);
+          if (write && n.backing) return this.restale(n);
           const fh = await this.fs.open(path, flags);
           if (kill) await this.killSuid(n);
           const out = await this.openReply(n, fh, path);
@@ -566,6 +578,11 @@ export class KernelSession {
           const parent = this.node(req.nodeid);
           const path = this.childPath(parent, name);
           this.guard(path);
+          // An existing file opened with backing files gets a new node (see restale).
+          if (parent.children?.get(name)?.backing) {
+            void this.invalEntry(parent, name, true);
+            this.detach(parent, name);
+          }
           const fh = await this.fs.create(path, mode & 0o7777, flags);
           try {
             const { out, node } = await this.entry(parent, name, path, req);
@@ -759,7 +776,7 @@ export class KernelSession {
    * is released, and a backed one makes later ones share its file.
    */
   private async openReply(n: Node, fh: number, path: string): Promise<Buffer> {
-    if (!this.passthrough || isControl(path)) return openOut(fh, this.openFlags(n, path));
+    if (!this.passthrough || isControl(path) || (n.shared && !n.backing)) return openOut(fh, this.openFlags(n, path));
     if (!n.backing) {
       if (n.fhs && n.fhs.size > 0) return openOut(fh, this.openFlags(n, path));
       const fd = await this.fs.backingFd!(fh);
@@ -775,6 +792,22 @@ export class KernelSession {
     n.backing.opens++;
     this.backedFhs.add(fh);
     return openOut(fh, FOPEN_PASSTHROUGH, n.backing.id);
+  }
+
+  /**
+   * Answers a change to the bytes of a node whose opens have a backing file (a copy of its
+   * bytes before the change, which every open of the inode must name while one is open): the
+   * name gets a new node, and ESTALE makes the kernel look the name up again and retry the call
+   * once, on that node. The open files keep the old bytes, as after a rename over them.
+   */
+  private restale(n: Node): number {
+    if (n.parent) {
+      // Sent at once, not queued: it waits for the directory's lock, which this request (and
+      // its retry, whose handler may wait for queued notifications) holds.
+      void this.invalEntry(n.parent, n.name, true);
+      this.detach(n.parent, n.name);
+    }
+    return -E.ESTALE;
   }
 
   private opened(n: Node, fh: number): void {
@@ -794,9 +827,8 @@ export class KernelSession {
     }
     const want = Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS | Init.HANDLE_KILLPRIV_V2;
     const out = Buffer.alloc(64);
-    // Backing files (protocol 7.40, with a stack depth) for read-only mounts, whose files never
-    // change under an open one. STRATA_FUSE_BACKING=0 turns them off.
-    this.passthrough = (offered2 & Init2.PASSTHROUGH) !== 0 && this.opts.readOnly && this.fs.backingFd !== undefined && process.env.STRATA_FUSE_BACKING !== "0";
+    // Backing files (protocol 7.40, with a stack depth). STRATA_FUSE_BACKING=0 turns them off.
+    this.passthrough = (offered2 & Init2.PASSTHROUGH) !== 0 && this.fs.backingFd !== undefined && process.env.STRATA_FUSE_BACKING !== "0";
     out.writeUInt32LE(7, 0);
     out.writeUInt32LE(this.passthrough ? 41 : 31, 4);
     out.writeUInt32LE(maxReadahead, 8);
@@ -970,12 +1002,13 @@ export class KernelSession {
     return this.dev.notify(NOTIFY_INVAL_INODE, b);
   }
 
-  private invalEntry(parent: Node, name: string): Promise<void> {
+  /** Drops the kernel's entry of `name` in `parent`; `now`: not queued behind other notifications (see restale). */
+  private invalEntry(parent: Node, name: string, now = false): Promise<void> {
     const nameBuf = Buffer.from(name + "\0");
     const b = Buffer.alloc(16);
     b.writeBigUInt64LE(BigInt(parent.id), 0);
     b.writeUInt32LE(nameBuf.length - 1, 8);
-    return this.dev.notify(NOTIFY_INVAL_ENTRY, b, nameBuf);
+    return now ? this.dev.notifyNow(NOTIFY_INVAL_ENTRY, b, nameBuf) : this.dev.notify(NOTIFY_INVAL_ENTRY, b, nameBuf);
   }
 }
 

@@ -814,17 +814,23 @@ export class FuseDevice {
 
   /** Sends a notification (e.g. an invalidation) after those queued before it. Never rejects. */
   notify(code: number, ...payload: Uint8Array[]): Promise<void> {
-    const run = async () => {
-      if (this.ended) return;
-      let len = OUT_HEADER;
-      for (const p of payload) len += p.length;
-      const h = Buffer.alloc(OUT_HEADER);
-      h.writeUInt32LE(len, 0);
-      h.writeInt32LE(code, 4);
-      await new Promise<void>((res) => fs.writev(this.fd, [h, ...payload], () => res()));
-    };
-    this.notifyChain = this.notifyChain.then(run);
+    this.notifyChain = this.notifyChain.then(() => this.notifyNow(code, ...payload));
     return this.notifyChain;
+  }
+
+  /**
+   * Sends a notification now, not after those queued (`notify`): for one that may wait for a
+   * lock a request being answered holds, which a handler of that request must not wait behind.
+   * Never rejects.
+   */
+  async notifyNow(code: number, ...payload: Uint8Array[]): Promise<void> {
+    if (this.ended) return;
+    let len = OUT_HEADER;
+    for (const p of payload) len += p.length;
+    const h = Buffer.alloc(OUT_HEADER);
+    h.writeUInt32LE(len, 0);
+    h.writeInt32LE(code, 4);
+    await new Promise<void>((res) => fs.writev(this.fd, [h, ...payload], () => res()));
   }
 
   /**

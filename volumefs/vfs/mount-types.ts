@@ -89,7 +89,8 @@ export interface MountFs {
   /**
    * Optional: a descriptor of a local file holding exactly the bytes of open file `fh`, which
    * the kernel may then read directly for this open (a backing file), or undefined when the open
-   * must be served. The caller owns the descriptor. Asked of read-only mounts only.
+   * must be served. The caller owns the descriptor. Asked only while no other open of the file
+   * is served; a change to the file's bytes while backed opens remain goes to a new node.
    */
   backingFd?(fh: number): Promise<number | undefined>;
   unlink(path: string): Promise<void>;

@@ -58,11 +58,14 @@ export interface MountedVolumeOptions {
   /** Chunking parameters used to re-chunk around edits; default the store's. */
   chunkParams?: ChunkParams;
   /**
-   * Whole-file copies for the kernel to read itself (`backingFd`), used by read-only mounts: a
-   * file read through one from its start is copied as it is read, and later opens read the copy.
+   * Whole-file copies for the kernel to read itself (`backingFd`): a stored file read from its
+   * start is copied as it is read, and later read-only opens of it read the copy.
    */
   copies?: FileCopyCache;
 }
+
+/** How far into a file the first read of a handle may start for its reads to make a whole copy. */
+const COPY_START_WITHIN = 8 * 2 ** 20;
 
 type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
 
@@ -83,7 +86,7 @@ interface FileHandle extends ReadAhead {
   /** What an unlinked handle still reads and writes. */
   orphan?: StagedEntry;
   flags: number;
-  /** The whole-file copy this handle's reads are writing (read-only mounts); null: none. */
+  /** The whole-file copy this handle's reads are writing; null: none. */
   fill?: CopyFill | null;
 }
 
@@ -292,7 +295,7 @@ export class MountedVolume implements MountFs {
     this.overlay = opts.repo.stage(base);
     this.staging = staging;
     this.reader = new ChunkReader(opts.repo.chunks, opts.cacheBytes, opts.readaheadBytes);
-    this.copies = this.readOnly ? opts.copies : undefined;
+    this.copies = opts.copies;
     this.labels = { mount: mountName, ...(opts.labels ?? {}) };
     this.params = opts.chunkParams ?? (opts.repo.chunks as unknown as { params?: ChunkParams }).params ?? DEFAULT_CHUNK_PARAMS;
     this.control = new ControlDir(this);
@@ -776,25 +779,25 @@ export class MountedVolume implements MountFs {
 
   /**
    * Writes what a read of a stored file returned into the file's whole copy, for a handle whose
-   * first read began at offset 0 (a reader of the whole file); a copy left incomplete when the
-   * handle is released is dropped.
+   * first read is near the start (a reader of the whole file: the kernel's parallel readahead
+   * may answer the first block after the next ones), so that the file's next opens read the
+   * copy (`backingFd`). A copy left incomplete when the handle is released is dropped.
    */
   private copyBehind(h: FileHandle, f: FileEntry, position: number, pieces: Uint8Array[]): void {
-    if (h.fill === undefined) {
-      h.fill = position === 0 ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
-      if (!h.fill) return;
-    }
-    if (!h.fill!.write(position, pieces)) h.fill = null;
+    if (h.fill === undefined) h.fill = position < COPY_START_WITHIN ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
+    if (h.fill && !h.fill.write(position, pieces)) h.fill = null;
   }
+
+
 
   /**
    * A descriptor of a local file holding exactly the bytes of open file `fh` (the caller owns
-   * it), for the kernel to read directly; undefined when the open must be served. Read-only
-   * mounts with `copies` only: the stored file's whole copy, once one is complete.
+   * it), for the kernel to read directly; undefined when the open must be served. With `copies`,
+   * for a read-only open of a stored file no change is staged for: its whole copy, once made.
    */
   async backingFd(fh: number): Promise<number | undefined> {
     const h = this.handles.get(fh);
-    if (!this.copies || !h || h.kind !== "file") return undefined;
+    if (!this.copies || !h || h.kind !== "file" || (h.flags & O_ACCMODE) !== constants.O_RDONLY) return undefined;
     const e = await this.entryOf(h).catch(() => undefined);
     if (!e || e.kind !== "file" || contentOf(e)) return undefined;
     return this.copies.open(this.copyKey(e as FileEntry));
