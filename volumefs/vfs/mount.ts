@@ -788,8 +788,6 @@ export class MountedVolume implements MountFs {
     if (h.fill && !h.fill.write(position, pieces)) h.fill = null;
   }
 
-
-
   /**
    * A descriptor of a local file holding exactly the bytes of open file `fh` (the caller owns
    * it), for the kernel to read directly; undefined when the open must be served. With `copies`,
