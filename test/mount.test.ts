@@ -575,6 +575,19 @@ describe("strata mount on the file store", () => {
   }, 180_000);
 });
 
+/** The whole-file copies under a cache's `files` directory (any boot's). */
+function copiesIn(files: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string) => {
+    for (const e of existsSync(d) ? readdirSync(d, { withFileTypes: true }) : []) {
+      if (e.isDirectory() && e.name !== "tmp") walk(join(d, e.name));
+      else if (e.isFile() && /^[0-9a-f]{64}$/.test(e.name)) out.push(e.name);
+    }
+  };
+  walk(files);
+  return out;
+}
+
 describe("whole-file copies read by the kernel (backing files)", () => {
   let e: Env;
   beforeAll(() => {
@@ -628,7 +641,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     // Served without backing files: every read of a new mount asks the mount, and a whole read
     // makes the copy (with backing files off, only the kernel's side is off).
     const files = join(e.env.STRATA_HOME!, "cache", "files");
-    const copies = () => (existsSync(files) ? readdirSync(files).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => readdirSync(join(files, d))) : []);
+    const copies = () => copiesIn(files);
     const copied = async () => {
       for (let i = 0; i < 200 && copies().length === 0; i++) await new Promise((r) => setTimeout(r, 50));
     };
@@ -653,7 +666,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await e.mount("rw", mnt);
     const f = join(mnt, "f.bin");
     const files = join(e.env.STRATA_HOME!, "cache", "files");
-    const copies = () => (existsSync(files) ? readdirSync(files).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => readdirSync(join(files, d))) : []);
+    const copies = () => copiesIn(files);
     const before = copies().length;
     expect(readFileSync(f).equals(v1)).toBe(true);
     for (let i = 0; i < 200 && copies().length === before; i++) await new Promise((r) => setTimeout(r, 50));
@@ -709,7 +722,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     const ro = join(e.base, "moving-ro");
     await e.mount("moving", ro, "--read-only");
     const files = join(e.env.STRATA_HOME!, "cache", "files");
-    const copies = () => (existsSync(files) ? readdirSync(files).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => readdirSync(join(files, d))) : []);
+    const copies = () => copiesIn(files);
     const before = copies().length;
     expect(readFileSync(join(ro, "f.bin")).equals(v1)).toBe(true);
     for (let i = 0; i < 200 && copies().length === before; i++) await new Promise((r) => setTimeout(r, 50));

@@ -1,11 +1,13 @@
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, readSync, closeSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { FileCopyCache } from "./index.js";
 
 const MiB = 2 ** 20;
+/** Where a cache under `d` keeps this boot's copies. */
+const root = (d: string) => join(d, readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim());
 
 /** Waits for the fill's writes, sync and rename to end. */
 async function settle(cache: FileCopyCache, key: string): Promise<number | undefined> {
@@ -64,7 +66,7 @@ describe("FileCopyCache", () => {
     fill.abandon();
     await new Promise((r) => setTimeout(r, 100));
     expect(cache.open(key)).toBeUndefined();
-    expect(readdirSync(join(d, "tmp"))).toEqual([]);
+    expect(readdirSync(join(root(d), "tmp"))).toEqual([]);
 
     const again = cache.startFill(key, data.length)!;
     expect(again.write(MiB, [data])).toBe(false);
@@ -75,7 +77,7 @@ describe("FileCopyCache", () => {
     expect(far.write(MiB, [data.subarray(MiB, MiB + 1024)])).toBe(false);
     await new Promise((r) => setTimeout(r, 100));
     expect(cache.open(key)).toBeUndefined();
-    expect(readdirSync(join(d, "tmp"))).toEqual([]);
+    expect(readdirSync(join(root(d), "tmp"))).toEqual([]);
   });
 
   it("copies no file under minBytes or over half the bound, and evicts the least recently opened beyond the bound", async () => {
@@ -91,8 +93,21 @@ describe("FileCopyCache", () => {
       await new Promise((r) => setTimeout(r, 20));
     }
     // 3 × 2 MiB over a 5 MiB bound: the oldest went.
-    expect(existsSync(join(d, keys[0]!.slice(0, 2), keys[0]!))).toBe(false);
+    expect(existsSync(join(root(d), keys[0]!.slice(0, 2), keys[0]!))).toBe(false);
     expect(cache.size).toBeLessThanOrEqual(5 * MiB);
-    for (const k of keys.slice(1)) expect(readFileSync(join(d, k.slice(0, 2), k)).length).toBe(2 * MiB);
+    for (const k of keys.slice(1)) expect(readFileSync(join(root(d), k.slice(0, 2), k)).length).toBe(2 * MiB);
+  });
+
+  it("uses only copies written in this boot, and removes those of earlier ones", async () => {
+    const d = dir();
+    const data = randomBytes(MiB);
+    const key = FileCopyCache.key(["e".repeat(64)]);
+    const old = join(d, "11111111-2222-3333-4444-555555555555");
+    mkdirSync(join(old, key.slice(0, 2)), { recursive: true });
+    writeFileSync(join(old, key.slice(0, 2), key), data);
+    const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });
+    expect(cache.open(key)).toBeUndefined();
+    for (let i = 0; i < 100 && existsSync(old); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(existsSync(old)).toBe(false);
   });
 });

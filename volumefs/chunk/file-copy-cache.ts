@@ -5,12 +5,15 @@
  * cache, with no request to the mount at all. A FUSE file's own page cache holds 4 KiB pages
  * only (Linux 6.18), which caps a warm read at about a third of the local disk's speed.
  *
- * Layout under `dir`: `<ab>/<key>`, a complete copy named by the file's content (`key`: blake3
- * of its chunk ids), and `tmp/` for copies being written. A copy is renamed into place only once
- * every byte is written and synced, so a name is always a whole file; writers of the same key in
- * other processes write the same bytes. A copy is not verified when the kernel reads it: its
- * bytes were verified chunk by chunk on their way in, and from then on the local disk is trusted,
- * as the page cache is.
+ * Layout under `dir`: `<boot>/<ab>/<key>`, a complete copy named by the file's content (`key`:
+ * blake3 of its chunk ids), and `<boot>/tmp/` for copies being written, where `<boot>` is the
+ * kernel's boot id. A copy is renamed into place once every byte is written, so a name is always
+ * a whole file; writers of the same key in other processes write the same bytes. Copies are not
+ * synced to the disk: they are used only in the boot that wrote them (a crash of the machine
+ * may leave a renamed file without its bytes; copies of earlier boots are removed at the first
+ * scan), which makes a copy usable as soon as its last byte is written. A copy is not verified
+ * when the kernel reads it: its bytes were verified chunk by chunk on their way in, and from
+ * then on the local disk is trusted, as the page cache is.
  *
  * Eviction: least recently opened first (the mtime, touched on an open at most once a minute),
  * beyond `maxBytes`. Sizes and recency are learned by a scan on first use and every `rescanMs`,
@@ -18,7 +21,7 @@
  * process removes is a miss, never an error.
  */
 import { closeSync, fstatSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
-import { fsync, writev } from "node:fs";
+import { readFileSync, rm, writev } from "node:fs";
 import { join } from "node:path";
 import { hash } from "blake3";
 
@@ -36,6 +39,18 @@ export interface FileCopyCacheOptions {
 }
 
 const KEY = /^[0-9a-f]{64}$/;
+const BOOT = /^[0-9a-f-]{36}$/;
+
+/** This boot's id (copies of other boots are not trusted: see the layout above). */
+function bootId(): string {
+  try {
+    const id = readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim();
+    if (BOOT.test(id)) return id;
+  } catch {
+    // not Linux
+  }
+  return "00000000-0000-0000-0000-000000000000";
+}
 const TOUCH_EVERY_MS = 60_000;
 
 export class FileCopyCache {
@@ -49,8 +64,12 @@ export class FileCopyCache {
   private lastScan = 0;
   private readonly filling = new Map<string, CopyFill>();
 
+  /** The copies of this boot: `<dir>/<boot id>`. */
+  private readonly root: string;
+
   constructor(opts: FileCopyCacheOptions) {
     this.dir = opts.dir;
+    this.root = join(opts.dir, bootId());
     this.maxBytes = opts.maxBytes;
     this.minBytes = opts.minBytes ?? 2 ** 20;
     this.maxPending = opts.maxPendingBytes ?? 64 * 2 ** 20;
@@ -63,7 +82,7 @@ export class FileCopyCache {
   }
 
   private path(key: string): string {
-    return join(this.dir, key.slice(0, 2), key);
+    return join(this.root, key.slice(0, 2), key);
   }
 
   /** A read-only descriptor of the complete copy of `key`, or undefined. The caller closes it. */
@@ -100,7 +119,7 @@ export class FileCopyCache {
     if (size < this.minBytes || size > this.maxBytes / 2 || this.filling.has(key)) return undefined;
     this.maybeScan();
     if (this.entries.has(key)) return undefined;
-    const tmpDir = join(this.dir, "tmp");
+    const tmpDir = join(this.root, "tmp");
     try {
       mkdirSync(tmpDir, { recursive: true });
       const tmp = join(tmpDir, `${key}.${process.pid}.${Math.random().toString(36).slice(2)}`);
@@ -118,7 +137,7 @@ export class FileCopyCache {
     if (this.filling.get(fill.key) === fill) this.filling.delete(fill.key);
     if (!whole) return;
     try {
-      mkdirSync(join(this.dir, fill.key.slice(0, 2)), { recursive: true });
+      mkdirSync(join(this.root, fill.key.slice(0, 2)), { recursive: true });
       renameSync(fill.tmp, this.path(fill.key));
       this.remember(fill.key, statSync(this.path(fill.key)).blocks * 512, Date.now());
       this.evict();
@@ -150,12 +169,16 @@ export class FileCopyCache {
     this.lastScan = Date.now();
     this.entries.clear();
     this.bytes = 0;
-    for (const top of readdirSafe(this.dir)) {
+    // Copies of earlier boots.
+    for (const boot of readdirSafe(this.dir)) {
+      if (BOOT.test(boot) && join(this.dir, boot) !== this.root) rm(join(this.dir, boot), { recursive: true, force: true }, () => undefined);
+    }
+    for (const top of readdirSafe(this.root)) {
       if (!/^[0-9a-f]{2}$/.test(top)) continue;
-      for (const name of readdirSafe(join(this.dir, top))) {
+      for (const name of readdirSafe(join(this.root, top))) {
         if (!KEY.test(name)) continue;
         try {
-          const st = statSync(join(this.dir, top, name));
+          const st = statSync(join(this.root, top, name));
           this.remember(name, st.blocks * 512, st.mtimeMs);
         } catch {
           // removed meanwhile
@@ -163,8 +186,8 @@ export class FileCopyCache {
       }
     }
     // Copies a killed process left half written.
-    for (const name of readdirSafe(join(this.dir, "tmp"))) {
-      const p = join(this.dir, "tmp", name);
+    for (const name of readdirSafe(join(this.root, "tmp"))) {
+      const p = join(this.root, "tmp", name);
       try {
         if (Date.now() - statSync(p).mtimeMs > 10 * 60_000) unlinkSync(p);
       } catch {
@@ -199,8 +222,8 @@ function readdirSafe(dir: string): string[] {
 
 /**
  * One copy being written: the file's bytes as reads return them, in any order (the kernel reads
- * ahead in parallel), written behind those reads; synced and renamed into place once every byte
- * of the `size` is written.
+ * ahead in parallel), written behind those reads; renamed into place once every byte of the
+ * `size` is written.
  */
 export class CopyFill {
   /** Written (or being written) byte ranges, sorted, disjoint, merged. */
@@ -282,12 +305,7 @@ export class CopyFill {
       this.cache.ended(this, false);
       return;
     }
-    fsync(this.fd, (err) => {
-      closeSync(this.fd);
-      if (err) {
-        rmSync(this.tmp, { force: true });
-        this.cache.ended(this, false);
-      } else this.cache.ended(this, true);
-    });
+    closeSync(this.fd);
+    this.cache.ended(this, true);
   }
 }
