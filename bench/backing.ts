@@ -1,10 +1,10 @@
 /**
- * Backing files (kernel FUSE passthrough) against the way the Strata mount answers reads and
- * writes today, and against raw disk, in one run: the measurement behind using backing files for
- * local bytes (staged files, whole files in the host cache). One local file is shown through a
- * minimal server over our kernel protocol code (test/support/backing-server.ts), once with each
- * open backed by the file, once answering every READ and WRITE itself (page cache kept across
- * opens, as the Strata mount does). Measured from child processes (dd), the median of 3 runs:
+ * Backing files (kernel FUSE passthrough) against a server that answers reads and writes itself,
+ * and against raw disk, in one run: the kernel's side of what the Strata mount does with its
+ * whole-file copies, without the store. One local file is shown through a minimal server over
+ * our kernel protocol code (test/support/backing-server.ts), once with each open backed by the
+ * file, once answering every READ and WRITE itself (page cache kept across opens, as the Strata
+ * mount does for files it serves). Measured from child processes (dd), the median of 3 runs:
  * - warm read: 1 GiB sequential, after a first read;
  * - small writes: 16 MiB in 4 KiB writes into the open file (one WRITE request each without backing).
  *
@@ -61,7 +61,7 @@ export async function run(): Promise<void> {
           continue;
         }
         const f = await measure(join(mnt, "big.bin"));
-        results[passthrough ? "FUSE, backing file (passthrough)" : "FUSE, served by the process (as Strata today)"] = { ...f, requests: { ...server.counts } };
+        results[passthrough ? "FUSE, backing file (passthrough)" : "FUSE, served by the process"] = { ...f, requests: { ...server.counts } };
       } finally {
         await server.unmount();
       }
