@@ -611,7 +611,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
   }
 
   /** Runs `strata mount NAME DIR ...` with `env`, reads `path` in another process, unmounts; the READ requests the mount answered. */
-  async function readThrough(name: string, dir: string, path: string, env: NodeJS.ProcessEnv, settled = async () => {}): Promise<{ bytes: Buffer; reads: number }> {
+  async function readThrough(name: string, dir: string, path: string, env: NodeJS.ProcessEnv, settled = async () => {}, more: string[] = []): Promise<{ bytes: Buffer; reads: number; stderr: string }> {
     mkdirSync(dir, { recursive: true });
     const child = spawn(process.execPath, [...CLI, "mount", name, dir, "--read-only"], { env: { ...e.env, ...env, STRATA_FUSE_STATS: "1" }, stdio: ["ignore", "ignore", "pipe"] });
     let stderr = "";
@@ -621,11 +621,15 @@ describe("whole-file copies read by the kernel (backing files)", () => {
       if (i > 1200 || child.exitCode !== null) throw new Error(`mount ${dir}: ${stderr}`);
       await new Promise((r) => setTimeout(r, 50));
     }
-    const { stdout } = await execAsync("cat", [join(dir, path)], { encoding: "buffer", maxBuffer: 64 << 20 });
+    let stdout = Buffer.alloc(0);
+    for (const p of [path, ...more]) {
+      const out = await execAsync("cat", [join(dir, p)], { encoding: "buffer", maxBuffer: 64 << 20 });
+      if (p === path) stdout = out.stdout;
+    }
     await settled();
     await e.strata("unmount", dir);
     await exited;
-    return { bytes: stdout, reads: Number(/stats: read (\d+) calls/.exec(stderr)?.[1] ?? 0) };
+    return { bytes: stdout, reads: Number(/stats: read (\d+) calls/.exec(stderr)?.[1] ?? 0), stderr };
   }
 
   it("reads a file's whole copy through the kernel once one read of it made the copy, with no READ request", async (ctx) => {
@@ -653,6 +657,38 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     const backed = await readThrough("data", dir, "big.bin", {});
     expect(backed.bytes.equals(data)).toBe(true);
     expect(backed.reads).toBe(0);
+  }, 120_000);
+
+  it("serves every read itself, with the right bytes, when the copies sit on an overlay file system the kernel will not back files with", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    const ov = join(e.base, "overlay");
+    for (const d of ["lower", "upper", "work", "merged"]) mkdirSync(join(ov, d), { recursive: true });
+    execFileSync("mount", ["-t", "overlay", "overlay", "-o", `lowerdir=${join(ov, "lower")},upperdir=${join(ov, "upper")},workdir=${join(ov, "work")}`, join(ov, "merged")]);
+    try {
+      await e.strata("volume", "create", "ovl");
+      const data = randomBytes(3 * 1024 * 1024 + 1);
+      const src = join(e.base, "ovl.bin");
+      writeFileSync(src, data);
+      await e.strata("put", "ovl", src, "f.bin");
+      writeFileSync(src, randomBytes(2 * 1024 * 1024));
+      await e.strata("put", "ovl", src, "g.bin");
+      const cache = { STRATA_CACHE_DIR: join(ov, "merged", "cache") };
+      const files = join(ov, "merged", "cache", "files");
+      const copied = async () => {
+        for (let i = 0; i < 200 && copiesIn(files).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+      };
+      const first = await readThrough("ovl", join(e.base, "ovl-ro"), "f.bin", cache, copied);
+      expect(first.bytes.equals(data)).toBe(true);
+      expect(copiesIn(files)).toHaveLength(1);
+      // Refused at f.bin's open: g.bin, read whole after it, gets no copy.
+      const second = await readThrough("ovl", join(e.base, "ovl-ro"), "f.bin", cache, async () => new Promise((r) => setTimeout(r, 300)), ["g.bin"]);
+      expect(second.bytes.equals(data)).toBe(true);
+      expect(second.reads).toBeGreaterThan(0);
+      expect(second.stderr).toMatch(/refused a backing file/);
+      expect(copiesIn(files)).toHaveLength(1);
+    } finally {
+      execFileSync("umount", ["-l", join(ov, "merged")]);
+    }
   }, 120_000);
 
   it("lets a writable mount's program write, truncate and link a file others read through its copy; they keep the old bytes", async (ctx) => {

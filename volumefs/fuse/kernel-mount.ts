@@ -783,7 +783,12 @@ export class KernelSession {
       if (fd === undefined) return openOut(fh, this.openFlags(n, path));
       try {
         n.backing = { id: this.dev.openBacking(fd), opens: 0 };
-      } catch {
+      } catch (err) {
+        // E.g. copies on an overlay file system (a container's root): the kernel takes backing
+        // files one stack level deep only. Every later open is served; this one is too.
+        this.passthrough = false;
+        this.fs.backingRefused?.();
+        process.stderr.write(`strata fuse: the kernel refused a backing file (${(err as Error).message}); this mount serves every read itself\n`);
         return openOut(fh, this.openFlags(n, path));
       } finally {
         closeSync(fd);

@@ -93,6 +93,8 @@ export interface MountFs {
    * is served; a change to the file's bytes while backed opens remain goes to a new node.
    */
   backingFd?(fh: number): Promise<number | undefined>;
+  /** Optional: the kernel refused a backing file; no more are asked for (copies made for them can stop). */
+  backingRefused?(): void;
   unlink(path: string): Promise<void>;
   mkdir(path: string, mode: number): Promise<void>;
   rmdir(path: string): Promise<void>;

@@ -275,7 +275,7 @@ export class MountedVolume implements MountFs {
   private lock: Promise<unknown> = Promise.resolve();
   private syncing: Promise<MountSyncResult> | undefined;
   private readonly reader: ChunkReader;
-  private readonly copies: FileCopyCache | undefined;
+  private copies: FileCopyCache | undefined;
   /** Copy keys of stored files' chunk lists. */
   private readonly copyKeys = new WeakMap<readonly ChunkRef[], string>();
   private readonly labels: Record<string, string>;
@@ -786,6 +786,11 @@ export class MountedVolume implements MountFs {
   private copyBehind(h: FileHandle, f: FileEntry, position: number, pieces: Uint8Array[]): void {
     if (h.fill === undefined) h.fill = position < COPY_START_WITHIN ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
     if (h.fill && !h.fill.write(position, pieces)) h.fill = null;
+  }
+
+  /** See MountFs.backingRefused: copies are made for backing files only. */
+  backingRefused(): void {
+    this.copies = undefined;
   }
 
   /**
