@@ -112,8 +112,9 @@ export class FileCopyCache {
   }
 
   /**
-   * Starts a copy of a `size`-byte file, to be given its bytes in order from offset 0; undefined
-   * when none is wanted (too small or too large, present, or being written by this process).
+   * Starts a copy of a `size`-byte file, to be given all its bytes (`CopyFill.write`, in any
+   * order); undefined when none is wanted (too small or too large, present, or being written by
+   * this process).
    */
   startFill(key: string, size: number): CopyFill | undefined {
     if (size < this.minBytes || size > this.maxBytes / 2 || this.filling.has(key)) return undefined;
