@@ -9,7 +9,7 @@
  */
 import { closeSync, openSync, readSync, statSync, writeSync, constants as FS } from "node:fs";
 import { constants } from "node:os";
-import { attrOut, cstring, entryOut, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FuseDevice, Init, INIT_EXT, Init2, MAX_IO, Op, openOut, sizeOut, u64, type KernelAttr, type Request } from "../../volumefs/fuse/kernel.js";
+import { attrOut, cstring, entryOut, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH, FuseDevice, Init, INIT_EXT, Init2, initOut, Op, openOut, sizeOut, u64, type KernelAttr, type Request } from "../../volumefs/fuse/kernel.js";
 
 const E = constants.errno;
 const ROOT = 1;
@@ -70,19 +70,18 @@ export class BackingServer {
         const flags2 = flags & INIT_EXT ? b.readUInt32LE(16) : 0;
         this.offered = (flags2 & Init2.PASSTHROUGH) !== 0;
         const take2 = this.opts.passthrough ? flags2 & Init2.PASSTHROUGH : 0;
-        const out = Buffer.alloc(64);
-        out.writeUInt32LE(7, 0);
-        out.writeUInt32LE(Math.min(b.readUInt32LE(4), 41), 4);
-        out.writeUInt32LE(b.readUInt32LE(8), 8);
-        out.writeUInt32LE((flags & (Init.ASYNC_READ | Init.BIG_WRITES | Init.MAX_PAGES | INIT_EXT)) >>> 0, 12);
-        out.writeUInt16LE(16, 16);
-        out.writeUInt16LE(12, 18);
-        out.writeUInt32LE(MAX_IO, 20);
-        out.writeUInt32LE(1, 24);
-        out.writeUInt16LE(MAX_IO / 4096, 28);
-        out.writeUInt32LE(take2, 32);
-        out.writeUInt32LE(take2 ? 1 : 0, 36); // max_stack_depth: backing files on a plain file system
-        answer(0, out);
+        answer(
+          0,
+          initOut({
+            minor: Math.min(b.readUInt32LE(4), 41),
+            maxReadahead: b.readUInt32LE(8),
+            flags: flags & (Init.ASYNC_READ | Init.BIG_WRITES | Init.MAX_PAGES | INIT_EXT),
+            flags2: take2,
+            maxStackDepth: take2 ? 1 : 0, // backing files on a plain file system
+            maxBackground: 16,
+            congestionThreshold: 12,
+          }),
+        );
         return this.inited();
       }
       case Op.LOOKUP: {

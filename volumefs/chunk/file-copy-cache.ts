@@ -76,6 +76,11 @@ export class FileCopyCache {
     this.rescanMs = opts.rescanMs ?? 60_000;
   }
 
+  /** Whether a file of `size` bytes gets a copy (cheap: callers ask before keying the file). */
+  copies(size: number): boolean {
+    return size >= this.minBytes && size <= this.maxBytes / 2;
+  }
+
   /** The key of a file's copy: blake3 of its chunk ids, in order. */
   static key(chunkIds: readonly string[]): string {
     return hash(Buffer.from(chunkIds.join(","))).toString("hex");
@@ -117,7 +122,7 @@ export class FileCopyCache {
    * this process).
    */
   startFill(key: string, size: number): CopyFill | undefined {
-    if (size < this.minBytes || size > this.maxBytes / 2 || this.filling.has(key)) return undefined;
+    if (!this.copies(size) || this.filling.has(key)) return undefined;
     this.maybeScan();
     if (this.entries.has(key)) return undefined;
     const tmpDir = join(this.root, "tmp");

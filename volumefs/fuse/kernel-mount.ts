@@ -48,6 +48,7 @@ import {
   Init,
   INIT_EXT,
   Init2,
+  initOut,
   MAX_IO,
   negativeEntryOut,
   NOTIFY_INVAL_ENTRY,
@@ -579,10 +580,8 @@ export class KernelSession {
           const path = this.childPath(parent, name);
           this.guard(path);
           // An existing file opened with backing files gets a new node (see restale).
-          if (parent.children?.get(name)?.backing) {
-            void this.invalEntry(parent, name, true);
-            this.detach(parent, name);
-          }
+          const existing = parent.children?.get(name);
+          if (existing?.backing) this.renode(existing);
           const fh = await this.fs.create(path, mode & 0o7777, flags);
           try {
             const { out, node } = await this.entry(parent, name, path, req);
@@ -806,13 +805,20 @@ export class KernelSession {
    * once, on that node. The open files keep the old bytes, as after a rename over them.
    */
   private restale(n: Node): number {
-    if (n.parent) {
-      // Sent at once, not queued: it waits for the directory's lock, which this request (and
-      // its retry, whose handler may wait for queued notifications) holds.
-      void this.invalEntry(n.parent, n.name, true);
-      this.detach(n.parent, n.name);
-    }
+    this.renode(n);
     return -E.ESTALE;
+  }
+
+  /**
+   * Gives a node's name a new node: the kernel's entry is dropped, and the next LOOKUP makes a
+   * node. The invalidation is sent at once, not queued: it waits for the directory's lock, which
+   * the request being answered (and its retry, whose handler may wait for queued notifications)
+   * holds.
+   */
+  private renode(n: Node): void {
+    if (!n.parent) return;
+    void this.invalEntry(n.parent, n.name, true);
+    this.detach(n.parent, n.name);
   }
 
   private opened(n: Node, fh: number): void {
@@ -831,22 +837,19 @@ export class KernelSession {
       return;
     }
     const want = Init.ASYNC_READ | Init.ATOMIC_O_TRUNC | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS | Init.HANDLE_KILLPRIV_V2;
-    const out = Buffer.alloc(64);
-    // Backing files (protocol 7.40, with a stack depth). STRATA_FUSE_BACKING=0 turns them off.
+    // Backing files (protocol 7.40, with a stack depth: they live on a plain file system).
+    // STRATA_FUSE_BACKING=0 turns them off.
     this.passthrough = (offered2 & Init2.PASSTHROUGH) !== 0 && this.fs.backingFd !== undefined && process.env.STRATA_FUSE_BACKING !== "0";
-    out.writeUInt32LE(7, 0);
-    out.writeUInt32LE(this.passthrough ? 41 : 31, 4);
-    out.writeUInt32LE(maxReadahead, 8);
-    out.writeUInt32LE(((offered & want) | (this.passthrough ? INIT_EXT : 0)) >>> 0, 12);
-    if (this.passthrough) {
-      out.writeUInt32LE(Init2.PASSTHROUGH, 32); // flags2
-      out.writeUInt32LE(1, 36); // max_stack_depth: backing files live on a plain file system
-    }
-    out.writeUInt16LE(64, 16); // max_background
-    out.writeUInt16LE(48, 18); // congestion_threshold
-    out.writeUInt32LE(MAX_IO, 20); // max_write
-    out.writeUInt32LE(1, 24); // time_gran: nanoseconds
-    out.writeUInt16LE(MAX_IO / 4096, 28); // max_pages
+    const pt = this.passthrough;
+    const out = initOut({
+      minor: pt ? 41 : 31,
+      maxReadahead,
+      flags: (offered & want) | (pt ? INIT_EXT : 0),
+      flags2: pt ? Init2.PASSTHROUGH : 0,
+      maxStackDepth: pt ? 1 : 0,
+      maxBackground: 64,
+      congestionThreshold: 48,
+    });
     this.dev.reply(req.unique, 0, out);
     this.resolveInit();
   }

@@ -19,6 +19,7 @@
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import { createRequire } from "node:module";
+import { getSystemErrorName } from "node:util";
 import { constants } from "node:os";
 import { Worker } from "node:worker_threads";
 import { VolumeError } from "../errors.js";
@@ -213,6 +214,37 @@ export function openOut(fh: number, flags: number, backingId = 0): Buffer {
   w64(b, fh, 0);
   b.writeUInt32LE(flags, 8);
   b.writeInt32LE(backingId, 12);
+  return b;
+}
+
+/** What an INIT reply says (`initOut`). */
+export interface InitReply {
+  minor: number;
+  maxReadahead: number;
+  /** INIT flags (the first word). */
+  flags: number;
+  /** INIT flags2 (with INIT_EXT in `flags`). */
+  flags2?: number;
+  /** Stack depth of backing files (with Init2.PASSTHROUGH). */
+  maxStackDepth?: number;
+  maxBackground: number;
+  congestionThreshold: number;
+}
+
+/** `struct fuse_init_out`: writes of up to MAX_IO, nanosecond times. */
+export function initOut(r: InitReply): Buffer {
+  const b = Buffer.alloc(64);
+  b.writeUInt32LE(MAJOR, 0);
+  b.writeUInt32LE(r.minor, 4);
+  b.writeUInt32LE(r.maxReadahead, 8);
+  b.writeUInt32LE(r.flags >>> 0, 12);
+  b.writeUInt16LE(r.maxBackground, 16);
+  b.writeUInt16LE(r.congestionThreshold, 18);
+  b.writeUInt32LE(MAX_IO, 20); // max_write
+  b.writeUInt32LE(1, 24); // time_gran: nanoseconds
+  b.writeUInt16LE(MAX_IO / 4096, 28); // max_pages
+  b.writeUInt32LE(r.flags2 ?? 0, 32);
+  b.writeUInt32LE(r.maxStackDepth ?? 0, 36);
   return b;
 }
 
@@ -902,7 +934,7 @@ function ioctls(): Ioctl {
 
 /** An Error shaped like Node's system errors, from an errno value. */
 function errnoError(errno: number, syscall: string): NodeJS.ErrnoException {
-  const name = Object.entries(E).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`;
+  const name = getSystemErrorName(-errno);
   return Object.assign(new Error(`${syscall}: ${name}`), { code: name, errno: -errno, syscall });
 }
 

@@ -784,7 +784,7 @@ export class MountedVolume implements MountFs {
    * copy (`backingFd`). A copy left incomplete when the handle is released is dropped.
    */
   private copyBehind(h: FileHandle, f: FileEntry, position: number, pieces: Uint8Array[]): void {
-    if (h.fill === undefined) h.fill = position < COPY_START_WITHIN ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
+    if (h.fill === undefined) h.fill = position < COPY_START_WITHIN && this.copies!.copies(f.size) ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
     if (h.fill && !h.fill.write(position, pieces)) h.fill = null;
   }
 
@@ -802,7 +802,7 @@ export class MountedVolume implements MountFs {
     const h = this.handles.get(fh);
     if (!this.copies || !h || h.kind !== "file" || (h.flags & O_ACCMODE) !== constants.O_RDONLY) return undefined;
     const e = await this.entryOf(h).catch(() => undefined);
-    if (!e || e.kind !== "file" || contentOf(e)) return undefined;
+    if (!e || e.kind !== "file" || contentOf(e) || !this.copies.copies((e as FileEntry).size)) return undefined;
     return this.copies.open(this.copyKey(e as FileEntry));
   }
 
