@@ -588,6 +588,18 @@ function copiesIn(files: string): string[] {
   return out;
 }
 
+/** Waits (up to 10 s) until `files` holds at least `count` copies. */
+async function waitForCopies(files: string, count: number): Promise<void> {
+  for (let i = 0; i < 200 && copiesIn(files).length < count; i++) await new Promise((r) => setTimeout(r, 50));
+}
+
+/** Asserts that `fd` reads exactly `want` from offset 0. */
+function expectReads(fd: number, want: Buffer): void {
+  const b = Buffer.alloc(want.length + 10);
+  expect(readSync(fd, b, 0, b.length, 0)).toBe(want.length);
+  expect(b.subarray(0, want.length).equals(want)).toBe(true);
+}
+
 describe("whole-file copies read by the kernel (backing files)", () => {
   let e: Env;
   beforeAll(() => {
@@ -596,6 +608,13 @@ describe("whole-file copies read by the kernel (backing files)", () => {
   afterAll(async () => {
     await e?.cleanup();
   });
+
+  /** Puts `bytes` at `path` of `volume` (a new version) through `strata put`. */
+  async function put(volume: string, path: string, bytes: Buffer): Promise<void> {
+    const src = join(e.base, `${volume}.src`);
+    writeFileSync(src, bytes);
+    await e.strata("put", volume, src, path);
+  }
 
   /** Whether this kernel offers FUSE backing files (asked through a probe mount served here). */
   let offered: boolean | undefined;
@@ -637,22 +656,16 @@ describe("whole-file copies read by the kernel (backing files)", () => {
 
     await e.strata("volume", "create", "data");
     const data = randomBytes(5 * 1024 * 1024 + 4321);
-    const src = join(e.base, "big.bin");
-    writeFileSync(src, data);
-    await e.strata("put", "data", src, "big.bin");
+    await put("data", "big.bin", data);
     const dir = join(e.base, "ro");
 
     // Served without backing files: every read of a new mount asks the mount, and a whole read
     // makes the copy (with backing files off, only the kernel's side is off).
     const files = join(e.env.STRATA_HOME!, "cache", "files");
-    const copies = () => copiesIn(files);
-    const copied = async () => {
-      for (let i = 0; i < 200 && copies().length === 0; i++) await new Promise((r) => setTimeout(r, 50));
-    };
-    const served = await readThrough("data", dir, "big.bin", { STRATA_FUSE_BACKING: "0" }, copied);
+    const served = await readThrough("data", dir, "big.bin", { STRATA_FUSE_BACKING: "0" }, () => waitForCopies(files, 1));
     expect(served.bytes.equals(data)).toBe(true);
     expect(served.reads).toBeGreaterThan(0);
-    expect(copies()).toHaveLength(1);
+    expect(copiesIn(files)).toHaveLength(1);
 
     const backed = await readThrough("data", dir, "big.bin", {});
     expect(backed.bytes.equals(data)).toBe(true);
@@ -667,17 +680,11 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     try {
       await e.strata("volume", "create", "ovl");
       const data = randomBytes(3 * 1024 * 1024 + 1);
-      const src = join(e.base, "ovl.bin");
-      writeFileSync(src, data);
-      await e.strata("put", "ovl", src, "f.bin");
-      writeFileSync(src, randomBytes(2 * 1024 * 1024));
-      await e.strata("put", "ovl", src, "g.bin");
+      await put("ovl", "f.bin", data);
+      await put("ovl", "g.bin", randomBytes(2 * 1024 * 1024));
       const cache = { STRATA_CACHE_DIR: join(ov, "merged", "cache") };
       const files = join(ov, "merged", "cache", "files");
-      const copied = async () => {
-        for (let i = 0; i < 200 && copiesIn(files).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
-      };
-      const first = await readThrough("ovl", join(e.base, "ovl-ro"), "f.bin", cache, copied);
+      const first = await readThrough("ovl", join(e.base, "ovl-ro"), "f.bin", cache, () => waitForCopies(files, 1));
       expect(first.bytes.equals(data)).toBe(true);
       expect(copiesIn(files)).toHaveLength(1);
       // Refused at f.bin's open: g.bin, read whole after it, gets no copy.
@@ -695,29 +702,21 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     if (!(await backingOffered())) ctx.skip();
     await e.strata("volume", "create", "rw");
     const v1 = randomBytes(2 * 1024 * 1024 + 5);
-    const src = join(e.base, "rw.bin");
-    writeFileSync(src, v1);
-    await e.strata("put", "rw", src, "f.bin");
+    await put("rw", "f.bin", v1);
     const mnt = join(e.base, "rw-mnt");
     await e.mount("rw", mnt);
     const f = join(mnt, "f.bin");
     const files = join(e.env.STRATA_HOME!, "cache", "files");
-    const copies = () => copiesIn(files);
-    const before = copies().length;
+    const before = copiesIn(files).length;
     expect(readFileSync(f).equals(v1)).toBe(true);
-    for (let i = 0; i < 200 && copies().length === before; i++) await new Promise((r) => setTimeout(r, 50));
-    expect(copies()).toHaveLength(before + 1);
-    const readOld = (fd: number, want: Buffer) => {
-      const b = Buffer.alloc(want.length + 10);
-      expect(readSync(fd, b, 0, b.length, 0)).toBe(want.length);
-      expect(b.subarray(0, want.length).equals(want)).toBe(true);
-    };
+    await waitForCopies(files, before + 1);
+    expect(copiesIn(files)).toHaveLength(before + 1);
 
     const fd1 = openSync(f, "r"); // backed by the copy
     try {
       writeFileSync(f, "new bytes\n"); // open O_TRUNC: the kernel retries it on a new node
       expect(readFileSync(f, "utf8")).toBe("new bytes\n");
-      readOld(fd1, v1);
+      expectReads(fd1, v1);
     } finally {
       closeSync(fd1);
     }
@@ -728,19 +727,18 @@ describe("whole-file copies read by the kernel (backing files)", () => {
 
     // truncate(2) and link(2) of a file open through its copy.
     const v3 = randomBytes(3 * 1024 * 1024);
-    writeFileSync(src, v3);
-    await e.strata("put", "rw", src, "g.bin");
+    await put("rw", "g.bin", v3);
     await e.strata("reload", mnt);
     const g = join(mnt, "g.bin");
     expect(readFileSync(g).equals(v3)).toBe(true); // makes the copy
-    for (let i = 0; i < 200 && copies().length === before + 1; i++) await new Promise((r) => setTimeout(r, 50));
+    await waitForCopies(files, before + 2);
     const fd2 = openSync(g, "r");
     try {
       linkSync(g, join(mnt, "g2.bin"));
       truncateSync(g, 10);
       expect(readFileSync(g).equals(v3.subarray(0, 10))).toBe(true);
       expect(lstatSync(g).size).toBe(10);
-      readOld(fd2, v3);
+      expectReads(fd2, v3);
     } finally {
       closeSync(fd2);
     }
@@ -752,26 +750,20 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await e.strata("volume", "create", "moving");
     const v1 = randomBytes(2 * 1024 * 1024);
     const v2 = randomBytes(3 * 1024 * 1024);
-    const src = join(e.base, "moving.bin");
-    writeFileSync(src, v1);
-    await e.strata("put", "moving", src, "f.bin");
+    await put("moving", "f.bin", v1);
     const ro = join(e.base, "moving-ro");
     await e.mount("moving", ro, "--read-only");
     const files = join(e.env.STRATA_HOME!, "cache", "files");
-    const copies = () => copiesIn(files);
-    const before = copies().length;
+    const before = copiesIn(files).length;
     expect(readFileSync(join(ro, "f.bin")).equals(v1)).toBe(true);
-    for (let i = 0; i < 200 && copies().length === before; i++) await new Promise((r) => setTimeout(r, 50));
-    expect(copies()).toHaveLength(before + 1);
+    await waitForCopies(files, before + 1);
+    expect(copiesIn(files)).toHaveLength(before + 1);
     const fd = openSync(join(ro, "f.bin"), "r"); // backed by the copy of v1
     try {
-      writeFileSync(src, v2);
-      await e.strata("put", "moving", src, "f.bin");
+      await put("moving", "f.bin", v2);
       await e.strata("reload", ro);
       expect(readFileSync(join(ro, "f.bin")).equals(v2)).toBe(true);
-      const old = Buffer.alloc(v1.length + 10);
-      expect(readSync(fd, old, 0, old.length, 0)).toBe(v1.length);
-      expect(old.subarray(0, v1.length).equals(v1)).toBe(true);
+      expectReads(fd, v1);
     } finally {
       closeSync(fd);
     }
