@@ -770,6 +770,51 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     expect(readFileSync(join(ro, "f.bin")).equals(v2)).toBe(true);
     await e.unmount(ro);
   }, 120_000);
+
+  it("keeps a file read whole in its copy, not also in the chunk cache, and reads the copy for an open the kernel does not back", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    await e.strata("volume", "create", "once");
+    const data = randomBytes(4 * 1024 * 1024 + 77);
+    await put("once", "f.bin", data);
+    const mnt = join(e.base, "once-mnt");
+    const files = join(e.env.STRATA_HOME!, "cache", "files");
+    const packs = join(e.env.STRATA_HOME!, "cache", "packs");
+    const packBytes = () => {
+      let n = 0;
+      const walk = (d: string) => {
+        for (const x of existsSync(d) ? readdirSync(d, { withFileTypes: true }) : []) {
+          if (x.isDirectory()) walk(join(d, x.name));
+          else n += lstatSync(join(d, x.name)).blocks * 512;
+        }
+      };
+      walk(packs);
+      return n;
+    };
+    await e.mount("once", mnt);
+    const before = { copies: copiesIn(files).length, packs: packBytes() };
+    expect(readFileSync(join(mnt, "f.bin")).equals(data)).toBe(true);
+    await waitForCopies(files, before.copies + 1);
+    expect(copiesIn(files)).toHaveLength(before.copies + 1);
+    expect(packBytes() - before.packs).toBeLessThan(256 * 1024);
+    await e.unmount(mnt);
+
+    // With the store's packs gone, the chunks can come from nowhere but the copy: a write open
+    // (which the kernel never backs) of a fresh mount reads the file from it.
+    const objects = join(e.env.STRATA_HOME!, "objects");
+    renameSync(join(objects, "packs"), join(objects, "packs.away"));
+    try {
+      await e.mount("once", mnt);
+      const fd = openSync(join(mnt, "f.bin"), "r+");
+      try {
+        expectReads(fd, data);
+      } finally {
+        closeSync(fd);
+      }
+      await e.unmount(mnt);
+    } finally {
+      renameSync(join(objects, "packs.away"), join(objects, "packs"));
+    }
+  }, 120_000);
 });
 
 describe("strata mount on S3", () => {

@@ -561,8 +561,11 @@ export class ChunkStore {
     return this.writing.get(id) ?? this.inflight.get(id);
   }
 
-  /** The bytes of each of `ids` from the cache, else from their packs. Throws NOT_FOUND for an id the index does not know. */
-  private async load(ids: string[]): Promise<Map<string, Uint8Array>> {
+  /**
+   * The bytes of each of `ids` from the cache, else from their packs (written to the cache unless
+   * `keep` is false). Throws NOT_FOUND for an id the index does not know.
+   */
+  private async load(ids: string[], keep = true): Promise<Map<string, Uint8Array>> {
     const locs = await this.meta.getChunks(ids);
     const unknown = ids.find((id) => !locs.has(id));
     if (unknown) throw VolumeError.NOT_FOUND(`chunk ${unknown}`, { op: "read chunk" });
@@ -575,7 +578,7 @@ export class ChunkStore {
         else absent.push(loc);
       }),
     );
-    for (const c of await this.fetch(absent)) found.set(c.id, c.data);
+    for (const c of await this.fetch(absent, keep)) found.set(c.id, c.data);
     return found;
   }
 
@@ -634,12 +637,12 @@ export class ChunkStore {
     return ranges;
   }
 
-  /** Fetches the located chunks with coalesced ranged GETs in parallel, verifies and caches them. */
-  private async fetch(locs: ChunkLocation[]): Promise<{ id: string; data: Uint8Array }[]> {
+  /** Fetches the located chunks with coalesced ranged GETs in parallel, verifies them, and caches them when `keep`. */
+  private async fetch(locs: ChunkLocation[], keep = true): Promise<{ id: string; data: Uint8Array }[]> {
     const limiter = new Limiter(this.readConcurrency);
     const ranges = this.coalesce(locs);
     const parts = await Promise.all(ranges.map((r) => limiter.run(() => this.fetchRange(r))));
-    ranges.forEach((r, k) => this.cacheBehind(r, parts[k]!.bytes, parts[k]!.chunks));
+    if (keep) ranges.forEach((r, k) => this.cacheBehind(r, parts[k]!.bytes, parts[k]!.chunks));
     return parts.flatMap((p) => p.chunks);
   }
 
@@ -693,9 +696,10 @@ export class ChunkStore {
    * The bytes of each chunk of `refs`, by id: from memory when a read or cache write of it is
    * running, else the cache, else in parallel from their packs (adjacent chunks of one pack in one
    * ranged GET). Throws NOT_FOUND / CORRUPT as `read` does, and CORRUPT when a chunk's length is
-   * not the one its ref gives.
+   * not the one its ref gives. With `keep: false` chunks fetched from packs are not written to the
+   * cache: the caller keeps them elsewhere (a whole-file copy).
    */
-  async readChunks(refs: readonly ChunkRef[]): Promise<Map<string, Uint8Array>> {
+  async readChunks(refs: readonly ChunkRef[], opts: { keep?: boolean } = {}): Promise<Map<string, Uint8Array>> {
     const got = new Map<string, Uint8Array>();
     const missing: string[] = [];
     const waits: Promise<void>[] = [];
@@ -706,7 +710,7 @@ export class ChunkStore {
     }
     await Promise.all(waits);
     if (missing.length > 0) {
-      const p = this.load(missing);
+      const p = this.load(missing, opts.keep !== false);
       for (const id of missing) this.track(id, p.then((m) => m.get(id)!));
       for (const [id, data] of await p) got.set(id, data);
     }

@@ -19,7 +19,7 @@
  * the rest from the base chunks; sync re-chunks only around the written ranges.
  */
 import { randomBytes } from "node:crypto";
-import { constants } from "node:fs";
+import { close as closeFd, constants, read as readFd } from "node:fs";
 import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
@@ -88,6 +88,10 @@ interface FileHandle extends ReadAhead {
   flags: number;
   /** The whole-file copy this handle's reads are writing; null: none. */
   fill?: CopyFill | null;
+  /** A read-only descriptor of the whole copy this handle's reads come from; null: none. */
+  copy?: number | null;
+  /** The chunks of the stored file that `fill` or `copy` holds. */
+  copied?: readonly ChunkRef[];
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
@@ -151,7 +155,7 @@ export class ChunkReader {
     return s;
   }
 
-  private fetch(chunks: readonly ChunkRef[], from: number, to: number): void {
+  private fetch(chunks: readonly ChunkRef[], from: number, to: number, keep: boolean): void {
     let i = from;
     while (i < to) {
       while (i < to && this.cache.has(chunks[i]!.id)) i++;
@@ -160,7 +164,7 @@ export class ChunkReader {
       let total = 0;
       while (j < to && !this.cache.has(chunks[j]!.id) && total < 8 << 20) total += chunks[j++]!.length;
       const run = chunks.slice(i, j);
-      const all = this.store.readChunks(run);
+      const all = this.store.readChunks(run, { keep });
       for (const c of run) {
         const p = all.then((m) => m.get(c.id)!);
         p.catch(() => this.drop(c.id, p));
@@ -185,9 +189,10 @@ export class ChunkReader {
    * Bytes [offset, offset+length) of a stored file (shorter at its end), as views of its chunks
    * in order. With `ra`, a read that
    * starts where the previous one ended counts as sequential and prefetches the next chunks in
-   * the background, up to `maxAhead` bytes.
+   * the background, up to `maxAhead` bytes. Chunks fetched from packs go to the host's chunk
+   * cache unless `keep` is false (the caller writes them to a whole-file copy).
    */
-  async readv(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array[]> {
+  async readv(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead, keep = true): Promise<Uint8Array[]> {
     const end = Math.min(size, offset + length);
     if (end <= offset) return [];
     const s = this.starts(chunks);
@@ -200,7 +205,7 @@ export class ChunkReader {
     }
     let last = lo;
     while (last + 1 < chunks.length && s[last + 1]! < end) last++;
-    this.fetch(chunks, lo, last + 1);
+    this.fetch(chunks, lo, last + 1, keep);
     if (ra) {
       ra.seq = offset === ra.next ? ra.seq + 1 : 0;
       ra.next = end;
@@ -216,7 +221,7 @@ export class ChunkReader {
           while (from < chunks.length && s[from]! < issued) from++;
           let to = from;
           while (to < chunks.length && s[to]! < end + window) to++;
-          this.fetch(chunks, from, to);
+          this.fetch(chunks, from, to, keep);
           ra.ahead = s[to]!;
         }
       }
@@ -763,8 +768,14 @@ export class MountedVolume implements MountFs {
     if (c) return [await c.read(position, length, this.readChunks)];
     if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
     const f = e as FileEntry;
-    const pieces = await this.reader.readv(f.chunks, f.size, position, length, h);
-    if (this.copies && h.fill !== null) this.copyBehind(h, f, position, pieces);
+    if (this.copies) {
+      const copied = await this.readCopy(h, f, position, length);
+      if (copied) return copied;
+    }
+    const fill = this.fill(h, f, position);
+    // The copy keeps what it is filled with: the host's chunk cache need not write it too.
+    const pieces = await this.reader.readv(f.chunks, f.size, position, length, h, !fill);
+    if (fill && h.fill === fill && !fill.write(position, pieces)) h.fill = null;
     return pieces;
   }
 
@@ -778,14 +789,53 @@ export class MountedVolume implements MountFs {
   }
 
   /**
-   * Writes what a read of a stored file returned into the file's whole copy, for a handle whose
-   * first read is near the start (a reader of the whole file: the kernel's parallel readahead
-   * may answer the first block after the next ones), so that the file's next opens read the
-   * copy (`backingFd`). A copy left incomplete when the handle is released is dropped.
+   * The whole copy of `f` that `h`'s reads fill, if any: one is started for a handle whose first
+   * read is near the start (a reader of the whole file: the kernel's parallel readahead may
+   * answer the first block after the next ones), so that the file's next opens read the copy
+   * (`backingFd`). A copy left incomplete when the handle is released is dropped.
    */
-  private copyBehind(h: FileHandle, f: FileEntry, position: number, pieces: Uint8Array[]): void {
-    if (h.fill === undefined) h.fill = position < COPY_START_WITHIN && this.copies!.copies(f.size) ? (this.copies!.startFill(this.copyKey(f), f.size) ?? null) : null;
-    if (h.fill && !h.fill.write(position, pieces)) h.fill = null;
+  private fill(h: FileHandle, f: FileEntry, position: number): CopyFill | null {
+    if (!this.copies) return null;
+    if (h.fill === undefined) {
+      h.fill = position < COPY_START_WITHIN && this.copies.copies(f.size) ? (this.copies.startFill(this.copyKey(f), f.size) ?? null) : null;
+      h.copied = f.chunks;
+    }
+    return h.fill;
+  }
+
+  /**
+   * Bytes of `f` from its whole copy, for a handle the kernel does not read through a backing
+   * file (a write open of an unchanged file, or an open while the node is served); undefined when
+   * there is no copy. The copy is the one the handle found at its first read.
+   */
+  private async readCopy(h: FileHandle, f: FileEntry, position: number, length: number): Promise<Uint8Array[] | undefined> {
+    // A reload (or another mount's write) changed the file under the handle: its copy or fill is
+    // of other bytes.
+    if (h.copied !== undefined && h.copied !== f.chunks) this.dropCopy(h);
+    if (h.copy === undefined) {
+      h.copy = (h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.open(this.copyKey(f)) : undefined) ?? null;
+      h.copied = f.chunks;
+    }
+    if (h.copy === null) return undefined;
+    const n = Math.max(0, Math.min(length, f.size - position));
+    const buf = Buffer.allocUnsafe(n);
+    let at = 0;
+    while (at < n) {
+      const got = await new Promise<number>((res) => readFd(h.copy!, buf, at, n - at, position + at, (err, k) => res(err ? 0 : k)));
+      if (got === 0) break;
+      at += got;
+    }
+    if (at === n) return [buf];
+    this.dropCopy(h); // shorter than the file (or unreadable): read the chunks
+    h.copy = null;
+    return undefined;
+  }
+
+  /** Ends `h`'s fill and closes its copy. */
+  private dropCopy(h: FileHandle): void {
+    h.fill?.abandon();
+    if (typeof h.copy === "number") closeFd(h.copy, () => undefined);
+    h.fill = h.copy = h.copied = undefined;
   }
 
   /** See MountFs.backingRefused: copies are made for backing files only. */
@@ -879,7 +929,7 @@ export class MountedVolume implements MountFs {
   async release(fh: number): Promise<void> {
     const h = this.handle(fh);
     this.handles.delete(fh);
-    if (h.kind === "file" && h.fill) h.fill.abandon();
+    if (h.kind === "file") this.dropCopy(h);
   }
 
   /** Removes a file or symlink; open handles keep reading and writing it. */
@@ -1216,6 +1266,7 @@ export class MountedVolume implements MountFs {
     if (this.syncing) await this.syncing.catch(() => undefined);
     await this.lock.catch(() => undefined);
     this.closed = true;
+    for (const h of this.handles.values()) if (h.kind === "file") this.dropCopy(h);
     this.handles.clear();
     this.staging?.close();
   }
