@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { createServer, type Server } from "node:net";
 import { describe, it, expect, afterAll } from "vitest";
 import { makeTestS3Store, s3Skipped, s3TestConfig } from "../../test/support/s3.js";
@@ -36,6 +37,49 @@ maybe("S3ObjectStore against Ceph RGW", () => {
     expect((err as { hint?: string }).hint).toMatch(/bucket/);
     await expect(s.put("x", new Uint8Array(1))).rejects.toMatchObject({ code: "NOT_FOUND" });
     s.close();
+  });
+
+  it("receives ranged GETs of 1 MiB and more on a worker thread, with the bytes and errors of the SDK's own GETs", async () => {
+    const fx = await makeTestS3Store({ prefix: "worker gets" });
+    const cfg = s3TestConfig();
+    const s = S3ObjectStore.fromUrl(`s3://${fx.bucket}/worker gets`, cfg);
+    const sdkOnly = S3ObjectStore.fromUrl(`s3://${fx.bucket}/worker gets`, { ...cfg, workerGetBytes: Infinity });
+    try {
+      const data = randomBytes(3 * 2 ** 20 + 17);
+      const key = "odd names/a b!(c)*'.bin";
+      await s.put(key, data);
+      const ranges = [
+        { offset: 0, length: data.length },
+        { offset: 2 ** 20 + 3, length: 2 ** 20 },
+        { offset: data.length - 2 ** 19, length: 2 ** 20 }, // runs past the end: the bytes there are
+      ];
+      for (const r of ranges) {
+        const want = data.subarray(r.offset, r.offset + r.length);
+        expect(Buffer.from(await s.get(key, r)).equals(want)).toBe(true);
+        expect(Buffer.from(await sdkOnly.get(key, r)).equals(want)).toBe(true);
+      }
+      expect(s.fetcher!.served).toBe(ranges.length);
+      expect(sdkOnly.fetcher).toBeUndefined();
+      // Small ranges stay on the SDK.
+      expect(Buffer.from(await s.get(key, { offset: 5, length: 100 })).equals(data.subarray(5, 105))).toBe(true);
+      expect(s.fetcher!.served).toBe(ranges.length);
+
+      // What the worker cannot answer plainly goes through the SDK, errors included.
+      await expect(s.get("no such key", { offset: 0, length: 2 ** 20 })).rejects.toMatchObject({ code: "NOT_FOUND" });
+      const bad = S3ObjectStore.fromUrl(`s3://${fx.bucket}/worker gets`, { ...cfg, secretAccessKey: "wrong-secret" });
+      await expect(bad.get(key, { offset: 0, length: 2 ** 20 })).rejects.toMatchObject({ code: "ACCESS_DENIED" });
+      expect(bad.fetcher!.served).toBe(0);
+      bad.close();
+
+      // A worker gone (stopped here; a crash ends the same way) leaves the SDK to answer.
+      await s.fetcher!.close();
+      expect(Buffer.from(await s.get(key, ranges[1]!)).equals(data.subarray(ranges[1]!.offset, ranges[1]!.offset + 2 ** 20))).toBe(true);
+      expect(s.fetcher!.served).toBe(ranges.length);
+    } finally {
+      s.close();
+      sdkOnly.close();
+      await fx.cleanup();
+    }
   });
 
   it("aborts a failed multipart upload and leaves nothing behind", async () => {
@@ -83,6 +127,24 @@ describe("S3ObjectStore without a server", () => {
     const s = S3ObjectStore.fromUrl("s3://b/", { endpoint: `http://127.0.0.1:${port}`, accessKeyId: "a", secretAccessKey: "b" });
     await expect(s.get("x")).rejects.toMatchObject({ code: "STORE_UNREACHABLE", retryable: true });
     await expect(s.get("x", { offset: 0, length: 100 })).rejects.toMatchObject({ code: "STORE_UNREACHABLE", retryable: true });
+    s.close();
+    cut.close();
+  });
+
+  it("fails a large ranged GET whose body ends early, whether the worker or the SDK receives it", async () => {
+    let requests = 0;
+    const cut = createServer((sock) => {
+      sock.once("data", () => {
+        requests++;
+        sock.write("HTTP/1.1 206 Partial Content\r\nContent-Length: 2097152\r\nContent-Range: bytes 0-2097151/4194304\r\n\r\n" + "x".repeat(1000));
+        setTimeout(() => sock.destroy(), 20);
+      });
+    });
+    const port = await new Promise<number>((r) => cut.listen(0, "127.0.0.1", () => r((cut.address() as { port: number }).port)));
+    const s = S3ObjectStore.fromUrl("s3://b/", { endpoint: `http://127.0.0.1:${port}`, accessKeyId: "a", secretAccessKey: "b" });
+    await expect(s.get("x", { offset: 0, length: 2 ** 21 })).rejects.toMatchObject({ code: "STORE_UNREACHABLE", retryable: true });
+    expect(requests).toBe(2); // the worker's, then the SDK's
+    expect(s.fetcher!.served).toBe(0);
     s.close();
     cut.close();
   });

@@ -27,6 +27,7 @@ import {
   type CompletedPart,
 } from "@aws-sdk/client-s3";
 import { VolumeError } from "../errors.js";
+import { RangeFetcher } from "./range-fetcher.js";
 import { checkKey, checkRange } from "./keys.js";
 import type { ByteRange, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
 
@@ -63,6 +64,11 @@ export interface S3ObjectStoreOptions {
   unsignedPayload?: boolean;
   /** Time a request may sit without socket activity, in ms; default 60 000. */
   requestTimeoutMs?: number;
+  /**
+   * Ranged GETs of at least this many bytes are received on a worker thread (`RangeFetcher`);
+   * default 1 MiB, Infinity for never. Only with an explicit `endpoint`.
+   */
+  workerGetBytes?: number;
 }
 
 interface S3ErrorShape {
@@ -202,6 +208,9 @@ export class S3ObjectStore implements ObjectStore {
   private readonly partSize: number;
   private readonly partConcurrency: number;
   private readonly partAttempts: number;
+  /** Receives large ranged GETs off the main thread; undefined without an explicit endpoint. */
+  readonly fetcher: RangeFetcher | undefined;
+  private readonly workerGetBytes: number;
 
   private constructor(bucket: string, prefix: string, opts: S3ObjectStoreOptions) {
     this.bucket = bucket;
@@ -232,6 +241,17 @@ export class S3ObjectStore implements ObjectStore {
         requestTimeout: opts.requestTimeoutMs ?? 60_000,
       },
     });
+    this.workerGetBytes = opts.workerGetBytes ?? 2 ** 20;
+    if (opts.endpoint !== undefined && this.workerGetBytes !== Infinity) {
+      const client = this.client;
+      this.fetcher = new RangeFetcher({
+        endpoint: opts.endpoint,
+        region: opts.region ?? "us-east-1",
+        credentials: () => client.config.credentials(),
+        maxSockets,
+        timeoutMs: opts.requestTimeoutMs,
+      });
+    }
     if (opts.unsignedPayload !== false) {
       // SigV4 over plain HTTP hashes every body with SHA-256 on the calling thread (~2 s of CPU per
       // GiB here). Strata names every pack, tree and version by the blake3 hash of its bytes and
@@ -285,6 +305,7 @@ export class S3ObjectStore implements ObjectStore {
   /** Closes the client's sockets; the store must not be used afterwards. */
   close(): void {
     this.client.destroy();
+    void this.fetcher?.close();
   }
 
   /** PutObject; with `ifNoneMatch` sends If-None-Match: * (412 → PRECONDITION_FAILED). */
@@ -433,6 +454,10 @@ export class S3ObjectStore implements ObjectStore {
         return new Uint8Array(0);
       }
       Range = `bytes=${range.offset}-${range.offset + range.length - 1}`;
+      if (this.fetcher && range.length >= this.workerGetBytes) {
+        const got = await this.fetcher.get(this.bucket, this.prefix + key, range.offset, range.length);
+        if (got) return got;
+      }
     }
     try {
       const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key, Range }));
