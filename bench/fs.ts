@@ -536,8 +536,8 @@ export async function run(): Promise<unknown> {
       `write+sync ${pct(st.writeSync?.seconds, rawWriteUpload).toFixed(0)}% of raw disk write plus raw PUT (target ≥ 50%)`,
       `${st.creates?.seconds ? Math.round(FILES / st.creates.seconds) : "n/a"} creates/s (target ≥ 1000)`,
       `${st.stats?.seconds ? Math.round(FILES / st.stats.seconds) : "n/a"} stats/s (target ≥ 20000)`,
-      `developer workload ${st.dev?.seconds && rawDisk.dev?.seconds ? (st.dev.seconds / rawDisk.dev.seconds).toFixed(2) : "n/a"}× raw disk (target ≤ 3×), ` +
-        peers.map((p) => `${p.name} ${p.dev?.seconds ? `${p.dev.seconds.toFixed(1)} s` : fmt(p.dev, secs)}`).join(", "),
+      `developer workload ${st.dev?.seconds && rawDisk.dev?.seconds ? (st.dev.seconds / rawDisk.dev.seconds).toFixed(2) : "n/a"}× raw disk (target ≤ 3×)` +
+        (peers.length > 0 ? `, peers: ${peers.map((p) => `${p.name} ${p.dev?.seconds ? `${p.dev.seconds.toFixed(1)} s` : fmt(p.dev, secs)}`).join(", ")}` : " (peers not run)"),
     );
   }
   const note =

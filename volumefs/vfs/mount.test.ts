@@ -1,9 +1,11 @@
 import { constants, mkdtempSync, writeFileSync, readFileSync, mkdirSync, rmSync, existsSync } from "node:fs";
 import * as fs from "node:fs";
+import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { SqliteMetadataStore } from "../../metadata/index.js";
+import { FileCopyCache } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import { MemoryObjectStore, type ObjectStore } from "../object/index.js";
 import { MountedVolume, type MountedVolumeOptions } from "./mount.js";
@@ -276,6 +278,35 @@ describe("MountedVolume", () => {
     const m2 = await open();
     expect(await m2.readdir("/")).toEqual(["f", "g"]);
     await m2.close();
+  });
+
+  it("keeps no whole-file copy of a file a reload changed while a handle was reading it into one", async () => {
+    const { open, repo, dir } = await setup();
+    const files = join(dir, "files");
+    const m = await open({ copies: new FileCopyCache({ dir: files, maxBytes: 64 << 20 }) });
+    const v1 = randomBytes(3 << 20);
+    const v2 = randomBytes(3 << 20);
+    await writeFile(m, "/f", v1);
+    await m.sync();
+    const next = repo.stage(await repo.resolve("v"));
+    await next.put(["f"], { kind: "file", name: "f", mode: 0o644, mtime: 1, size: v2.length, pending: { kind: "bytes", data: v2 } });
+    await repo.sync("v", await repo.resolve("v"), next);
+
+    const fh = await m.open("/f", O_RDONLY);
+    expect(Buffer.from(await m.read(fh, 1 << 20, 0)).equals(v1.subarray(0, 1 << 20))).toBe(true); // starts a copy of v1
+    await m.reload();
+    // The handle follows its path: the rest is v2's.
+    expect(Buffer.from(await m.read(fh, 2 << 20, 1 << 20)).equals(v2.subarray(1 << 20))).toBe(true);
+    await m.release(fh);
+    await m.close();
+    // A whole copy is renamed into place once its writes end.
+    const writing = () => fs.readdirSync(files, { recursive: true, encoding: "utf8" }).filter((p) => /(^|\/)tmp\/./.test(p));
+    for (let i = 0; i < 100 && writing().length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    const kept = fs.existsSync(files) ? fs.readdirSync(files, { recursive: true, withFileTypes: true }).filter((e) => e.isFile() && /^[0-9a-f]{64}$/.test(e.name)) : [];
+    for (const e of kept) {
+      const bytes = readFileSync(join(e.parentPath ?? e.path, e.name));
+      expect(bytes.equals(v1) || bytes.equals(v2)).toBe(true);
+    }
   });
 });
 
