@@ -88,10 +88,17 @@ interface FileHandle extends ReadAhead {
   flags: number;
   /** The whole-file copy this handle's reads are writing; null: none. */
   fill?: CopyFill | null;
-  /** A read-only descriptor of the whole copy this handle's reads come from; null: none. */
-  copy?: number | null;
+  /** The whole copy this handle's reads come from; null: none. */
+  copy?: CopyReader | null;
   /** The chunks of the stored file that `fill` or `copy` holds. */
   copied?: readonly ChunkRef[];
+}
+
+/** A read-only descriptor of a whole copy, closed once dropped and no read is using it (never while one is: its number could be reused). */
+interface CopyReader {
+  fd: number;
+  reads: number;
+  dropped: boolean;
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
@@ -813,28 +820,41 @@ export class MountedVolume implements MountFs {
     // of other bytes.
     if (h.copied !== undefined && h.copied !== f.chunks) this.dropCopy(h);
     if (h.copy === undefined) {
-      h.copy = (h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.open(this.copyKey(f)) : undefined) ?? null;
+      const fd = h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.open(this.copyKey(f)) : undefined;
+      h.copy = fd === undefined ? null : { fd, reads: 0, dropped: false };
       h.copied = f.chunks;
     }
-    if (h.copy === null) return undefined;
+    const c = h.copy;
+    if (c === null) return undefined;
     const n = Math.max(0, Math.min(length, f.size - position));
     const buf = Buffer.allocUnsafe(n);
     let at = 0;
-    while (at < n) {
-      const got = await new Promise<number>((res) => readFd(h.copy!, buf, at, n - at, position + at, (err, k) => res(err ? 0 : k)));
-      if (got === 0) break;
-      at += got;
+    c.reads++;
+    try {
+      while (at < n && !c.dropped) {
+        const got = await new Promise<number>((res) => readFd(c.fd, buf, at, n - at, position + at, (err, k) => res(err ? 0 : k)));
+        if (got === 0) break;
+        at += got;
+      }
+    } finally {
+      if (--c.reads === 0 && c.dropped) closeFd(c.fd, () => undefined);
     }
     if (at === n) return [buf];
-    this.dropCopy(h); // shorter than the file (or unreadable): read the chunks
-    h.copy = null;
+    if (h.copy === c) {
+      this.dropCopy(h); // shorter than the file (or unreadable): read the chunks
+      h.copy = null;
+    }
     return undefined;
   }
 
   /** Ends `h`'s fill and closes its copy. */
   private dropCopy(h: FileHandle): void {
     h.fill?.abandon();
-    if (typeof h.copy === "number") closeFd(h.copy, () => undefined);
+    const c = h.copy;
+    if (c && !c.dropped) {
+      c.dropped = true;
+      if (c.reads === 0) closeFd(c.fd, () => undefined);
+    }
     h.fill = h.copy = h.copied = undefined;
   }
 
