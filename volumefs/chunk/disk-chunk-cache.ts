@@ -57,7 +57,8 @@ function errno(err: unknown): string | undefined {
 const openFd = (path: string, flags: number): Promise<number> =>
   new Promise((res, rej) => open(path, flags, 0o644, (err, fd) => (err ? rej(err) : res(fd))));
 const closeFd = (fd: number): void => close(fd, () => undefined);
-const pread = (fd: number, buf: Uint8Array, position: number): Promise<number> =>
+/** One positioned read into `buf`; resolves the bytes read. */
+export const pread = (fd: number, buf: Uint8Array, position: number): Promise<number> =>
   new Promise((res, rej) => read(fd, buf, 0, buf.length, position, (err, n) => (err ? rej(err) : res(n))));
 const pwrite = (fd: number, buf: Uint8Array, position: number): Promise<void> =>
   new Promise((res, rej) => write(fd, buf, 0, buf.length, position, (err) => (err ? rej(err) : res())));

@@ -56,6 +56,23 @@ describe("FileCopyCache", () => {
     expect(cache.startFill(key, data.length)).toBeUndefined();
   });
 
+  it("reads a whole copy through a CopyReader, and gives nothing for bytes past its end or after close", async () => {
+    const cache = new FileCopyCache({ dir: dir(), maxBytes: 64 * MiB });
+    const data = randomBytes(2 * MiB + 5);
+    const key = FileCopyCache.key(["e".repeat(64)]);
+    expect(cache.reader(key)).toBeUndefined();
+    cache.startFill(key, data.length)!.write(0, [data]);
+    closeSync((await settle(cache, key))!);
+    const r = cache.reader(key)!;
+    expect(Buffer.from((await r.read(MiB - 3, MiB))!).equals(data.subarray(MiB - 3, 2 * MiB - 3))).toBe(true);
+    expect(await r.read(2 * MiB, 6)).toBeUndefined(); // one byte short
+    const during = r.read(0, data.length);
+    r.close(); // while a read runs: the descriptor stays open until it ends
+    const got = await during;
+    expect(got === undefined || Buffer.from(got).equals(data)).toBe(true);
+    expect(await r.read(0, 10)).toBeUndefined();
+  });
+
   it("keeps nothing of a copy given up, or of one that goes past the file's end", async () => {
     const d = dir();
     const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });

@@ -21,9 +21,10 @@
  * process removes is a miss, never an error.
  */
 import { closeSync, fstatSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
-import { readFileSync, rm, writev } from "node:fs";
+import { close, readFileSync, rm, writev } from "node:fs";
 import { join } from "node:path";
 import { hash } from "blake3";
+import { pread } from "./disk-chunk-cache.js";
 
 export interface FileCopyCacheOptions {
   /** The directory of the copies; created if missing. */
@@ -114,6 +115,12 @@ export class FileCopyCache {
       }
     }
     return fd;
+  }
+
+  /** A reader of the complete copy of `key`, or undefined (see `open`). */
+  reader(key: string): CopyReader | undefined {
+    const fd = this.open(key);
+    return fd === undefined ? undefined : new CopyReader(fd);
   }
 
   /**
@@ -313,5 +320,39 @@ export class CopyFill {
     }
     closeSync(this.fd);
     this.cache.ended(this, true);
+  }
+}
+
+/**
+ * Reads of one complete copy through one descriptor. `close` closes it only once no read is
+ * running: a read must never go on with a descriptor number the process may have reused.
+ */
+export class CopyReader {
+  private reads = 0;
+  private closed = false;
+
+  constructor(private readonly fd: number) {}
+
+  /** Exactly `length` bytes at `position`, or undefined when the copy is shorter, unreadable or closed. */
+  async read(position: number, length: number): Promise<Uint8Array | undefined> {
+    const buf = Buffer.allocUnsafe(length);
+    let at = 0;
+    this.reads++;
+    try {
+      while (at < length && !this.closed) {
+        const n = await pread(this.fd, buf.subarray(at), position + at).catch(() => 0);
+        if (n === 0) break;
+        at += n;
+      }
+    } finally {
+      if (--this.reads === 0 && this.closed) close(this.fd, () => undefined);
+    }
+    return at === length ? buf : undefined;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.reads === 0) close(this.fd, () => undefined);
   }
 }

@@ -38,5 +38,5 @@ export {
 } from "./chunk-store.js";
 export { ChunkPool, sharedChunkPool, type ChunkPoolOptions, type ChunkedSegment } from "./chunk-pool.js";
 export { DiskChunkCache, type DiskChunkCacheOptions } from "./disk-chunk-cache.js";
-export { FileCopyCache, CopyFill, type FileCopyCacheOptions } from "./file-copy-cache.js";
+export { FileCopyCache, CopyFill, CopyReader, type FileCopyCacheOptions } from "./file-copy-cache.js";
 export { MemoryChunkCache, type MemoryChunkCacheOptions } from "./memory-chunk-cache.js";

@@ -58,9 +58,12 @@ parentPort.on("message", (m) => {
 
 /** The hash SignatureV4 asks for, over node's crypto. */
 class Sha256 {
-  private readonly h: Hash | Hmac;
-  constructor(secret?: string | ArrayBuffer | ArrayBufferView) {
-    this.h = secret === undefined ? createHash("sha256") : createHmac("sha256", toBytes(secret));
+  private h: Hash | Hmac;
+  constructor(private readonly secret?: string | ArrayBuffer | ArrayBufferView) {
+    this.h = this.fresh();
+  }
+  private fresh(): Hash | Hmac {
+    return this.secret === undefined ? createHash("sha256") : createHmac("sha256", toBytes(this.secret));
   }
   update(data: string | ArrayBuffer | ArrayBufferView): void {
     this.h.update(toBytes(data));
@@ -69,7 +72,7 @@ class Sha256 {
     return this.h.digest();
   }
   reset(): void {
-    throw new Error("Sha256.reset: not used by the signer");
+    this.h = this.fresh();
   }
 }
 

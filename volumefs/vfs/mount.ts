@@ -19,9 +19,9 @@
  * the rest from the base chunks; sync re-chunks only around the written ranges.
  */
 import { randomBytes } from "node:crypto";
-import { close as closeFd, constants, read as readFd } from "node:fs";
+import { constants } from "node:fs";
 import { hostname } from "node:os";
-import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill } from "../chunk/index.js";
+import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill, type CopyReader } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import { isCode, type VersionRecord } from "../../metadata/index.js";
 import { ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
@@ -92,13 +92,6 @@ interface FileHandle extends ReadAhead {
   copy?: CopyReader | null;
   /** The chunks of the stored file that `fill` or `copy` holds. */
   copied?: readonly ChunkRef[];
-}
-
-/** A read-only descriptor of a whole copy, closed once dropped and no read is using it (never while one is: its number could be reused). */
-interface CopyReader {
-  fd: number;
-  reads: number;
-  dropped: boolean;
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
@@ -820,26 +813,13 @@ export class MountedVolume implements MountFs {
     // of other bytes.
     if (h.copied !== undefined && h.copied !== f.chunks) this.dropCopy(h);
     if (h.copy === undefined) {
-      const fd = h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.open(this.copyKey(f)) : undefined;
-      h.copy = fd === undefined ? null : { fd, reads: 0, dropped: false };
+      h.copy = (h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.reader(this.copyKey(f)) : undefined) ?? null;
       h.copied = f.chunks;
     }
     const c = h.copy;
     if (c === null) return undefined;
-    const n = Math.max(0, Math.min(length, f.size - position));
-    const buf = Buffer.allocUnsafe(n);
-    let at = 0;
-    c.reads++;
-    try {
-      while (at < n && !c.dropped) {
-        const got = await new Promise<number>((res) => readFd(c.fd, buf, at, n - at, position + at, (err, k) => res(err ? 0 : k)));
-        if (got === 0) break;
-        at += got;
-      }
-    } finally {
-      if (--c.reads === 0 && c.dropped) closeFd(c.fd, () => undefined);
-    }
-    if (at === n) return [buf];
+    const bytes = await c.read(position, Math.max(0, Math.min(length, f.size - position)));
+    if (bytes) return [bytes];
     if (h.copy === c) {
       this.dropCopy(h); // shorter than the file (or unreadable): read the chunks
       h.copy = null;
@@ -850,11 +830,7 @@ export class MountedVolume implements MountFs {
   /** Ends `h`'s fill and closes its copy. */
   private dropCopy(h: FileHandle): void {
     h.fill?.abandon();
-    const c = h.copy;
-    if (c && !c.dropped) {
-      c.dropped = true;
-      if (c.reads === 0) closeFd(c.fd, () => undefined);
-    }
+    h.copy?.close();
     h.fill = h.copy = h.copied = undefined;
   }
 
