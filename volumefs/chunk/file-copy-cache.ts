@@ -117,6 +117,15 @@ export class FileCopyCache {
     return fd;
   }
 
+  /**
+   * Whether a complete copy of `key` is known (made by this process, or found by the last scan of
+   * the directory): no system call, so a caller may ask before every read.
+   */
+  has(key: string): boolean {
+    this.maybeScan();
+    return this.entries.has(key);
+  }
+
   /** A reader of the complete copy of `key`, or undefined (see `open`). */
   reader(key: string): CopyReader | undefined {
     const fd = this.open(key);

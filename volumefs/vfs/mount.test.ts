@@ -308,6 +308,40 @@ describe("MountedVolume", () => {
       expect(bytes.equals(v1) || bytes.equals(v2)).toBe(true);
     }
   });
+
+  it("reads a staged file's unchanged bytes from its base's whole copy, not from the store", async () => {
+    let gets = 0;
+    class Counting extends MemoryObjectStore {
+      override get(...args: Parameters<MemoryObjectStore["get"]>) {
+        gets++;
+        return super.get(...args);
+      }
+    }
+    const { open, dir } = await setup(new Counting());
+    const files = join(dir, "files");
+    const data = randomBytes(3 << 20);
+    const m = await open();
+    await writeFile(m, "/f", data);
+    await m.sync();
+    await m.close();
+
+    // A memory cache of 1 MiB: what the first read fetched is gone from memory by the second.
+    const m2 = await open({ copies: new FileCopyCache({ dir: files, maxBytes: 64 << 20 }), cacheBytes: 1 << 20 });
+    expect((await readAll(m2, "/f")).equals(data)).toBe(true); // makes the whole copy
+    const writing = () => fs.readdirSync(files, { recursive: true, encoding: "utf8" }).filter((p) => /(^|\/)tmp\/./.test(p));
+    for (let i = 0; i < 100 && writing().length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    expect(writing()).toEqual([]);
+
+    const edit = Buffer.from("edited in the middle");
+    const fh = await m2.open("/f", O_RDWR);
+    await m2.write(fh, edit, 1536 << 10);
+    await m2.release(fh);
+    edit.copy(data, 1536 << 10);
+    gets = 0;
+    expect((await readAll(m2, "/f")).equals(data)).toBe(true);
+    expect(gets).toBe(0);
+    await m2.close();
+  });
 });
 
 /** A small seeded PRNG (mulberry32). */

@@ -66,6 +66,8 @@ export interface MountedVolumeOptions {
 
 /** How far into a file the first read of a handle may start for its reads to make a whole copy. */
 const COPY_START_WITHIN = 8 * 2 ** 20;
+/** Whole copies kept open for reads of staged files' unchanged bytes. */
+const BASE_COPY_READERS = 8;
 
 type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
 
@@ -283,6 +285,8 @@ export class MountedVolume implements MountFs {
   private copies: FileCopyCache | undefined;
   /** Copy keys of stored files' chunk lists. */
   private readonly copyKeys = new WeakMap<readonly ChunkRef[], string>();
+  /** Open readers of the whole copies staged files' unchanged bytes are read from, by key, least recent first. */
+  private readonly baseCopies = new Map<string, CopyReader>();
   private readonly labels: Record<string, string>;
   /** True when mounted `at` a fixed version: read-only, and reload refuses. */
   readonly pinned: boolean;
@@ -406,8 +410,38 @@ export class MountedVolume implements MountFs {
     return e;
   }
 
-  private readonly readChunks = (chunks: readonly ChunkRef[], size: number, offset: number, length: number): Promise<Uint8Array> =>
-    this.reader.read(chunks, size, offset, length);
+  /**
+   * Bytes of a stored chunk list (the unchanged part of a staged file, read for the file's reads
+   * and its upload): from the list's whole copy when there is one, since a file read whole is
+   * kept in its copy and not in the chunk cache; else from the chunks.
+   */
+  private readonly readChunks = async (chunks: readonly ChunkRef[], size: number, offset: number, length: number): Promise<Uint8Array> => {
+    const key = this.copies?.copies(size) ? this.copyKey(chunks) : undefined;
+    const copy = key === undefined ? undefined : this.baseCopy(key);
+    if (copy) {
+      const bytes = await copy.read(offset, Math.max(0, Math.min(length, size - offset)));
+      if (bytes) return bytes;
+      // Shorter than the list, or unreadable: read the chunks.
+      if (this.baseCopies.get(key!) === copy) this.baseCopies.delete(key!);
+      copy.close();
+    }
+    return this.reader.read(chunks, size, offset, length);
+  };
+
+  /** A reader of the whole copy of `key`, kept open across reads (the few most recent). */
+  private baseCopy(key: string): CopyReader | undefined {
+    let r = this.baseCopies.get(key);
+    if (r) this.baseCopies.delete(key);
+    else if (this.copies?.has(key)) r = this.copies.reader(key);
+    if (!r) return undefined;
+    this.baseCopies.set(key, r);
+    if (this.baseCopies.size > BASE_COPY_READERS) {
+      const [oldest, old] = this.baseCopies.entries().next().value as [string, CopyReader];
+      this.baseCopies.delete(oldest);
+      old.close();
+    }
+    return r;
+  }
 
   private newContent(lower: Lower, size: number, mtime: number, id = randomBytes(8).toString("hex")): StagedContent {
     const c = new StagedContent(this.staging!, id, lower, size, mtime);
@@ -779,11 +813,11 @@ export class MountedVolume implements MountFs {
     return pieces;
   }
 
-  private copyKey(f: FileEntry): string {
-    let k = this.copyKeys.get(f.chunks);
+  private copyKey(chunks: readonly ChunkRef[]): string {
+    let k = this.copyKeys.get(chunks);
     if (!k) {
-      k = FileCopyCache.key(f.chunks.map((c) => c.id));
-      this.copyKeys.set(f.chunks, k);
+      k = FileCopyCache.key(chunks.map((c) => c.id));
+      this.copyKeys.set(chunks, k);
     }
     return k;
   }
@@ -797,7 +831,7 @@ export class MountedVolume implements MountFs {
   private fill(h: FileHandle, f: FileEntry, position: number): CopyFill | null {
     if (!this.copies) return null;
     if (h.fill === undefined) {
-      h.fill = position < COPY_START_WITHIN && this.copies.copies(f.size) ? (this.copies.startFill(this.copyKey(f), f.size) ?? null) : null;
+      h.fill = position < COPY_START_WITHIN && this.copies.copies(f.size) ? (this.copies.startFill(this.copyKey(f.chunks), f.size) ?? null) : null;
       h.copied = f.chunks;
     }
     return h.fill;
@@ -813,7 +847,7 @@ export class MountedVolume implements MountFs {
     // of other bytes.
     if (h.copied !== undefined && h.copied !== f.chunks) this.dropCopy(h);
     if (h.copy === undefined) {
-      h.copy = (h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.reader(this.copyKey(f)) : undefined) ?? null;
+      h.copy = (h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.reader(this.copyKey(f.chunks)) : undefined) ?? null;
       h.copied = f.chunks;
     }
     const c = h.copy;
@@ -849,7 +883,7 @@ export class MountedVolume implements MountFs {
     if (!this.copies || !h || h.kind !== "file" || (h.flags & O_ACCMODE) !== constants.O_RDONLY) return undefined;
     const e = await this.entryOf(h).catch(() => undefined);
     if (!e || e.kind !== "file" || contentOf(e) || !this.copies.copies((e as FileEntry).size)) return undefined;
-    return this.copies.open(this.copyKey(e as FileEntry));
+    return this.copies.open(this.copyKey((e as FileEntry).chunks));
   }
 
   // ---- MountFs: writing ----
@@ -1263,6 +1297,8 @@ export class MountedVolume implements MountFs {
     await this.lock.catch(() => undefined);
     this.closed = true;
     for (const h of this.handles.values()) if (h.kind === "file") this.dropCopy(h);
+    for (const r of this.baseCopies.values()) r.close();
+    this.baseCopies.clear();
     this.handles.clear();
     this.staging?.close();
   }
