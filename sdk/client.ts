@@ -27,8 +27,8 @@ export class Strata {
     readonly repo: Repository,
     private readonly cache: DiskChunkCache,
     /**
-     * Whole-file copies that mounts let the kernel read directly, in `<cacheDir>/files`, up to a
-     * quarter of the cache size on top of the chunk cache.
+     * Whole-file copies that mounts let the kernel read directly, in `<cacheDir>/files`: a
+     * quarter of the cache size, the chunk cache the rest.
      */
     readonly copies: FileCopyCache,
   ) {}
@@ -38,9 +38,11 @@ export class Strata {
     mkdirSync(config.home, { recursive: true });
     const objects = openObjectStore(config);
     const meta = SqliteMetadataStore.open({ path: metadataPath(config) });
-    const cache = new DiskChunkCache({ dir: config.cacheDir, maxBytes: config.cacheBytes });
+    // One budget for the cache directory: copies a quarter, chunks the rest.
+    const copyBytes = Math.floor(config.cacheBytes / 4);
+    const cache = new DiskChunkCache({ dir: config.cacheDir, maxBytes: config.cacheBytes - copyBytes });
     const repo = new Repository({ meta, objects, cache, env: config.env, labels: opts.labels });
-    const copies = new FileCopyCache({ dir: join(config.cacheDir, "files"), maxBytes: Math.floor(config.cacheBytes / 4) });
+    const copies = new FileCopyCache({ dir: join(config.cacheDir, "files"), maxBytes: copyBytes });
     return new Strata(config, repo, cache, copies);
   }
 

@@ -815,6 +815,35 @@ describe("whole-file copies read by the kernel (backing files)", () => {
       renameSync(join(objects, "packs.away"), join(objects, "packs"));
     }
   }, 120_000);
+
+  it("keeps the cache directory, copies included, within --cache-size", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    const mnt = await e.mountNew("budget");
+    // 1 MiB files get whole copies (up to half the copies' quarter of 8 MiB); 1.5 MiB ones are
+    // kept as chunks only.
+    const files = Array.from({ length: 12 }, (_, i) => ({ name: `f${i}`, data: randomBytes(i % 2 ? 1536 * 1024 : 1024 * 1024) }));
+    // One version (so one pack) per file: the chunk cache keeps or drops each on its own.
+    for (const f of files) {
+      writeFileSync(join(mnt, f.name), f.data);
+      writeFileSync(join(mnt, ".strata", "sync"), f.name);
+    }
+    await e.unmount(mnt);
+    const cache = join(e.env.STRATA_HOME!, "cache");
+    rmSync(cache, { recursive: true, force: true });
+    await e.mount("budget", mnt, "--cache-size", "8M");
+    for (const f of files) expect(readFileSync(join(mnt, f.name)).equals(f.data)).toBe(true);
+    await waitForCopies(join(cache, "files"), 1);
+    expect(copiesIn(join(cache, "files")).length).toBeGreaterThan(0);
+    const used = (d: string): number => {
+      let n = 0;
+      for (const x of existsSync(d) ? readdirSync(d, { withFileTypes: true }) : []) {
+        n += x.isDirectory() ? used(join(d, x.name)) : lstatSync(join(d, x.name)).blocks * 512;
+      }
+      return n;
+    };
+    expect(used(cache)).toBeLessThanOrEqual(8 * 1024 * 1024);
+    await e.unmount(mnt);
+  }, 120_000);
 });
 
 describe("strata mount on S3", () => {
