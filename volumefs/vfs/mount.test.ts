@@ -342,6 +342,37 @@ describe("MountedVolume", () => {
     expect(gets).toBe(0);
     await m2.close();
   });
+
+  it("reads a staged file's unchanged chunks ahead of a sequential reader", async () => {
+    let fetched = 0;
+    class Counting extends MemoryObjectStore {
+      override async get(...args: Parameters<MemoryObjectStore["get"]>) {
+        const b = await super.get(...args);
+        if (args[0].startsWith("packs/")) fetched += b.length;
+        return b;
+      }
+    }
+    const { open } = await setup(new Counting());
+    const data = randomBytes(6 << 20);
+    const m = await open();
+    await writeFile(m, "/f", data);
+    await m.sync();
+    await m.close();
+
+    const m2 = await open();
+    const fh = await m2.open("/f", O_RDWR);
+    await m2.write(fh, Buffer.from("tail"), data.length - 4);
+    Buffer.from("tail").copy(data, data.length - 4);
+    fetched = 0;
+    for (let off = 0; off < 2 << 20; off += 128 << 10) {
+      expect(Buffer.from(await m2.read(fh, 128 << 10, off)).equals(data.subarray(off, off + (128 << 10)))).toBe(true);
+    }
+    // Read 2 MiB, one chunk past it at most without readahead: the reader fetched further.
+    await new Promise((r) => setTimeout(r, 50));
+    expect(fetched).toBeGreaterThan(3 << 20);
+    await m2.release(fh);
+    await m2.close();
+  });
 });
 
 /** A small seeded PRNG (mulberry32). */

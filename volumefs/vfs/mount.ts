@@ -415,7 +415,7 @@ export class MountedVolume implements MountFs {
    * and its upload): from the list's whole copy when there is one, since a file read whole is
    * kept in its copy and not in the chunk cache; else from the chunks.
    */
-  private readonly readChunks = async (chunks: readonly ChunkRef[], size: number, offset: number, length: number): Promise<Uint8Array> => {
+  private readonly readChunks = async (chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array> => {
     const key = this.copies?.copies(size) ? this.copyKey(chunks) : undefined;
     const copy = key === undefined ? undefined : this.baseCopy(key);
     if (copy) {
@@ -425,7 +425,7 @@ export class MountedVolume implements MountFs {
       if (this.baseCopies.get(key!) === copy) this.baseCopies.delete(key!);
       copy.close();
     }
-    return this.reader.read(chunks, size, offset, length);
+    return this.reader.read(chunks, size, offset, length, ra);
   };
 
   /** A reader of the whole copy of `key`, kept open across reads (the few most recent). */
@@ -799,7 +799,8 @@ export class MountedVolume implements MountFs {
     if (h.kind === "dir") throw VolumeError.IS_A_DIRECTORY("a directory", { op: "read" });
     const e = await this.entryOf(h);
     const c = contentOf(e);
-    if (c) return [await c.read(position, length, this.readChunks)];
+    // A handle's sequential reads of a staged file read its unchanged chunks ahead too.
+    if (c) return [await c.read(position, length, (chunks, size, off, len) => this.readChunks(chunks, size, off, len, h))];
     if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
     const f = e as FileEntry;
     if (this.copies) {
