@@ -588,6 +588,15 @@ function copiesIn(files: string): string[] {
   return out;
 }
 
+/** Disk blocks, in bytes, of the files under `dir` (0 when it does not exist). */
+function diskBytes(dir: string): number {
+  let n = 0;
+  for (const x of existsSync(dir) ? readdirSync(dir, { withFileTypes: true }) : []) {
+    n += x.isDirectory() ? diskBytes(join(dir, x.name)) : lstatSync(join(dir, x.name)).blocks * 512;
+  }
+  return n;
+}
+
 /** Waits (up to 10 s) until `files` holds at least `count` copies. */
 async function waitForCopies(files: string, count: number): Promise<void> {
   for (let i = 0; i < 200 && copiesIn(files).length < count; i++) await new Promise((r) => setTimeout(r, 50));
@@ -779,17 +788,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     const mnt = join(e.base, "once-mnt");
     const files = join(e.env.STRATA_HOME!, "cache", "files");
     const packs = join(e.env.STRATA_HOME!, "cache", "packs");
-    const packBytes = () => {
-      let n = 0;
-      const walk = (d: string) => {
-        for (const x of existsSync(d) ? readdirSync(d, { withFileTypes: true }) : []) {
-          if (x.isDirectory()) walk(join(d, x.name));
-          else n += lstatSync(join(d, x.name)).blocks * 512;
-        }
-      };
-      walk(packs);
-      return n;
-    };
+    const packBytes = () => diskBytes(packs);
     await e.mount("once", mnt);
     const before = { copies: copiesIn(files).length, packs: packBytes() };
     expect(readFileSync(join(mnt, "f.bin")).equals(data)).toBe(true);
@@ -834,14 +833,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     for (const f of files) expect(readFileSync(join(mnt, f.name)).equals(f.data)).toBe(true);
     await waitForCopies(join(cache, "files"), 1);
     expect(copiesIn(join(cache, "files")).length).toBeGreaterThan(0);
-    const used = (d: string): number => {
-      let n = 0;
-      for (const x of existsSync(d) ? readdirSync(d, { withFileTypes: true }) : []) {
-        n += x.isDirectory() ? used(join(d, x.name)) : lstatSync(join(d, x.name)).blocks * 512;
-      }
-      return n;
-    };
-    expect(used(cache)).toBeLessThanOrEqual(8 * 1024 * 1024);
+    expect(diskBytes(cache)).toBeLessThanOrEqual(8 * 1024 * 1024);
     await e.unmount(mnt);
   }, 120_000);
 });

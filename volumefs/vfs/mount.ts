@@ -66,8 +66,8 @@ export interface MountedVolumeOptions {
 
 /** How far into a file the first read of a handle may start for its reads to make a whole copy. */
 const COPY_START_WITHIN = 8 * 2 ** 20;
-/** Whole copies kept open for reads of staged files' unchanged bytes. */
-const BASE_COPY_READERS = 8;
+/** Whole copies kept open for reads the kernel does not make from them itself. */
+const COPY_READERS = 8;
 
 type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
 
@@ -90,9 +90,7 @@ interface FileHandle extends ReadAhead {
   flags: number;
   /** The whole-file copy this handle's reads are writing; null: none. */
   fill?: CopyFill | null;
-  /** The whole copy this handle's reads come from; null: none. */
-  copy?: CopyReader | null;
-  /** The chunks of the stored file that `fill` or `copy` holds. */
+  /** The chunks of the stored file that `fill` is a copy of. */
   copied?: readonly ChunkRef[];
 }
 
@@ -285,8 +283,8 @@ export class MountedVolume implements MountFs {
   private copies: FileCopyCache | undefined;
   /** Copy keys of stored files' chunk lists. */
   private readonly copyKeys = new WeakMap<readonly ChunkRef[], string>();
-  /** Open readers of the whole copies staged files' unchanged bytes are read from, by key, least recent first. */
-  private readonly baseCopies = new Map<string, CopyReader>();
+  /** Open readers of whole copies (of stored files, and of staged files' unchanged bytes), by key, least recent first. */
+  private readonly copyReaders = new Map<string, CopyReader>();
   private readonly labels: Record<string, string>;
   /** True when mounted `at` a fixed version: read-only, and reload refuses. */
   readonly pinned: boolean;
@@ -415,29 +413,36 @@ export class MountedVolume implements MountFs {
    * and its upload): from the list's whole copy when there is one, since a file read whole is
    * kept in its copy and not in the chunk cache; else from the chunks.
    */
-  private readonly readChunks = async (chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array> => {
-    const key = this.copies?.copies(size) ? this.copyKey(chunks) : undefined;
-    const copy = key === undefined ? undefined : this.baseCopy(key);
-    if (copy) {
-      const bytes = await copy.read(offset, Math.max(0, Math.min(length, size - offset)));
-      if (bytes) return bytes;
-      // Shorter than the list, or unreadable: read the chunks.
-      if (this.baseCopies.get(key!) === copy) this.baseCopies.delete(key!);
-      copy.close();
-    }
-    return this.reader.read(chunks, size, offset, length, ra);
-  };
+  private readonly readChunks = async (chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array> =>
+    (await this.readCopy(chunks, size, offset, length)) ?? this.reader.read(chunks, size, offset, length, ra);
 
-  /** A reader of the whole copy of `key`, kept open across reads (the few most recent). */
-  private baseCopy(key: string): CopyReader | undefined {
-    let r = this.baseCopies.get(key);
-    if (r) this.baseCopies.delete(key);
+  /**
+   * Bytes [offset, offset+length) of a stored chunk list (shorter at its end) from the list's
+   * whole copy; undefined when there is none, or it is shorter than the list or unreadable (the
+   * caller reads the chunks).
+   */
+  private async readCopy(chunks: readonly ChunkRef[], size: number, offset: number, length: number): Promise<Uint8Array | undefined> {
+    if (!this.copies?.copies(size)) return undefined;
+    const key = this.copyKey(chunks);
+    const copy = this.copyReader(key);
+    if (!copy) return undefined;
+    const bytes = await copy.read(offset, Math.max(0, Math.min(length, size - offset)));
+    if (bytes) return bytes;
+    if (this.copyReaders.get(key) === copy) this.copyReaders.delete(key);
+    copy.close();
+    return undefined;
+  }
+
+  /** A reader of the complete copy of `key`, kept open across reads (the few most recent). */
+  private copyReader(key: string): CopyReader | undefined {
+    let r = this.copyReaders.get(key);
+    if (r) this.copyReaders.delete(key);
     else if (this.copies?.has(key)) r = this.copies.reader(key);
     if (!r) return undefined;
-    this.baseCopies.set(key, r);
-    if (this.baseCopies.size > BASE_COPY_READERS) {
-      const [oldest, old] = this.baseCopies.entries().next().value as [string, CopyReader];
-      this.baseCopies.delete(oldest);
+    this.copyReaders.set(key, r);
+    if (this.copyReaders.size > COPY_READERS) {
+      const [oldest, old] = this.copyReaders.entries().next().value as [string, CopyReader];
+      this.copyReaders.delete(oldest);
       old.close();
     }
     return r;
@@ -803,9 +808,15 @@ export class MountedVolume implements MountFs {
     if (c) return [await c.read(position, length, (chunks, size, off, len) => this.readChunks(chunks, size, off, len, h))];
     if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
     const f = e as FileEntry;
-    if (this.copies) {
-      const copied = await this.readCopy(h, f, position, length);
-      if (copied) return copied;
+    // A reload (or another mount's write) changed the file under the handle: its fill is of
+    // other bytes.
+    if (h.copied !== undefined && h.copied !== f.chunks) this.dropFill(h);
+    // A handle the kernel does not read through a backing file (a write open of an unchanged
+    // file, or an open while the node is served) reads the whole copy once there is one; not
+    // while its own reads are writing it.
+    if (!h.fill) {
+      const copied = await this.readCopy(f.chunks, f.size, position, length);
+      if (copied) return [copied];
     }
     const fill = this.fill(h, f, position);
     // The copy keeps what it is filled with: the host's chunk cache need not write it too.
@@ -838,35 +849,10 @@ export class MountedVolume implements MountFs {
     return h.fill;
   }
 
-  /**
-   * Bytes of `f` from its whole copy, for a handle the kernel does not read through a backing
-   * file (a write open of an unchanged file, or an open while the node is served); undefined when
-   * there is no copy. The copy is the one the handle found at its first read.
-   */
-  private async readCopy(h: FileHandle, f: FileEntry, position: number, length: number): Promise<Uint8Array[] | undefined> {
-    // A reload (or another mount's write) changed the file under the handle: its copy or fill is
-    // of other bytes.
-    if (h.copied !== undefined && h.copied !== f.chunks) this.dropCopy(h);
-    if (h.copy === undefined) {
-      h.copy = (h.fill ? undefined : this.copies!.copies(f.size) ? this.copies!.reader(this.copyKey(f.chunks)) : undefined) ?? null;
-      h.copied = f.chunks;
-    }
-    const c = h.copy;
-    if (c === null) return undefined;
-    const bytes = await c.read(position, Math.max(0, Math.min(length, f.size - position)));
-    if (bytes) return [bytes];
-    if (h.copy === c) {
-      this.dropCopy(h); // shorter than the file (or unreadable): read the chunks
-      h.copy = null;
-    }
-    return undefined;
-  }
-
-  /** Ends `h`'s fill and closes its copy. */
-  private dropCopy(h: FileHandle): void {
+  /** Ends `h`'s fill (an incomplete copy is dropped). */
+  private dropFill(h: FileHandle): void {
     h.fill?.abandon();
-    h.copy?.close();
-    h.fill = h.copy = h.copied = undefined;
+    h.fill = h.copied = undefined;
   }
 
   /** See MountFs.backingRefused: copies are made for backing files only. */
@@ -960,7 +946,7 @@ export class MountedVolume implements MountFs {
   async release(fh: number): Promise<void> {
     const h = this.handle(fh);
     this.handles.delete(fh);
-    if (h.kind === "file") this.dropCopy(h);
+    if (h.kind === "file") this.dropFill(h);
   }
 
   /** Removes a file or symlink; open handles keep reading and writing it. */
@@ -1297,9 +1283,9 @@ export class MountedVolume implements MountFs {
     if (this.syncing) await this.syncing.catch(() => undefined);
     await this.lock.catch(() => undefined);
     this.closed = true;
-    for (const h of this.handles.values()) if (h.kind === "file") this.dropCopy(h);
-    for (const r of this.baseCopies.values()) r.close();
-    this.baseCopies.clear();
+    for (const h of this.handles.values()) if (h.kind === "file") this.dropFill(h);
+    for (const r of this.copyReaders.values()) r.close();
+    this.copyReaders.clear();
     this.handles.clear();
     this.staging?.close();
   }
