@@ -165,16 +165,19 @@ async function cmdMount(args: ParsedArgs, io: CliIO): Promise<number> {
   if (await isFuseMountPoint(abs)) {
     throw new VolumeError("ALREADY_EXISTS", `mount ${abs}: already a mount point`, { hint: `unmount it first with \`strata unmount ${abs}\`` });
   }
-  if (args.values.daemon === true) return daemonize(abs, io);
-
+  // Options are checked here, before a daemon is started, so that a mistake in one is this
+  // process's error.
   const overrides: Partial<StrataConfig> = {};
   const cacheDir = str(args.values["cache-dir"]);
   const cacheSize = str(args.values["cache-size"]);
   if (cacheDir) overrides.cacheDir = resolve(cacheDir);
   if (cacheSize) overrides.cacheBytes = parseSize(cacheSize, "--cache-size");
+  const config = loadConfig(io.env, overrides);
+  if (args.values.daemon === true) return daemonize(abs, config.home, io);
+
   const at = str(args.values.at);
   const readOnly = args.values["read-only"] === true || at !== undefined;
-  const c = Strata.connect(loadConfig(io.env, overrides), { labels: { tool: "mount", ...labels } });
+  const c = Strata.connect(config, { labels: { tool: "mount", ...labels } });
   let fs: MountFs | undefined;
   try {
     fs = await openVolumeMount(c, name, abs, { at, readOnly, labels });
@@ -215,9 +218,8 @@ async function cmdMount(args: ParsedArgs, io: CliIO): Promise<number> {
   }
 }
 
-async function daemonize(abs: string, io: CliIO): Promise<number> {
+async function daemonize(abs: string, home: string, io: CliIO): Promise<number> {
   const argv = process.argv.slice(1).filter((a) => a !== "--daemon");
-  const home = loadConfig(io.env).home;
   await mkdir(join(home, "logs"), { recursive: true });
   const logPath = join(home, "logs", `mount-${abs.replace(/[^A-Za-z0-9._-]+/g, "_")}.log`);
   const log = openSync(logPath, "a");
@@ -228,8 +230,12 @@ async function daemonize(abs: string, io: CliIO): Promise<number> {
   child.unref();
   for (let waited = 0; ; waited += 50) {
     if (exited !== undefined) {
-      const tail = (await readFile(logPath, "utf8").catch(() => "")).trim().split("\n").slice(-2).join("\n");
-      io.stderr.write(`${tail}\n`);
+      // The mount process's own error (its last line and hint) is the answer, with its exit code.
+      const own = (await readFile(logPath, "utf8").catch(() => "")).trim().split("\n").slice(-2);
+      if (exited !== 0 && exited !== null && /^strata: .*\([A-Z_]+\)$/.test(own[0] ?? "") && /^hint: /.test(own[1] ?? "")) {
+        io.stderr.write(`${own.join("\n")}\n`);
+        return exited;
+      }
       throw new VolumeError("IO", `mount ${abs}: the mount process exited with code ${exited}`, { hint: `see ${logPath}` });
     }
     if (await stat(controlPath(abs, "version")).then(() => true, () => false)) break;

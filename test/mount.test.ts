@@ -500,6 +500,18 @@ describe("strata mount on the file store", () => {
     }
     const u = await e.strataFail("unmount", notMount);
     expect(u.code).toBe(1);
+
+    // A daemon's mistakes are answered as the foreground's: one error line and its hint.
+    const never = join(e.base, "never");
+    for (const [args, code] of [
+      [["bad", never, "--cache-size", "10Q"], "INVALID_ARGUMENT"],
+      [["no-such-volume", never], "UNKNOWN_VOLUME"],
+    ] as const) {
+      const r = await e.strataFail("mount", ...args, "--daemon");
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(new RegExp(`^strata: [^\\n]*\\(${code}\\)\\nhint: [^\\n]*\\n$`));
+    }
+    expect(readFileSync("/proc/mounts", "utf8")).not.toContain(never);
   }, 120_000);
 
   it("keeps extended attributes through the kernel, a sync and a remount; a missing one is ENODATA", async () => {
