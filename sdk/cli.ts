@@ -56,6 +56,9 @@ export async function runCli(argv: string[], io: CliIO): Promise<number> {
     } catch (err) {
       throw new StrataError("USAGE", `${name}: ${(err as Error).message.split("\n")[0]!.replace(/\.$/, "")}`, { hint: `usage: strata ${cmd.usage}` });
     }
+    if (cmd.args !== undefined && parsed.positionals.length > cmd.args) {
+      throw new StrataError("USAGE", `${name}: unexpected argument ${JSON.stringify(parsed.positionals[cmd.args])}`, { hint: `usage: strata ${cmd.usage}` });
+    }
     const { run } = await groups[cmd.group]();
     timing(io, "loaded");
     const code = await run[name as CommandName]!(parsed, io);

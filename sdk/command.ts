@@ -38,6 +38,8 @@ export interface CommandSpec {
   /** Lines `--help` prints after the summary, one per option that needs explaining. */
   help?: string[];
   options?: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }>;
+  /** Most positional arguments the usage allows; more are a usage error. Unchecked when absent (a command with `CMD...`, or several forms). */
+  args?: number;
   group: CommandGroup;
 }
 
@@ -45,17 +47,18 @@ export interface CommandSpec {
 export const commands = {
   volume: { group: "store", usage: "volume create NAME | volume ls [--json] | volume rm NAME", summary: "create, list and remove volumes", options: { json: { type: "boolean" } } },
   put: { group: "store", usage: "put NAME SRC... DEST", summary: "copy local files or directories into a volume as one new version; prints its id" },
-  get: { group: "store", usage: "get NAME SRC DEST [--at V]", summary: "copy a file or directory out of a volume", options: { at: { type: "string" } } },
-  cat: { group: "store", usage: "cat NAME PATH [--at V]", summary: "print a file", options: { at: { type: "string" } } },
-  ls: { group: "store", usage: "ls NAME [PATH] [--at V] [-r] [--json]", summary: "list a directory", options: { at: { type: "string" }, r: { type: "boolean" }, recursive: { type: "boolean" }, json: { type: "boolean" } } },
+  get: { args: 3, group: "store", usage: "get NAME SRC DEST [--at V]", summary: "copy a file or directory out of a volume", options: { at: { type: "string" } } },
+  cat: { args: 2, group: "store", usage: "cat NAME PATH [--at V]", summary: "print a file", options: { at: { type: "string" } } },
+  ls: { args: 2, group: "store", usage: "ls NAME [PATH] [--at V] [-r] [--json]", summary: "list a directory", options: { at: { type: "string" }, r: { type: "boolean" }, recursive: { type: "boolean" }, json: { type: "boolean" } } },
   rm: { group: "store", usage: "rm NAME PATH... [-r]", summary: "remove paths as one new version", options: { r: { type: "boolean" }, recursive: { type: "boolean" } } },
-  fork: { group: "store", usage: "fork SRC DST [--at V]", summary: "make a new volume from a version of another, in constant time", options: { at: { type: "string" } } },
-  log: { group: "store", usage: "log NAME [--json]", summary: "list versions, newest first", options: { json: { type: "boolean" } } },
-  diff: { group: "store", usage: "diff NAME V1 [V2] [--json]", summary: "paths added, modified and removed from V1 to V2 (default the head)", options: { json: { type: "boolean" } } },
-  revert: { group: "store", usage: "revert NAME V", summary: "make a new version whose tree is V's" },
-  fsck: { group: "store", usage: "fsck [--rebuild] [--json]", summary: "check every version is complete; --rebuild remakes the metadata from the bucket", options: { rebuild: { type: "boolean" }, json: { type: "boolean" } } },
-  demo: { group: "store", usage: "demo", summary: "a short tour on the embedded default store" },
+  fork: { args: 2, group: "store", usage: "fork SRC DST [--at V]", summary: "make a new volume from a version of another, in constant time", options: { at: { type: "string" } } },
+  log: { args: 1, group: "store", usage: "log NAME [--json]", summary: "list versions, newest first", options: { json: { type: "boolean" } } },
+  diff: { args: 3, group: "store", usage: "diff NAME V1 [V2] [--json]", summary: "paths added, modified and removed from V1 to V2 (default the head)", options: { json: { type: "boolean" } } },
+  revert: { args: 2, group: "store", usage: "revert NAME V", summary: "make a new version whose tree is V's" },
+  fsck: { args: 0, group: "store", usage: "fsck [--rebuild] [--json]", summary: "check every version is complete; --rebuild remakes the metadata from the bucket", options: { rebuild: { type: "boolean" }, json: { type: "boolean" } } },
+  demo: { args: 0, group: "store", usage: "demo", summary: "a short tour on the embedded default store" },
   mount: {
+    args: 2,
     group: "mount",
     usage: "mount NAME DIR [--at V] [--read-only] [--cache-dir D] [--cache-size 10G] [--daemon] [--label K=V]...",
     summary: "serve a volume as a directory (FUSE) until unmounted; --daemon returns once it is live",
@@ -68,20 +71,22 @@ export const commands = {
       label: { type: "string", multiple: true },
     },
   },
-  unmount: { group: "mount", usage: "unmount DIR", summary: "detach a mount, even one whose process died" },
+  unmount: { args: 1, group: "mount", usage: "unmount DIR", summary: "detach a mount, even one whose process died" },
   sync: {
+    args: 1,
     group: "mount",
     usage: "sync DIR [--message M] [--on-conflict fail|ours|theirs]",
     summary: "make the staged changes of a mount one new version; prints its id",
     options: { message: { type: "string" }, "on-conflict": { type: "string" } },
   },
   reload: {
+    args: 1,
     group: "mount",
     usage: "reload DIR [--discard]",
     summary: "move a mount to the newest head (refuses while changes are staged, unless --discard)",
     options: { discard: { type: "boolean" } },
   },
-  status: { group: "mount", usage: "status DIR [--json]", summary: "a mount's volume, base version and staged changes", options: { json: { type: "boolean" } } },
+  status: { args: 1, group: "mount", usage: "status DIR [--json]", summary: "a mount's volume, base version and staged changes", options: { json: { type: "boolean" } } },
   run: {
     group: "sandbox",
     usage: "run [--image debian-slim|PATH|HASH] [--cpu N] [--memory 1Gi] [--gpu TYPE[:N]] [--lifetime 1h] [-v NAME:/path[:ro]]... [--fork SRC:NEWNAME:/path]... [-e K=V]... [--egress ADDR[:PORT][,ADDR[:PORT]...]]... [--name ID] [-i] [--no-sync] -- CMD...",
@@ -119,8 +124,9 @@ export const commands = {
     summary: "list the local agent's sandboxes, run a command in one, stop one (syncing its volumes)",
     options: { json: { type: "boolean" }, interactive: { type: "boolean", short: "i" }, "no-sync": { type: "boolean" } },
   },
-  image: { group: "sandbox", usage: "image build SPEC", summary: "build an image (spec JSON, Dockerfile, OCI layout or debian-slim); prints its hash" },
+  image: { args: 2, group: "sandbox", usage: "image build SPEC", summary: "build an image (spec JSON, Dockerfile, OCI layout or debian-slim); prints its hash" },
   agent: {
+    args: 0,
     group: "sandbox",
     usage: "agent [--daemon]",
     summary: "serve this node's sandboxes and their volume mounts (gRPC on $STRATA_HOME/agent.sock)",

@@ -203,6 +203,8 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
         [["put", "data", join(work, "single.txt"), "src/a.txt/inside"], /NOT_A_DIRECTORY/],
         [["ls", "data", "--bogus"], /USAGE/],
         [["frobnicate"], /USAGE/],
+        [["cat", "data", "src/a.txt", "extra"], /unexpected argument "extra" \(USAGE\)/],
+        [["status", work, "extra"], /unexpected argument "extra" \(USAGE\)/],
       ];
       const before = JSON.parse(await ok(cli, "log", "data", "--json")).length;
       for (const [args, code] of cases) {
