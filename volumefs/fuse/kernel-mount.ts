@@ -23,7 +23,8 @@
  * (`backingFd`: a whole-file copy); a read-only open of it then names that file, and the kernel
  * reads it without asking (see openReply). A change to the bytes of such a file while it is open
  * (a write open, a truncate, a link, a base move) gives its name a new node, so that the change
- * and new opens go to it while open ones keep the old bytes (see restale).
+ * and new opens go to it while open ones keep the old bytes (see restale). A base move does so for
+ * every open file it changes, served or backed: the open files keep their inode and its pages.
  *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
@@ -983,10 +984,11 @@ export class KernelSession {
         a = undefined;
       }
       if (a && signature(a) === n.sig) continue;
-      if (n.backing && n.parent) {
-        // Open with a backing file of the old bytes, which every open of this inode must name
-        // while one is open: the name gets a new node (the kernel looks it up again), and the
-        // open files keep the old bytes, as after a rename over them.
+      if ((n.backing || n.fhs?.size) && n.parent) {
+        // Open (with a backing file of the old bytes, which every open of this inode must name
+        // while one is open, or served: read-only opens read on what they opened): the name gets
+        // a new node (the kernel looks it up again), and the open files keep the old inode and
+        // bytes, as after a rename over them.
         sends.push(this.invalEntry(n.parent, n.name));
         this.detach(n.parent, n.name);
         continue;

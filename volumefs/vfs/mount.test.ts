@@ -280,6 +280,32 @@ describe("MountedVolume", () => {
     await m2.close();
   });
 
+  it("lets a read-only handle read on what it opened when a reload removes its file or discards its staged bytes", async () => {
+    const { open, repo } = await setup();
+    const m = await open();
+    await writeFile(m, "/gone", "stored bytes");
+    await writeFile(m, "/kept", "stored");
+    await m.sync();
+    const next = repo.stage(await repo.resolve("v"));
+    await next.remove(["gone"]);
+    await repo.sync("v", await repo.resolve("v"), next);
+    await writeFile(m, "/kept", "staged, then discarded");
+
+    const gone = await m.open("/gone", O_RDONLY);
+    const staged = await m.open("/kept", O_RDONLY);
+    const writer = await m.open("/kept", O_WRONLY);
+    await m.reload({ discard: true });
+    expect(Buffer.from(await m.read(gone, 100, 0)).toString()).toBe("stored bytes");
+    expect(Buffer.from(await m.read(staged, 100, 0)).toString()).toBe("staged, then discarded");
+    expect(await m.readdir("/")).toEqual(["kept"]);
+    expect((await readAll(m, "/kept")).toString()).toBe("stored");
+    // A handle open for writing goes on writing the file at its path.
+    await m.write(writer, Buffer.from("S"), 0);
+    expect((await readAll(m, "/kept")).toString()).toBe("Stored");
+    for (const fh of [gone, staged, writer]) await m.release(fh);
+    await m.close();
+  });
+
   it("keeps no whole-file copy of a file a reload changed while a handle was reading it into one", async () => {
     const { open, repo, dir } = await setup();
     const files = join(dir, "files");
@@ -295,8 +321,9 @@ describe("MountedVolume", () => {
     const fh = await m.open("/f", O_RDONLY);
     expect(Buffer.from(await m.read(fh, 1 << 20, 0)).equals(v1.subarray(0, 1 << 20))).toBe(true); // starts a copy of v1
     await m.reload();
-    // The handle follows its path: the rest is v2's.
-    expect(Buffer.from(await m.read(fh, 2 << 20, 1 << 20)).equals(v2.subarray(1 << 20))).toBe(true);
+    // A read-only handle keeps the bytes it opened: the rest is v1's; a new open reads v2.
+    expect(Buffer.from(await m.read(fh, 2 << 20, 1 << 20)).equals(v1.subarray(1 << 20))).toBe(true);
+    expect((await readAll(m, "/f")).equals(v2)).toBe(true);
     await m.release(fh);
     await m.close();
     // A whole copy is renamed into place once its writes end.

@@ -264,6 +264,14 @@ export class ChunkReader {
  * A volume mounted at its head (writable, with a durable staging layer) or at any version
  * (read-only). Implements MountFs for the FUSE adapter; usable directly in tests and tools.
  */
+/** Whether two entries are the same stored file's bytes (no staged change in either). */
+function sameStoredBytes(a: StagedEntry, b: StagedEntry): boolean {
+  if (a.kind !== "file" || b.kind !== "file" || contentOf(a) || contentOf(b)) return false;
+  const x = (a as FileEntry).chunks;
+  const y = (b as FileEntry).chunks;
+  return x === y || (x.length === y.length && x.every((c, i) => c.id === y[i]!.id));
+}
+
 export class MountedVolume implements MountFs {
   readonly repo: Repository;
   readonly volume: string;
@@ -663,6 +671,23 @@ export class MountedVolume implements MountFs {
       this.journal({ o: "cow", p: segs.join("/"), c: id, ...(cur ? { f: cur.id } : {}) });
     } else target.h!.orphan = this.pendingEntry(e.name, c, e);
     return c;
+  }
+
+  /**
+   * After a reload from `was`: a read-only handle whose file the reload changed or removed keeps
+   * reading the bytes it opened (as an open the kernel reads through a backing file does), where
+   * it would follow its path into the new version's file, part way through a read of it.
+   */
+  private async keepOpenReads(was: Overlay): Promise<void> {
+    for (const h of this.handles.values()) {
+      if (h.kind !== "file" || !h.segs || (h.flags & O_ACCMODE) !== constants.O_RDONLY) continue;
+      const old = await was.lookup(h.segs).catch(() => undefined);
+      if (old?.kind !== "file") continue;
+      const now = await this.overlay.lookup(h.segs).catch(() => undefined);
+      if (now && sameStoredBytes(old, now)) continue;
+      h.segs = null;
+      h.orphan = old;
+    }
   }
 
   private orphanHandles(segs: string[], e: StagedEntry): void {
@@ -1245,7 +1270,9 @@ export class MountedVolume implements MountFs {
       }
       const vol = await this.repo.volume(this.volume);
       const head = vol.head ? await this.repo.version(vol.head) : null;
+      const was = this.overlay;
       this.setBase(head);
+      await this.keepOpenReads(was);
       if (this.staging) {
         const ended = this.staging.rotate();
         this.staging.writeManifest({ v: 1, base: head?.id ?? null, first: ended + 1 }, true);
