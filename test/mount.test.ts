@@ -805,6 +805,25 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await e.unmount(ro);
   }, 120_000);
 
+  it("lets a file open for writing across a reload follow its path to the new bytes", async () => {
+    await e.strata("volume", "create", "followed");
+    const v1 = randomBytes(200 * 1024);
+    const v2 = randomBytes(300 * 1024);
+    await put("followed", "f.bin", v1);
+    const mnt = join(e.base, "followed-mnt");
+    await e.mount("followed", mnt);
+    const fd = openSync(join(mnt, "f.bin"), "r+");
+    try {
+      expectReads(fd, v1);
+      await put("followed", "f.bin", v2);
+      await e.strata("reload", mnt);
+      expectReads(fd, v2);
+    } finally {
+      closeSync(fd);
+    }
+    await e.unmount(mnt);
+  }, 120_000);
+
   it("keeps a file read whole in its copy, not also in the chunk cache, and reads the copy for an open the kernel does not back", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
     await e.strata("volume", "create", "once");

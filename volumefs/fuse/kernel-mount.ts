@@ -23,8 +23,8 @@
  * (`backingFd`: a whole-file copy); a read-only open of it then names that file, and the kernel
  * reads it without asking (see openReply). A change to the bytes of such a file while it is open
  * (a write open, a truncate, a link, a base move) gives its name a new node, so that the change
- * and new opens go to it while open ones keep the old bytes (see restale). A base move does so for
- * every open file it changes, served or backed: the open files keep their inode and its pages.
+ * and new opens go to it while open ones keep the old bytes (see restale). A base move does so
+ * also for a file it changes that is open for reading only: the opens keep their inode and pages.
  *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
@@ -197,6 +197,8 @@ export class KernelSession {
   private readonly fhNode = new Map<number, Node>();
   /** Open handles with a backing file (their node's `backing`), let go at RELEASE. */
   private readonly backedFhs = new Set<number>();
+  /** Open handles that may write (MountFs handles follow their path across a base move). */
+  private readonly writeFhs = new Set<number>();
   /** The session took backing files at INIT (a read-only mount, Linux 6.9+, MountFs.backingFd). */
   private passthrough = false;
   private readonly negatives = new Map<string, { parent: Node; name: string; at: number }>();
@@ -568,7 +570,7 @@ export class KernelSession {
           const fh = await this.fs.open(path, flags);
           if (kill) await this.killSuid(n);
           const out = await this.openReply(n, fh, path);
-          this.opened(n, fh);
+          this.opened(n, fh, write);
           return [out];
         });
       }
@@ -586,7 +588,7 @@ export class KernelSession {
           const fh = await this.fs.create(path, mode & 0o7777, flags);
           try {
             const { out, node } = await this.entry(parent, name, path, req);
-            this.opened(node, fh);
+            this.opened(node, fh, (flags & 3) !== O.O_RDONLY);
             return [out, openOut(fh, this.openFlags(node, path))];
           } catch (err) {
             await this.fs.release(fh).catch(() => undefined);
@@ -630,6 +632,7 @@ export class KernelSession {
         return this.run(req, "release", async () => {
           const n = this.fhNode.get(fh);
           this.fhNode.delete(fh);
+          this.writeFhs.delete(fh);
           if (n) {
             n.fhs?.delete(fh);
             this.dropIfUnused(n);
@@ -822,9 +825,15 @@ export class KernelSession {
     this.detach(n.parent, n.name);
   }
 
-  private opened(n: Node, fh: number): void {
+  private opened(n: Node, fh: number, write: boolean): void {
     (n.fhs ??= new Set()).add(fh);
     this.fhNode.set(fh, n);
+    if (write) this.writeFhs.add(fh);
+  }
+
+  /** Whether `n` is open, and only for reading. */
+  private onlyRead(n: Node): boolean {
+    return !!n.fhs?.size && [...n.fhs].every((fh) => !this.writeFhs.has(fh));
   }
 
   private init(req: Request): void {
@@ -984,11 +993,11 @@ export class KernelSession {
         a = undefined;
       }
       if (a && signature(a) === n.sig) continue;
-      if ((n.backing || n.fhs?.size) && n.parent) {
-        // Open (with a backing file of the old bytes, which every open of this inode must name
-        // while one is open, or served: read-only opens read on what they opened): the name gets
-        // a new node (the kernel looks it up again), and the open files keep the old inode and
-        // bytes, as after a rename over them.
+      if ((n.backing || this.onlyRead(n)) && n.parent) {
+        // Open with a backing file of the old bytes (which every open of this inode must name
+        // while one is open), or served for reading only (MountFs read-only handles read on what
+        // they opened): the name gets a new node (the kernel looks it up again), and the open
+        // files keep the old inode and bytes, as after a rename over them.
         sends.push(this.invalEntry(n.parent, n.name));
         this.detach(n.parent, n.name);
         continue;
