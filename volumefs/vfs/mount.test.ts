@@ -285,24 +285,28 @@ describe("MountedVolume", () => {
     const m = await open();
     await writeFile(m, "/gone", "stored bytes");
     await writeFile(m, "/kept", "stored");
+    await writeFile(m, "/w", "mine");
     await m.sync();
     const next = repo.stage(await repo.resolve("v"));
     await next.remove(["gone"]);
+    await next.put(["w"], { kind: "file", name: "w", mode: 0o644, mtime: 1, size: 6, pending: { kind: "bytes", data: Buffer.from("theirs") } });
     await repo.sync("v", await repo.resolve("v"), next);
     await writeFile(m, "/kept", "staged, then discarded");
 
     const gone = await m.open("/gone", O_RDONLY);
     const staged = await m.open("/kept", O_RDONLY);
-    const writer = await m.open("/kept", O_WRONLY);
+    // A file also open for writing is one file for its handles: they follow its path.
+    const writer = await m.open("/w", O_WRONLY);
+    const reader = await m.open("/w", O_RDONLY);
     await m.reload({ discard: true });
     expect(Buffer.from(await m.read(gone, 100, 0)).toString()).toBe("stored bytes");
     expect(Buffer.from(await m.read(staged, 100, 0)).toString()).toBe("staged, then discarded");
-    expect(await m.readdir("/")).toEqual(["kept"]);
+    expect(await m.readdir("/")).toEqual(["kept", "w"]);
     expect((await readAll(m, "/kept")).toString()).toBe("stored");
-    // A handle open for writing goes on writing the file at its path.
-    await m.write(writer, Buffer.from("S"), 0);
-    expect((await readAll(m, "/kept")).toString()).toBe("Stored");
-    for (const fh of [gone, staged, writer]) await m.release(fh);
+    expect(Buffer.from(await m.read(reader, 100, 0)).toString()).toBe("theirs");
+    await m.write(writer, Buffer.from("T"), 0);
+    expect(Buffer.from(await m.read(reader, 100, 0)).toString()).toBe("Theirs");
+    for (const fh of [gone, staged, writer, reader]) await m.release(fh);
     await m.close();
   });
 

@@ -676,11 +676,15 @@ export class MountedVolume implements MountFs {
   /**
    * After a reload from `was`: a read-only handle whose file the reload changed or removed keeps
    * reading the bytes it opened (as an open the kernel reads through a backing file does), where
-   * it would follow its path into the new version's file, part way through a read of it.
+   * it would follow its path into the new version's file, part way through a read of it. Not when
+   * the file is also open for writing (the kernel mount renodes it only when its opens all read).
    */
   private async keepOpenReads(was: Overlay): Promise<void> {
+    // A file also open for writing is one file for all its handles: they follow its path.
+    const written = new Set<string>();
+    for (const h of this.handles.values()) if (h.kind === "file" && h.segs && (h.flags & O_ACCMODE) !== constants.O_RDONLY) written.add(h.segs.join("/"));
     for (const h of this.handles.values()) {
-      if (h.kind !== "file" || !h.segs || (h.flags & O_ACCMODE) !== constants.O_RDONLY) continue;
+      if (h.kind !== "file" || !h.segs || (h.flags & O_ACCMODE) !== constants.O_RDONLY || written.has(h.segs.join("/"))) continue;
       const old = await was.lookup(h.segs).catch(() => undefined);
       if (old?.kind !== "file") continue;
       const now = await this.overlay.lookup(h.segs).catch(() => undefined);
