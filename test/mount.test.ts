@@ -637,6 +637,12 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await e.strata("put", volume, src, path);
   }
 
+  /** Creates `volume` with `bytes` at `path` as its first version. */
+  async function putNew(volume: string, path: string, bytes: Buffer): Promise<void> {
+    await e.strata("volume", "create", volume);
+    await put(volume, path, bytes);
+  }
+
   /** Whether this kernel offers FUSE backing files (asked through a probe mount served here). */
   let offered: boolean | undefined;
   async function backingOffered(): Promise<boolean> {
@@ -675,9 +681,8 @@ describe("whole-file copies read by the kernel (backing files)", () => {
   it("reads a file's whole copy through the kernel once one read of it made the copy, with no READ request", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
 
-    await e.strata("volume", "create", "data");
     const data = randomBytes(5 * 1024 * 1024 + 4321);
-    await put("data", "big.bin", data);
+    await putNew("data", "big.bin", data);
     const dir = join(e.base, "ro");
 
     // Served without backing files: every read of a new mount asks the mount, and a whole read
@@ -721,9 +726,8 @@ describe("whole-file copies read by the kernel (backing files)", () => {
 
   it("lets a writable mount's program write, truncate and link a file others read through its copy; they keep the old bytes", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
-    await e.strata("volume", "create", "rw");
     const v1 = randomBytes(2 * 1024 * 1024 + 5);
-    await put("rw", "f.bin", v1);
+    await putNew("rw", "f.bin", v1);
     const mnt = join(e.base, "rw-mnt");
     await e.mount("rw", mnt);
     const f = join(mnt, "f.bin");
@@ -772,10 +776,9 @@ describe("whole-file copies read by the kernel (backing files)", () => {
   ])("shows a reloaded file's new bytes to new opens while an open kept from before (%s) reads the old ones", async (_how, backing, ctx) => {
     if (!(await backingOffered())) ctx.skip();
     const name = `moving${backing}`;
-    await e.strata("volume", "create", name);
     const v1 = randomBytes(2 * 1024 * 1024);
     const v2 = randomBytes(3 * 1024 * 1024);
-    await put(name, "f.bin", v1);
+    await putNew(name, "f.bin", v1);
     const ro = join(e.base, `${name}-ro`);
     e.env.STRATA_FUSE_BACKING = backing;
     try {
@@ -806,10 +809,9 @@ describe("whole-file copies read by the kernel (backing files)", () => {
   }, 120_000);
 
   it("lets a file open for writing across a reload follow its path to the new bytes", async () => {
-    await e.strata("volume", "create", "followed");
     const v1 = randomBytes(200 * 1024);
     const v2 = randomBytes(300 * 1024);
-    await put("followed", "f.bin", v1);
+    await putNew("followed", "f.bin", v1);
     const mnt = join(e.base, "followed-mnt");
     await e.mount("followed", mnt);
     const fd = openSync(join(mnt, "f.bin"), "r+");
@@ -826,9 +828,8 @@ describe("whole-file copies read by the kernel (backing files)", () => {
 
   it("keeps a file read whole in its copy, not also in the chunk cache, and reads the copy for an open the kernel does not back", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
-    await e.strata("volume", "create", "once");
     const data = randomBytes(4 * 1024 * 1024 + 77);
-    await put("once", "f.bin", data);
+    await putNew("once", "f.bin", data);
     const mnt = join(e.base, "once-mnt");
     const files = join(e.env.STRATA_HOME!, "cache", "files");
     const packs = join(e.env.STRATA_HOME!, "cache", "packs");
