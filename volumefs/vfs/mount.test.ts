@@ -310,6 +310,28 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
+
+  it("lets a read-only handle read on what it opened when a sync takes in another writer's change to its file, and follow its path when the sync stored the file as it was", async () => {
+    const { open, repo } = await setup();
+    const m = await open();
+    await writeFile(m, "/theirs", "v1 bytes");
+    await m.sync();
+    const next = repo.stage(await repo.resolve("v"));
+    await next.put(["theirs"], { kind: "file", name: "theirs", mode: 0o644, mtime: 1, size: 14, pending: { kind: "bytes", data: Buffer.from("v2, by another") } });
+    await repo.sync("v", await repo.resolve("v"), next);
+    await writeFile(m, "/mine", "staged here");
+
+    const old = await m.open("/theirs", O_RDONLY);
+    const mine = await m.open("/mine", O_RDONLY);
+    await m.sync();
+    expect(Buffer.from(await m.read(old, 100, 0)).toString()).toBe("v1 bytes");
+    expect((await readAll(m, "/theirs")).toString()).toBe("v2, by another");
+    // The sync stored /mine as it was: the handle still follows its path.
+    await m.truncate("/mine", 6);
+    expect(Buffer.from(await m.read(mine, 100, 0)).toString()).toBe("staged");
+    for (const fh of [old, mine]) await m.release(fh);
+    await m.close();
+  });
   it("keeps no whole-file copy of a file a reload changed while a handle was reading it into one", async () => {
     const { open, repo, dir } = await setup();
     const files = join(dir, "files");

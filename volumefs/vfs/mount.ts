@@ -261,17 +261,28 @@ export class ChunkReader {
 }
 
 /**
+ * What names a file entry's bytes: a stored file's chunk list, or a staged content (the chunks
+ * its sync made of it, once it has them).
+ */
+function bytesOf(e: StagedEntry | undefined): readonly ChunkRef[] | StagedContent | undefined {
+  if (e?.kind !== "file") return undefined;
+  const c = contentOf(e);
+  return c ? (c.uploaded?.chunks ?? c) : (e as FileEntry).chunks;
+}
+
+/** Whether two entries are files with the same bytes, known without reading them. */
+function sameBytes(a: StagedEntry | undefined, b: StagedEntry | undefined): boolean {
+  const x = bytesOf(a);
+  const y = bytesOf(b);
+  if (x === undefined || y === undefined) return false;
+  if (x === y) return true;
+  return Array.isArray(x) && Array.isArray(y) && x.length === y.length && x.every((c, i) => c.id === y[i]!.id);
+}
+
+/**
  * A volume mounted at its head (writable, with a durable staging layer) or at any version
  * (read-only). Implements MountFs for the FUSE adapter; usable directly in tests and tools.
  */
-/** Whether two entries are the same stored file's bytes (no staged change in either). */
-function sameStoredBytes(a: StagedEntry, b: StagedEntry): boolean {
-  if (a.kind !== "file" || b.kind !== "file" || contentOf(a) || contentOf(b)) return false;
-  const x = (a as FileEntry).chunks;
-  const y = (b as FileEntry).chunks;
-  return x === y || (x.length === y.length && x.every((c, i) => c.id === y[i]!.id));
-}
-
 export class MountedVolume implements MountFs {
   readonly repo: Repository;
   readonly volume: string;
@@ -674,10 +685,12 @@ export class MountedVolume implements MountFs {
   }
 
   /**
-   * After a reload from `was`: a read-only handle whose file the reload changed or removed keeps
-   * reading the bytes it opened (as an open the kernel reads through a backing file does), where
-   * it would follow its path into the new version's file, part way through a read of it. Not when
-   * the file is also open for writing (the kernel mount renodes it only when its opens all read).
+   * After a base move from `was` (a reload, or a sync that may have taken in other writers'
+   * changes): a read-only handle whose file the move changed or removed keeps reading the bytes
+   * it opened (as an open the kernel reads through a backing file does), where it would follow
+   * its path into the new version's file, part way through a read of it. A staged file that the
+   * sync stored as it was is not a change. Not when the file is also open for writing (the
+   * kernel mount renodes it only when its opens all read).
    */
   private async keepOpenReads(was: Overlay): Promise<void> {
     // A file also open for writing is one file for all its handles: they follow its path.
@@ -688,7 +701,7 @@ export class MountedVolume implements MountFs {
       const old = await was.lookup(h.segs).catch(() => undefined);
       if (old?.kind !== "file") continue;
       const now = await this.overlay.lookup(h.segs).catch(() => undefined);
-      if (now && sameStoredBytes(old, now)) continue;
+      if (sameBytes(old, now)) continue;
       h.segs = null;
       h.orphan = old;
     }
@@ -1222,8 +1235,10 @@ export class MountedVolume implements MountFs {
       }
       const next = this.repo.stage(res.version);
       for (const l of staging.readLayers()) if (l.layer > frozen.upTo) for (const op of l.ops) await this.replayOp(next, op, "rebase");
+      const was = this.overlay;
       this.base = res.version;
       this.overlay = next;
+      await this.keepOpenReads(was);
       staging.writeManifest({ v: 1, base: res.version?.id ?? null, first: frozen.upTo + 1 }, true);
       staging.dropLayers(frozen.upTo);
       const live = this.reachable();
