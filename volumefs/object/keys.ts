@@ -38,3 +38,8 @@ export function checkRange(range: ByteRange, key: string, op: string): void {
     );
   }
 }
+
+/** The HTTP Range header of a non-empty range: `bytes=first-last`. */
+export function rangeHeader(offset: number, length: number): string {
+  return `bytes=${offset}-${offset + length - 1}`;
+}

@@ -17,6 +17,7 @@
 import { createHash, createHmac, type Hash, type Hmac } from "node:crypto";
 import { Worker } from "node:worker_threads";
 import { SignatureV4 } from "@smithy/signature-v4";
+import { rangeHeader } from "./keys.js";
 
 /** What the worker runs: plain JavaScript, so that it loads nothing but node's http. */
 const WORKER_SOURCE = `
@@ -137,7 +138,7 @@ export class RangeFetcher {
   async get(bucket: string, key: string, offset: number, length: number): Promise<Uint8Array | undefined> {
     if (this.broken || length <= 0) return undefined;
     const path = `${this.endpoint.pathname.replace(/\/$/, "")}/${bucket}/${key}`.split("/").map(uriEscape).join("/");
-    const range = `bytes=${offset}-${offset + length - 1}`;
+    const range = rangeHeader(offset, length);
     // Credentials that cannot be had fail the SDK's request the same way, with its translation.
     const signed = await this.signer.presign(
       {

@@ -28,7 +28,7 @@ import {
 } from "@aws-sdk/client-s3";
 import { VolumeError } from "../errors.js";
 import { RangeFetcher } from "./range-fetcher.js";
-import { checkKey, checkRange } from "./keys.js";
+import { checkKey, checkRange, rangeHeader } from "./keys.js";
 import type { ByteRange, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
 
 const MAX_SINGLE_PUT = 5 * 2 ** 30;
@@ -453,7 +453,7 @@ export class S3ObjectStore implements ObjectStore {
         if ((await this.head(key)) === undefined) throw VolumeError.NOT_FOUND(JSON.stringify(key), { op: "get object", path: key });
         return new Uint8Array(0);
       }
-      Range = `bytes=${range.offset}-${range.offset + range.length - 1}`;
+      Range = rangeHeader(range.offset, range.length);
       if (this.fetcher && range.length >= this.workerGetBytes) {
         const got = await this.fetcher.get(this.bucket, this.prefix + key, range.offset, range.length);
         if (got) return got;
