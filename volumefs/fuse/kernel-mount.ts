@@ -104,10 +104,11 @@ interface Node {
   /** Another name shares the file's bytes (FileAttr.shared, or a LINK made here): nothing of it is cached. */
   shared?: boolean;
   /**
-   * The backing file its open handles share, and how many: the kernel takes one backing file
-   * per inode at a time, and fails (EIO) an open that names another, or none, while one is open.
+   * The backing file all its open handles share (`fhs`; let go with the last of them): the
+   * kernel takes one backing file per inode at a time, and fails (EIO) an open that names
+   * another, or none, while one is open (see openReply).
    */
-  backing?: { id: number; opens: number };
+  backing?: { id: number };
 }
 
 /** Options of `serveKernel`. */
@@ -195,8 +196,6 @@ export class KernelSession {
   /** Counts drops from the attribute table (see dropAttrs). */
   private attrEpoch = 0;
   private readonly fhNode = new Map<number, Node>();
-  /** Open handles with a backing file (their node's `backing`), let go at RELEASE. */
-  private readonly backedFhs = new Set<number>();
   /** Open handles that may write (MountFs handles follow their path across a base move). */
   private readonly writeFhs = new Set<number>();
   /** The session took backing files at INIT (a read-only mount, Linux 6.9+, MountFs.backingFd). */
@@ -635,11 +634,11 @@ export class KernelSession {
           this.writeFhs.delete(fh);
           if (n) {
             n.fhs?.delete(fh);
+            if (n.backing && !n.fhs?.size) {
+              this.dev.closeBacking(n.backing.id);
+              n.backing = undefined;
+            }
             this.dropIfUnused(n);
-          }
-          if (this.backedFhs.delete(fh) && n?.backing && --n.backing.opens === 0) {
-            this.dev.closeBacking(n.backing.id);
-            n.backing = undefined;
           }
           await this.fs.release(fh);
           return [];
@@ -785,7 +784,7 @@ export class KernelSession {
       const fd = await this.fs.backingFd!(fh);
       if (fd === undefined) return openOut(fh, this.openFlags(n, path));
       try {
-        n.backing = { id: this.dev.openBacking(fd), opens: 0 };
+        n.backing = { id: this.dev.openBacking(fd) };
       } catch (err) {
         // E.g. copies on an overlay file system (a container's root): the kernel takes backing
         // files one stack level deep only. Every later open is served; this one is too.
@@ -797,8 +796,6 @@ export class KernelSession {
         closeSync(fd);
       }
     }
-    n.backing.opens++;
-    this.backedFhs.add(fh);
     return openOut(fh, FOPEN_PASSTHROUGH, n.backing.id);
   }
 
