@@ -73,6 +73,17 @@ const S_IFREG = 0o100000;
 const S_IFDIR = 0o040000;
 const S_IFLNK = 0o120000;
 const ROOT = 1;
+
+/**
+ * WRITE bodies of at least this many bytes are copied out of the request slot into buffers the
+ * session keeps and reuses (MountFs.write does not keep `data`), not into new ones: each new
+ * buffer of a large write is memory outside the JS heap, and V8 collects garbage after every
+ * 64 MiB of those, which a sequential write of a large file made many times a second.
+ */
+const KEPT_WRITE_MIN = 64 * 1024;
+/** At most this many kept WRITE buffers (MAX_IO each). */
+const KEPT_WRITE_BUFS = 16;
+
 /** Cache time of names and attributes the mount itself keeps coherent, in seconds. */
 const LONG = 86400;
 /** Cache time of a missing name, in seconds. */
@@ -196,6 +207,8 @@ export class KernelSession {
   /** Counts drops from the attribute table (see dropAttrs). */
   private attrEpoch = 0;
   private readonly fhNode = new Map<number, Node>();
+  /** Buffers of large WRITE bodies, reused (see KEPT_WRITE_MIN). */
+  private readonly writeBufs: Buffer[] = [];
   /** Open handles that may write (MountFs handles follow their path across a base move). */
   private readonly writeFhs = new Set<number>();
   /** The session took backing files at INIT (a read-only mount, Linux 6.9+, MountFs.backingFd). */
@@ -607,13 +620,19 @@ export class KernelSession {
         const offset = u64(b, 8);
         const size = b.readUInt32LE(16);
         const kill = (b.readUInt32LE(20) & WRITE_KILL_SUIDGID) !== 0;
-        const data = Buffer.from(b.subarray(40, 40 + size));
+        // The slot is reused once this returns: the bytes are copied, large ones into a kept buffer.
+        const kept = size >= KEPT_WRITE_MIN ? this.writeBufs.pop() ?? Buffer.allocUnsafeSlow(MAX_IO) : undefined;
+        const data = kept ? kept.subarray(0, b.copy(kept, 0, 40, 40 + size)) : Buffer.from(b.subarray(40, 40 + size));
         return this.run(req, "write", async () => {
-          const n = this.fhNode.get(fh);
-          if (this.opts.readOnly && !(n && isControl(this.pathOf(n) ?? ""))) throw VolumeError.READ_ONLY("a file", { op: "write" });
-          const written = await this.fs.write(fh, data, offset);
-          if (kill && n) await this.killSuid(n);
-          return [sizeOut(written)];
+          try {
+            const n = this.fhNode.get(fh);
+            if (this.opts.readOnly && !(n && isControl(this.pathOf(n) ?? ""))) throw VolumeError.READ_ONLY("a file", { op: "write" });
+            const written = await this.fs.write(fh, data, offset);
+            if (kill && n) await this.killSuid(n);
+            return [sizeOut(written)];
+          } finally {
+            if (kept && this.writeBufs.length < KEPT_WRITE_BUFS) this.writeBufs.push(kept);
+          }
         }, () => this.attrsAfter(req.nodeid, fh));
       }
       case Op.STATFS:

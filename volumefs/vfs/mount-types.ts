@@ -78,7 +78,10 @@ export interface MountFs {
   read(fh: number, length: number, position: number): Promise<Uint8Array>;
   /** The bytes `read` gives, as consecutive pieces (the adapter writes them without joining them). Optional. */
   readv?(fh: number, length: number, position: number): Promise<Uint8Array[]>;
-  /** Writes `data` at `position` (at the end with O_APPEND); returns bytes written. */
+  /**
+   * Writes `data` at `position` (at the end with O_APPEND); returns bytes written. `data` is
+   * lent: the caller reuses its memory once the promise settles, so nothing may keep it.
+   */
   write(fh: number, data: Uint8Array, position: number): Promise<number>;
   truncate(path: string, size: number): Promise<void>;
   ftruncate(fh: number, size: number): Promise<void>;
