@@ -826,6 +826,28 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await e.unmount(mnt);
   }, 120_000);
 
+  it("keeps one file for a staged file's opens across a sync that takes in another writer's version: a later write shows through an open made before", async () => {
+    await putNew("kept-node", "other.txt", Buffer.from("theirs v1"));
+    const mnt = join(e.base, "kept-node-mnt");
+    await e.mount("kept-node", mnt);
+    const f = join(mnt, "mine.txt");
+    writeFileSync(f, "staged here");
+    const fd = openSync(f, "r");
+    try {
+      expectReads(fd, Buffer.from("staged here"));
+      await put("kept-node", "other.txt", Buffer.from("theirs v2"));
+      await e.strata("sync", mnt); // rebased onto the other writer's version
+      expect(readFileSync(join(mnt, "other.txt"), "utf8")).toBe("theirs v2");
+      // The sync stored mine.txt as it was: it is the same file, so a write by its name shows
+      // through the open made before (had the name got a new node, the open would keep the old pages).
+      writeFileSync(f, "written after the sync");
+      expectReads(fd, Buffer.from("written after the sync"));
+    } finally {
+      closeSync(fd);
+    }
+    await e.unmount(mnt);
+  }, 120_000);
+
   it("keeps a file read whole in its copy, not also in the chunk cache, and reads the copy for an open the kernel does not back", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
     const data = randomBytes(4 * 1024 * 1024 + 77);

@@ -398,7 +398,11 @@ export class KernelSession {
     if (!n || this.attrTimeout(this.pathOf(n) ?? "") !== LONG) return;
     const epoch = this.attrEpoch;
     const a = await this.attrOfNode(n, fh).catch(() => undefined);
-    if (a && epoch === this.attrEpoch && this.attrTimeout("", a) === LONG) this.dev.attrs.put(id, attrOut(kernelAttr(id, a), LONG));
+    if (a && epoch === this.attrEpoch && this.attrTimeout("", a) === LONG) {
+      this.dev.attrs.put(id, attrOut(kernelAttr(id, a), LONG));
+      // What the reader thread now tells the kernel (see revalidate).
+      n.sig = signature(a);
+    }
   }
 
   /** How long the kernel may keep attributes: not at all for live control files and for bytes another name shares. */
@@ -1009,6 +1013,11 @@ export class KernelSession {
         a = undefined;
       }
       if (a && signature(a) === n.sig) continue;
+      if (a && n.sig && this.sameBytes(n.sig, a)) {
+        // A staged file the sync stored as it was: the same file, under its stored tag.
+        n.sig = signature(a);
+        continue;
+      }
       if ((n.backing || this.onlyRead(n)) && n.parent) {
         // Open with a backing file of the old bytes (which every open of this inode must name
         // while one is open), or served for reading only (MountFs read-only handles read on what
@@ -1027,6 +1036,12 @@ export class KernelSession {
     for (const { parent, name } of this.negatives.values()) sends.push(this.invalEntry(parent, name));
     this.negatives.clear();
     await Promise.all(sends);
+  }
+
+  /** Whether `sig` and `a` differ in their tags only, and the MountFs says the bytes are the same (MountFs.sameBytes). */
+  private sameBytes(sig: string, a: FileAttr): boolean {
+    const head = signature({ ...a, tag: undefined });
+    return a.tag !== undefined && sig.startsWith(head) && this.fs.sameBytes?.(sig.slice(head.length), a.tag) === true;
   }
 
   /** Drops a node's cached attributes, and its cached pages from `offset` on when offset ≥ 0. */

@@ -251,9 +251,17 @@ const tags = new WeakMap<FileEntry, string>();
 function contentTag(e: FileEntry): string {
   let t = tags.get(e);
   if (t === undefined) {
-    const ids = e.list ?? e.chunks.map((c) => c.id).join(",");
-    t = ids.length > 256 ? blake3Hex(Buffer.from(ids)) : ids;
+    t = idsTag(e.list ?? e.chunks.map((c) => c.id).join(","));
     tags.set(e, t);
   }
   return t;
+}
+
+/** The tag (FileAttr.tag) a stored file with these chunks has. */
+export function chunksTag(chunks: readonly { id: string }[]): string {
+  return idsTag(chunks.map((c) => c.id).join(","));
+}
+
+function idsTag(ids: string): string {
+  return ids.length > 256 ? blake3Hex(Buffer.from(ids)) : ids;
 }

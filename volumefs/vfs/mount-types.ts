@@ -129,6 +129,12 @@ export interface MountFs {
    * Optional.
    */
   onExternalChange?(listener: () => Promise<void>): void;
+  /**
+   * Whether a file whose tag (FileAttr.tag) was `before` and is now `after` has the same bytes:
+   * a staged file that the last sync stored as it was. An adapter then keeps what it cached of
+   * the file across that sync's base move. Optional.
+   */
+  sameBytes?(before: string, after: string): boolean;
   /** Flushes staging to disk and releases resources; idempotent. */
   close(): Promise<void>;
 }

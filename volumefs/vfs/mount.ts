@@ -24,7 +24,7 @@ import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill, type CopyReader } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import { isCode, type VersionRecord } from "../../metadata/index.js";
-import { ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
+import { chunksTag, ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
 import type { FileAttr, MountFs, MountStatus, MountSyncOptions, MountSyncResult } from "./mount-types.js";
 import { isPending, Overlay, type OverlayNode, type PendingContent, type PendingFileEntry, type StagedEntry } from "./overlay.js";
 import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
@@ -260,6 +260,11 @@ export class ChunkReader {
   }
 }
 
+/** The tag (FileAttr.tag) of a staged file's bytes. */
+function stagedTag(c: StagedContent): string {
+  return `staged:${c.id}`;
+}
+
 /**
  * What names a file entry's bytes: a stored file's chunk list, or a staged content (the chunks
  * its sync made of it, once it has them).
@@ -311,6 +316,8 @@ export class MountedVolume implements MountFs {
   private closed = false;
   /** Set once a file grew large enough to be chunked in workers: their start-up then overlaps the writes, not the sync. */
   private workersWarm = false;
+  /** Tags of the staged files the last sync stored, by their staged tag (see sameBytes). */
+  private stored = new Map<string, string>();
 
   private constructor(opts: MountedVolumeOptions, base: VersionRecord | null, staging: StagingDir | undefined, mountName: string) {
     this.repo = opts.repo;
@@ -638,7 +645,7 @@ export class MountedVolume implements MountFs {
   private attrOf(segs: string[], e: StagedEntry): FileAttr {
     const c = contentOf(e);
     if (c) {
-      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: `staged:${c.id}`, xattrs: hasXattrs(e), shared: c.linked };
+      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: stagedTag(c), xattrs: hasXattrs(e), shared: c.linked };
     }
     return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
   }
@@ -743,6 +750,11 @@ export class MountedVolume implements MountFs {
     const h = this.handle(fh);
     if (h.kind !== "file") throw new VolumeError("BAD_HANDLE", `stat file handle ${fh}: not a regular file`);
     return this.attrOf(h.segs ?? [], await this.entryOf(h));
+  }
+
+  /** See MountFs.sameBytes. */
+  sameBytes(before: string, after: string): boolean {
+    return this.stored.get(before) === after;
   }
 
   /** See MountFs.onExternalChange: called after a reload and after a sync that took in other writers' versions. */
@@ -1227,6 +1239,7 @@ export class MountedVolume implements MountFs {
       res = { version: committed, changed: true, conflicts: [] as string[] };
     }
     await this.exclusive(async () => {
+      this.stored = new Map(frozen.contents.filter((c) => c.uploaded).map((c) => [stagedTag(c), chunksTag(c.uploaded!.chunks)]));
       for (const c of this.contents.values()) {
         if (c.lower?.kind === "content" && c.lower.content.uploaded) {
           const up = c.lower.content.uploaded;
