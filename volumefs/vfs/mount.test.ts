@@ -4,7 +4,7 @@ import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { SqliteMetadataStore } from "../../metadata/index.js";
+import { SqliteMetadataStore, type VersionRecord } from "../../metadata/index.js";
 import { FileCopyCache } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
 import { MemoryObjectStore, type ObjectStore } from "../object/index.js";
@@ -46,6 +46,22 @@ async function readAll(m: MountedVolume, path: string): Promise<Buffer> {
   }
   await m.release(fh);
   return Buffer.concat(parts);
+}
+
+/**
+ * Another writer's version of volume "v": at its head, `files` put (bytes) or removed (null),
+ * committed straight to the repository.
+ */
+async function commitElsewhere(repo: Repository, files: Record<string, string | Uint8Array | null>): Promise<VersionRecord | null> {
+  const next = repo.stage(await repo.resolve("v"));
+  for (const [name, data] of Object.entries(files)) {
+    if (data === null) await next.remove([name]);
+    else {
+      const bytes = Buffer.from(data);
+      await next.put([name], { kind: "file", name, mode: 0o644, mtime: 1, size: bytes.length, pending: { kind: "bytes", data: bytes } });
+    }
+  }
+  return (await repo.sync("v", await repo.resolve("v"), next)).version;
 }
 
 async function code(p: Promise<unknown>): Promise<string | undefined> {
@@ -267,12 +283,10 @@ describe("MountedVolume", () => {
     const m = await open();
     await writeFile(m, "/f", "one");
     await m.sync();
-    const base = repo.stage(await repo.resolve("v"));
-    await base.put(["g"], { kind: "file", name: "g", mode: 0o644, mtime: 1, size: 2, pending: { kind: "bytes", data: Buffer.from("gg") } });
-    const other = await repo.sync("v", await repo.resolve("v"), base);
+    const other = await commitElsewhere(repo, { g: "gg" });
     await writeFile(m, "/mine", "x");
     expect(await code(m.reload())).toBe("NOT_EMPTY");
-    expect(await m.reload({ discard: true })).toBe(other.version!.id);
+    expect(await m.reload({ discard: true })).toBe(other!.id);
     expect(await m.readdir("/")).toEqual(["f", "g"]);
     await m.close();
     const m2 = await open();
@@ -287,10 +301,7 @@ describe("MountedVolume", () => {
     await writeFile(m, "/kept", "stored");
     await writeFile(m, "/w", "mine");
     await m.sync();
-    const next = repo.stage(await repo.resolve("v"));
-    await next.remove(["gone"]);
-    await next.put(["w"], { kind: "file", name: "w", mode: 0o644, mtime: 1, size: 6, pending: { kind: "bytes", data: Buffer.from("theirs") } });
-    await repo.sync("v", await repo.resolve("v"), next);
+    await commitElsewhere(repo, { gone: null, w: "theirs" });
     await writeFile(m, "/kept", "staged, then discarded");
 
     const gone = await m.open("/gone", O_RDONLY);
@@ -316,9 +327,7 @@ describe("MountedVolume", () => {
     const m = await open();
     await writeFile(m, "/theirs", "v1 bytes");
     await m.sync();
-    const next = repo.stage(await repo.resolve("v"));
-    await next.put(["theirs"], { kind: "file", name: "theirs", mode: 0o644, mtime: 1, size: 14, pending: { kind: "bytes", data: Buffer.from("v2, by another") } });
-    await repo.sync("v", await repo.resolve("v"), next);
+    await commitElsewhere(repo, { theirs: "v2, by another" });
     await writeFile(m, "/mine", "staged here");
 
     const old = await m.open("/theirs", O_RDONLY);
@@ -340,9 +349,7 @@ describe("MountedVolume", () => {
     const v2 = randomBytes(3 << 20);
     await writeFile(m, "/f", v1);
     await m.sync();
-    const next = repo.stage(await repo.resolve("v"));
-    await next.put(["f"], { kind: "file", name: "f", mode: 0o644, mtime: 1, size: v2.length, pending: { kind: "bytes", data: v2 } });
-    await repo.sync("v", await repo.resolve("v"), next);
+    await commitElsewhere(repo, { f: v2 });
 
     const fh = await m.open("/f", O_RDONLY);
     expect(Buffer.from(await m.read(fh, 1 << 20, 0)).equals(v1.subarray(0, 1 << 20))).toBe(true); // starts a copy of v1
