@@ -321,7 +321,6 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
-
   it("lets a read-only handle read on what it opened when a sync takes in another writer's change to its file, and follow its path when the sync stored the file as it was", async () => {
     const { open, repo } = await setup();
     const m = await open();

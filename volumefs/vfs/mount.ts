@@ -276,7 +276,7 @@ function bytesOf(e: StagedEntry | undefined): readonly ChunkRef[] | StagedConten
 }
 
 /** Whether two entries are files with the same bytes, known without reading them. */
-function sameBytes(a: StagedEntry | undefined, b: StagedEntry | undefined): boolean {
+function entriesShareBytes(a: StagedEntry | undefined, b: StagedEntry | undefined): boolean {
   const x = bytesOf(a);
   const y = bytesOf(b);
   if (x === undefined || y === undefined) return false;
@@ -316,8 +316,8 @@ export class MountedVolume implements MountFs {
   private closed = false;
   /** Set once a file grew large enough to be chunked in workers: their start-up then overlaps the writes, not the sync. */
   private workersWarm = false;
-  /** Tags of the staged files the last sync stored, by their staged tag (see sameBytes). */
-  private stored = new Map<string, string>();
+  /** The chunks of the staged files the last sync stored, by their staged tag (see sameBytes). */
+  private stored = new Map<string, readonly ChunkRef[]>();
 
   private constructor(opts: MountedVolumeOptions, base: VersionRecord | null, staging: StagingDir | undefined, mountName: string) {
     this.repo = opts.repo;
@@ -708,7 +708,7 @@ export class MountedVolume implements MountFs {
       const old = await was.lookup(h.segs).catch(() => undefined);
       if (old?.kind !== "file") continue;
       const now = await this.overlay.lookup(h.segs).catch(() => undefined);
-      if (sameBytes(old, now)) continue;
+      if (entriesShareBytes(old, now)) continue;
       h.segs = null;
       h.orphan = old;
     }
@@ -754,7 +754,8 @@ export class MountedVolume implements MountFs {
 
   /** See MountFs.sameBytes. */
   sameBytes(before: string, after: string): boolean {
-    return this.stored.get(before) === after;
+    const chunks = this.stored.get(before);
+    return chunks !== undefined && chunksTag(chunks) === after;
   }
 
   /** See MountFs.onExternalChange: called after a reload and after a sync that took in other writers' versions. */
@@ -1239,7 +1240,7 @@ export class MountedVolume implements MountFs {
       res = { version: committed, changed: true, conflicts: [] as string[] };
     }
     await this.exclusive(async () => {
-      this.stored = new Map(frozen.contents.filter((c) => c.uploaded).map((c) => [stagedTag(c), chunksTag(c.uploaded!.chunks)]));
+      this.stored = new Map(frozen.contents.filter((c) => c.uploaded).map((c) => [stagedTag(c), c.uploaded!.chunks]));
       for (const c of this.contents.values()) {
         if (c.lower?.kind === "content" && c.lower.content.uploaded) {
           const up = c.lower.content.uploaded;
