@@ -899,14 +899,32 @@ export class FuseDevice {
       // Wakes the reads still blocked on the device (a lazily detached mount keeps the session
       // alive while files are open in it).
       try {
-        fs.writeFileSync(`/sys/fs/fuse/connections/${this.connection}/abort`, "1");
+        fs.writeFileSync(`${await fuseControlDir()}/${this.connection}/abort`, "1");
       } catch {
-        // fusectl not mounted: the reads end when the last file is closed
+        // no fusectl (not root, or no sysfs): the reads end when the last file is closed
       }
     }
     this.ended = true;
     await Promise.race([this.closed, new Promise((r) => setTimeout(r, 2000).unref())]);
   }
+}
+
+const FUSECTL = "/sys/fs/fuse/connections";
+let fusectlMounted: Promise<void> | undefined;
+
+/**
+ * The fuse control file system's directory (one folder per connection, with its `abort`),
+ * mounted there first when it is not: a host without systemd (a container, a fresh VM) leaves
+ * it unmounted, and without it an unmount cannot end a session whose files are still open.
+ */
+async function fuseControlDir(): Promise<string> {
+  fusectlMounted ??= (async () => {
+    const table = await mountTable();
+    if (table.some((m) => m.point === FUSECTL && m.type === "fusectl")) return;
+    await new Promise<void>((res) => spawn("mount", ["-t", "fusectl", "fusectl", FUSECTL], { stdio: "ignore" }).on("exit", () => res()).on("error", () => res()));
+  })();
+  await fusectlMounted;
+  return FUSECTL;
 }
 
 /** _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t) of linux/fuse.h. */
