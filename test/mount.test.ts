@@ -11,6 +11,7 @@ import {
   chmodSync,
   closeSync,
   existsSync,
+  constants,
   linkSync,
   lstatSync,
   mkdirSync,
@@ -184,7 +185,7 @@ function randomOps(a: string, b: string, rand: () => number, count: number, log:
   for (let i = 0; i < count; i++) {
     const p = randPath();
     const q = randPath();
-    const kind = pick(["create", "create", "write", "write", "append", "truncate", "rename", "rename", "unlink", "mkdir", "mkdir", "rmdir", "symlink", "chmod"]);
+    const kind = pick(["create", "create", "write", "write", "append", "truncate", "rename", "rename", "unlink", "mkdir", "mkdir", "rmdir", "symlink", "chmod", "opentrunc"]);
     let op: (root: string) => void;
     let desc: string;
     switch (kind) {
@@ -212,6 +213,13 @@ function randomOps(a: string, b: string, rand: () => number, count: number, log:
         const data = bytes(1 + Math.floor(rand() * 5000));
         desc = `append ${p} ${data.length}`;
         op = (r) => appendFileSync(join(r, p), data);
+        break;
+      }
+      case "opentrunc": {
+        // O_TRUNC truncates even an open for reading only (O_CREAT makes the file when missing).
+        const flags = constants.O_RDONLY | constants.O_TRUNC | (rand() < 0.5 ? constants.O_CREAT : 0);
+        desc = `open ${p} O_RDONLY|O_TRUNC${flags & constants.O_CREAT ? "|O_CREAT" : ""}`;
+        op = (r) => closeSync(openSync(join(r, p), flags, 0o644));
         break;
       }
       case "truncate": {

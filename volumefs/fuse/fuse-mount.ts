@@ -29,7 +29,7 @@ import { promisify } from "node:util";
 import Fuse from "fuse-native";
 import { VolumeError } from "../errors.js";
 import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
-import type { FileAttr, MountFs } from "../vfs/mount-types.js";
+import { opensToChange, type FileAttr, type MountFs } from "../vfs/mount-types.js";
 import { NAME_TOO_LONG, toErrno } from "./errno.js";
 import { FuseDevice, mountTable } from "./kernel.js";
 import { isControl, KernelSession, typeBits } from "./kernel-mount.js";
@@ -264,7 +264,7 @@ async function mountNative(fs: MountFs, abs: string, opts: FuseMountOptions): Pr
     access: (path: string, _mode: number, cb: Cb) => status("access", path, cb, false, () => fs.getattr(path)),
     readlink: (path: string, cb: Cb) => value("readlink", path, cb, () => fs.readlink(path)),
     open: (path: string, flags: number, cb: Cb) => {
-      const writes = (flags & 3) !== O.O_RDONLY || (flags & O.O_TRUNC) !== 0;
+      const writes = opensToChange(flags);
       (async () => {
         if (writes) guard(path);
         else checkNames(path);

@@ -33,7 +33,7 @@ import { closeSync, constants as fsConstants } from "node:fs";
 import { constants } from "node:os";
 import { VolumeError } from "../errors.js";
 import { NAME_MAX, RESERVED_NAME } from "../vfs/paths.js";
-import type { FileAttr, MountFs } from "../vfs/mount-types.js";
+import { opensToChange, type FileAttr, type MountFs } from "../vfs/mount-types.js";
 import { NAME_TOO_LONG, toErrno } from "./errno.js";
 import {
   attrOut,
@@ -361,7 +361,7 @@ export class KernelSession {
     const child = ([dir, name]: [number, string]) => this.nodes.get(dir)?.children?.get(name)?.id ?? 0;
     switch (req.opcode) {
       case Op.OPEN:
-        return (req.body.readUInt32LE(0) & 3) === O.O_RDONLY && !(req.body.readUInt32LE(0) & O.O_TRUNC) ? undefined : [req.nodeid];
+        return opensToChange(req.body.readUInt32LE(0)) ? [req.nodeid] : undefined;
       case Op.SETATTR:
       case Op.WRITE:
       case Op.SETXATTR:
@@ -580,7 +580,7 @@ export class KernelSession {
         return this.run(req, "open", async () => {
           const n = this.node(req.nodeid);
           const path = this.mustPath(n);
-          const write = (flags & 3) !== O.O_RDONLY || (flags & O.O_TRUNC) !== 0;
+          const write = opensToChange(flags);
           if (write) this.guard(path);
           if (write && n.backing) return this.restale(n);
           const fh = await this.fs.open(path, flags);
@@ -604,7 +604,7 @@ export class KernelSession {
           const fh = await this.fs.create(path, mode & 0o7777, flags);
           try {
             const { out, node } = await this.entry(parent, name, path, req);
-            this.opened(node, fh, (flags & 3) !== O.O_RDONLY);
+            this.opened(node, fh, opensToChange(flags));
             return [out, openOut(fh, this.openFlags(node, path))];
           } catch (err) {
             await this.fs.release(fh).catch(() => undefined);

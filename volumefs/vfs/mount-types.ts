@@ -60,6 +60,15 @@ export interface MountSyncResult {
   conflicts: string[];
 }
 
+/**
+ * True when an open(2) with `flags` may change the file: write access, or O_TRUNC, which
+ * truncates a regular file even when it is opened for reading only (and needs write permission,
+ * as on Linux).
+ */
+export function opensToChange(flags: number): boolean {
+  return (flags & 3) !== 0 || (flags & 0o1000) !== 0;
+}
+
 /** A POSIX file system over a volume; what the FUSE adapter calls. */
 export interface MountFs {
   getattr(path: string): Promise<FileAttr>;
@@ -70,9 +79,9 @@ export interface MountFs {
   /** Names in a directory (without "." and ".."). */
   readdir(path: string): Promise<string[]>;
   readlink(path: string): Promise<string>;
-  /** Opens an existing file; returns a handle. `flags` are open(2) flags (O_TRUNC, O_APPEND, O_WRONLY…). */
+  /** Opens an existing file; returns a handle. `flags` are open(2) flags (O_TRUNC, O_APPEND, O_WRONLY…); O_TRUNC truncates whatever the access mode. */
   open(path: string, flags: number): Promise<number>;
-  /** Creates and opens a file (EEXIST with O_EXCL when it exists). */
+  /** Creates and opens a file (EEXIST with O_EXCL when it exists; an existing file is opened as `open` does). */
   create(path: string, mode: number, flags: number): Promise<number>;
   /** Up to `length` bytes at `position`; fewer at end of file. */
   read(fh: number, length: number, position: number): Promise<Uint8Array>;

@@ -147,6 +147,17 @@ describe("MountedVolume", () => {
     const ft = await m.open("/f", O_WRONLY | O_TRUNC);
     await m.release(ft);
     expect((await m.getattr("/f")).size).toBe(0);
+    // O_TRUNC truncates whatever the access mode, as on Linux; the handle still only reads.
+    await writeFile(m, "/r", "abc");
+    const rt = await m.open("/r", O_RDONLY | O_TRUNC);
+    expect((await m.getattr("/r")).size).toBe(0);
+    expect(await code(m.write(rt, Buffer.from("x"), 0))).toBe("BAD_HANDLE");
+    await m.release(rt);
+    await writeFile(m, "/r", "abc");
+    await m.release(await m.create("/r", 0o644, O_RDONLY | O_CREAT | O_TRUNC));
+    expect((await m.getattr("/r")).size).toBe(0);
+    await m.mkdir("/dir", 0o755);
+    expect(await code(m.open("/dir", O_RDONLY | O_TRUNC))).toBe("IS_A_DIRECTORY");
     const big = 5 * 2 ** 30 + 7;
     const fb = await m.create("/big", 0o644, O_RDWR | O_CREAT);
     await m.write(fb, Buffer.from("tail"), big);
@@ -221,6 +232,7 @@ describe("MountedVolume", () => {
     for (const ro of [await open({ readOnly: true }), await open({ at: v1 })]) {
       expect(await code(writeFile(ro, "/g", "x"))).toBe("READ_ONLY");
       expect(await code(ro.open("/f", O_RDWR))).toBe("READ_ONLY");
+      expect(await code(ro.open("/f", O_RDONLY | O_TRUNC))).toBe("READ_ONLY");
       expect(await code(ro.mkdir("/d", 0o755))).toBe("READ_ONLY");
       expect(await code(ro.unlink("/f"))).toBe("READ_ONLY");
       expect(await code(ro.chmod("/f", 0o600))).toBe("READ_ONLY");

@@ -25,7 +25,7 @@ import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore,
 import { VolumeError } from "../errors.js";
 import { isCode, type VersionRecord } from "../../metadata/index.js";
 import { chunksTag, ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
-import type { FileAttr, MountFs, MountStatus, MountSyncOptions, MountSyncResult } from "./mount-types.js";
+import { opensToChange, type FileAttr, type MountFs, type MountStatus, type MountSyncOptions, type MountSyncResult } from "./mount-types.js";
 import { isPending, Overlay, type OverlayNode, type PendingContent, type PendingFileEntry, type StagedEntry } from "./overlay.js";
 import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
 import type { Repository } from "./repo.js";
@@ -785,29 +785,28 @@ export class MountedVolume implements MountFs {
     return e.target;
   }
 
-  /** Opens a file (O_TRUNC with write access truncates it). Directories open for reading only. */
+  /** Opens a file (O_TRUNC truncates it, whatever the access mode). Directories open for reading only. */
   async open(path: string, flags: number): Promise<number> {
     const segs = segsOf(path);
-    const wantWrite = (flags & O_ACCMODE) !== constants.O_RDONLY;
-    if (segs[0] === RESERVED_NAME) return this.addHandle(await this.control.open(segs.slice(1), wantWrite));
+    if (segs[0] === RESERVED_NAME) return this.addHandle(await this.control.open(segs.slice(1), (flags & O_ACCMODE) !== constants.O_RDONLY));
     const e = await this.mustLookup(segs, "open");
+    const changes = opensToChange(flags);
     if (e.kind === "dir") {
-      if (wantWrite) throw VolumeError.IS_A_DIRECTORY(path, { op: "open" });
+      if (changes) throw VolumeError.IS_A_DIRECTORY(path, { op: "open" });
       return this.addHandle({ kind: "dir" });
     }
-    if (wantWrite) this.checkWritable("open", path);
-    const h: FileHandle = { kind: "file", segs, flags, next: 0, seq: 0 };
-    if (wantWrite && flags & constants.O_TRUNC) {
-      await this.exclusive(async () => {
-        const c = await this.writable({ segs });
-        if (c.size !== 0) {
-          const t = Date.now();
-          c.truncate(0, t);
-          this.journal({ o: "tr", c: c.id, s: 0, t });
-        }
-      });
-    }
-    return this.addHandle(h);
+    if (changes) this.checkWritable("open", path);
+    if (flags & constants.O_TRUNC) await this.exclusive(() => this.truncateOpened(segs));
+    return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
+  }
+
+  /** O_TRUNC of an open or create that found the file: its size becomes 0 (a change only when it was not). */
+  private async truncateOpened(segs: string[]): Promise<void> {
+    const c = await this.writable({ segs });
+    if (c.size === 0) return;
+    const t = Date.now();
+    c.truncate(0, t);
+    this.journal({ o: "tr", c: c.id, s: 0, t });
   }
 
   private addHandle(h: Handle): number {
@@ -835,14 +834,7 @@ export class MountedVolume implements MountFs {
         await this.change({ o: "create", p: segs.join("/"), c: id, m: mode & 0o7777, t: Date.now() });
         return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
       }
-      if (flags & constants.O_TRUNC && (flags & O_ACCMODE) !== constants.O_RDONLY) {
-        const c = await this.writable({ segs });
-        if (c.size !== 0) {
-          const t = Date.now();
-          c.truncate(0, t);
-          this.journal({ o: "tr", c: c.id, s: 0, t });
-        }
-      }
+      if (flags & constants.O_TRUNC) await this.truncateOpened(segs);
       return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
     });
   }
