@@ -191,6 +191,34 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
+  it("gives a stored file's hard link one content with its name until a sync, counted in nlink", async () => {
+    const { open } = await setup();
+    const m = await open();
+    await writeFile(m, "/a", "stored");
+    await m.sync();
+    await m.link("/a", "/b");
+    expect((await m.getattr("/a")).nlink).toBe(2);
+    const fh = await m.open("/b", O_WRONLY | O_APPEND);
+    await m.write(fh, Buffer.from("+b"), 0);
+    await m.release(fh);
+    expect((await readAll(m, "/a")).toString()).toBe("stored+b");
+    // rename(2) between two names of one file leaves both.
+    await m.rename("/a", "/b");
+    expect((await readAll(m, "/a")).toString()).toBe("stored+b");
+    await m.link("/b", "/c");
+    expect((await m.getattr("/b")).nlink).toBe(3);
+    await m.unlink("/a");
+    await m.rename("/c", "/d");
+    expect((await m.getattr("/b")).nlink).toBe(2);
+    await writeFile(m, "/e", "other");
+    await m.rename("/e", "/d");
+    expect((await m.getattr("/b")).nlink).toBe(1);
+    await m.sync();
+    expect((await m.getattr("/b")).nlink).toBe(1);
+    expect((await readAll(m, "/b")).toString()).toBe("stored+b");
+    await m.close();
+  });
+
   it("keeps xattrs, owners, modes, symlinks and hard links through a sync and a reopen", async () => {
     const { open, repo } = await setup();
     const m = await open();

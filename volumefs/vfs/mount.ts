@@ -66,6 +66,12 @@ export interface MountedVolumeOptions {
 
 /** How far into a file the first read of a handle may start for its reads to make a whole copy. */
 const COPY_START_WITHIN = 8 * 2 ** 20;
+/** A name of `e` goes (an unlink, or a rename over it): one name fewer for its content. */
+function unname(e: StagedEntry | undefined): void {
+  const c = contentOf(e);
+  if (c && c.names > 1) c.names--;
+}
+
 /** Whole copies kept open for reads the kernel does not make from them itself. */
 const COPY_READERS = 8;
 
@@ -531,9 +537,11 @@ export class MountedVolume implements MountFs {
         return;
       }
       case "rm":
+        unname(await ov.lookup(op.p.split("/")));
         await ov.remove(op.p.split("/"), { recursive: true });
         return;
       case "mv":
+        unname(await ov.lookup(op.d.split("/")));
         await ov.rename(op.p.split("/"), op.d.split("/"));
         return;
       case "sym": {
@@ -549,7 +557,10 @@ export class MountedVolume implements MountFs {
         if (!e) throw VolumeError.NOT_FOUND(op.p);
         const d = op.d.split("/");
         const c = contentOf(e);
-        if (c) c.linked = true;
+        if (c) {
+          c.linked = true;
+          c.names++;
+        }
         await ov.put(d, { ...e, name: d.at(-1)! });
         return;
       }
@@ -645,7 +656,7 @@ export class MountedVolume implements MountFs {
   private attrOf(segs: string[], e: StagedEntry): FileAttr {
     const c = contentOf(e);
     if (c) {
-      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: 1, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: stagedTag(c), xattrs: hasXattrs(e), shared: c.linked };
+      return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: c.names, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: stagedTag(c), xattrs: hasXattrs(e), shared: c.linked };
     }
     return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
   }
@@ -1040,6 +1051,8 @@ export class MountedVolume implements MountFs {
       const prefix = s.join("/") + "/";
       if ((d.join("/") + "/").startsWith(prefix)) throw new VolumeError("INVALID_ARGUMENT", `rename ${JSON.stringify(src)}: target ${JSON.stringify(dst)} is inside it`, { path: src });
       const target = await this.overlay.lookup(d);
+      // Two names of one file (hard links): rename(2) leaves both.
+      if (target && contentOf(target) !== undefined && contentOf(target) === contentOf(e)) return;
       if (target && target.kind !== "dir" && e.kind !== "dir") this.orphanHandles(d, target);
       await this.change({ o: "mv", p: s.join("/"), d: d.join("/") });
       const sk = s.join("/");
@@ -1077,6 +1090,9 @@ export class MountedVolume implements MountFs {
       if (e.kind === "dir") throw new VolumeError("PERMISSION", `link ${JSON.stringify(src)}: hard links to directories are not allowed`, { path: src });
       await this.checkParent(d, "link");
       if (await this.overlay.lookup(d)) throw VolumeError.ALREADY_EXISTS(JSON.stringify(dst), { op: "link", path: dst });
+      // A stored file is staged first (no bytes copied), so that both names show one content: a
+      // write through either shows in the other until a sync, as for a staged file's links.
+      if (e.kind === "file" && !contentOf(e)) await this.writable({ segs: s });
       await this.change({ o: "link", p: s.join("/"), d: d.join("/") });
     });
   }
@@ -1240,6 +1256,8 @@ export class MountedVolume implements MountFs {
         }
       }
       const next = this.repo.stage(res.version);
+      // The replay counts the names of the contents again (the stored ones are plain files now).
+      for (const c of this.contents.values()) c.names = 1;
       for (const l of staging.readLayers()) if (l.layer > frozen.upTo) for (const op of l.ops) await this.replayOp(next, op, "rebase");
       const was = this.overlay;
       this.base = res.version;

@@ -415,6 +415,8 @@ export class StagedContent {
   hasFile = false;
   /** True once a hard link gave it a second name: a change through one name shows in the other. */
   linked = false;
+  /** Names in the staged tree that show this content (its link count): hard links add, unlinks and replacing renames take away. */
+  names = 1;
 
   constructor(
     private readonly staging: StagingDir,
