@@ -34,7 +34,7 @@ export async function buildDir(onto: Snapshot, dir: DirEntry, node: OverlayNode,
   }
   const enc = encodeTree([...entries.values()]);
   emit(enc);
-  return { ...dir, tree: enc.id, files: enc.files, bytes: enc.bytes };
+  return { ...dir, tree: enc.id, files: enc.files, bytes: enc.bytes, ...(node.mtime !== undefined ? { mtime: node.mtime } : {}) };
 }
 
 /**

@@ -219,6 +219,32 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
+  it("sets a directory's mtime when a name in it is made, removed or renamed, and keeps it through a sync and a reopen", async () => {
+    const { open } = await setup();
+    const m = await open();
+    const old = 1_000_000_000_000;
+    for (const d of ["/d", "/e", "/f"]) {
+      await m.mkdir(d, 0o755);
+      await m.utimens(d, old, old);
+    }
+    await writeFile(m, "/d/x", "x");
+    await m.mkdir("/e/sub", 0o755);
+    await m.utimens("/e/sub", old, old);
+    await m.sync();
+    expect((await m.getattr("/f")).mtime).toBe(old);
+    const t0 = Date.now();
+    await m.rename("/d/x", "/f/y");
+    for (const d of ["/d", "/f"]) expect((await m.getattr(d)).mtime).toBeGreaterThanOrEqual(t0);
+    expect((await m.getattr("/e/sub")).mtime).toBe(old);
+    await m.unlink("/f/y");
+    await m.sync();
+    await m.close();
+    const again = await open();
+    for (const d of ["/d", "/e", "/f"]) expect((await again.getattr(d)).mtime, d).toBeGreaterThanOrEqual(d === "/e" ? t0 - 60_000 : t0);
+    expect((await again.getattr("/e/sub")).mtime).toBe(old);
+    await again.close();
+  });
+
   it("keeps xattrs, owners, modes, symlinks and hard links through a sync and a reopen", async () => {
     const { open, repo } = await setup();
     const m = await open();

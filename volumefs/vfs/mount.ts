@@ -1290,6 +1290,7 @@ export class MountedVolume implements MountFs {
       } else out.replace = { ...n.replace };
     }
     if (n.implicit) out.implicit = true;
+    if (n.mtime !== undefined) out.mtime = n.mtime;
     if (n.children) {
       out.children = new Map();
       for (const [k, child] of n.children) out.children.set(k, this.freezeNode(child, frozen));

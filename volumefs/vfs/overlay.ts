@@ -43,6 +43,8 @@ export interface OverlayNode {
   implicit?: boolean;
   /** Overrides for child names. */
   children?: Map<string, OverlayNode>;
+  /** A directory's mtime since a name in it was made, removed or renamed (not a change of its own). */
+  mtime?: number;
 }
 
 /** True when a staged entry still has bytes to upload. */
@@ -84,6 +86,7 @@ export class Overlay {
       } else {
         entry = findEntry((await this.base.tree(entry.tree)).entries, name);
       }
+      if (child?.mtime !== undefined && entry?.kind === "dir") entry = { ...entry, mtime: child.mtime };
       node = child;
     }
     return { entry, node };
@@ -142,6 +145,16 @@ export class Overlay {
     node.replace = { ...entry, name: segs[segs.length - 1]! };
     node.implicit = false;
     node.children = undefined;
+    node.mtime = undefined;
+    if (!cur) this.namesChanged(segs);
+  }
+
+  /** The directory holding `segs` had a name made, removed or renamed: its mtime is now. */
+  private namesChanged(segs: readonly string[]): void {
+    if (segs.length < 2) return;
+    let node: OverlayNode | undefined = this.root;
+    for (const name of segs.slice(0, -1)) node = node?.children?.get(name);
+    if (node) node.mtime = Date.now();
   }
 
   /** Creates a directory; a no-op when one is there. Parents are created as needed. */
@@ -153,6 +166,8 @@ export class Overlay {
     node.replace = emptyDir(segs[segs.length - 1]!, mode);
     node.implicit = false;
     node.children = undefined;
+    node.mtime = undefined;
+    this.namesChanged(segs);
   }
 
   /** Removes a path; a non-empty directory needs `recursive`. Throws NOT_FOUND, NOT_EMPTY. */
@@ -169,6 +184,8 @@ export class Overlay {
     node.replace = null;
     node.implicit = false;
     node.children = undefined;
+    node.mtime = undefined;
+    this.namesChanged(segs);
   }
 
   /**
@@ -190,13 +207,16 @@ export class Overlay {
         throw new VolumeError("NOT_EMPTY", `rename ${JSON.stringify(s)}: target ${JSON.stringify(d)} is a directory that is not empty`, { path: d });
       }
     }
-    const moved: OverlayNode = { replace: { ...entry, name: dst[dst.length - 1]! }, implicit: false, children: node?.children };
+    const moved: OverlayNode = { replace: { ...entry, name: dst[dst.length - 1]! }, implicit: false, children: node?.children, mtime: node?.mtime };
     const srcNode = await this.nodeFor(src);
     srcNode.replace = null;
     srcNode.implicit = false;
     srcNode.children = undefined;
+    srcNode.mtime = undefined;
     const dstNode = await this.nodeFor(dst);
     Object.assign(dstNode, moved);
+    this.namesChanged(src);
+    this.namesChanged(dst);
   }
 
   /** Changes attributes of the entry at a path. Throws NOT_FOUND. */
@@ -207,7 +227,10 @@ export class Overlay {
     const node = await this.nodeFor(segs);
     const next = { ...entry } as StagedEntry;
     if (patch.mode !== undefined) next.mode = patch.mode & 0o7777;
-    if (patch.mtime !== undefined) next.mtime = patch.mtime;
+    if (patch.mtime !== undefined) {
+      next.mtime = patch.mtime;
+      node.mtime = undefined;
+    }
     if (patch.uid !== undefined) {
       if (patch.uid) next.uid = patch.uid;
       else delete next.uid;
