@@ -66,12 +66,6 @@ export interface MountedVolumeOptions {
 
 /** How far into a file the first read of a handle may start for its reads to make a whole copy. */
 const COPY_START_WITHIN = 8 * 2 ** 20;
-/** A name of `e` goes (an unlink, or a rename over it): one name fewer for its content. */
-function unname(e: StagedEntry | undefined): void {
-  const c = contentOf(e);
-  if (c && c.names > 1) c.names--;
-}
-
 /** Whole copies kept open for reads the kernel does not make from them itself. */
 const COPY_READERS = 8;
 
@@ -115,6 +109,12 @@ function segsOf(path: string): string[] {
 
 function contentOf(e: StagedEntry | null | undefined): StagedContent | undefined {
   return isPending(e) && e.pending.kind === "upload" ? (e.pending as UploadPending).content : undefined;
+}
+
+/** A name of `e` goes (an unlink, or a rename over it): one name fewer for its content. */
+function unname(e: StagedEntry | undefined): void {
+  const c = contentOf(e);
+  if (c && c.names > 1) c.names--;
 }
 
 const O_ACCMODE = 3;

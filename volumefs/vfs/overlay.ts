@@ -107,6 +107,8 @@ export class Overlay {
     for (const [name, child] of node?.children ?? []) {
       if (child.replace === null) byName.delete(name);
       else if (child.replace !== undefined) byName.set(name, { ...child.replace, name });
+      const e = byName.get(name);
+      if (child.mtime !== undefined && e?.kind === "dir") byName.set(name, { ...e, mtime: child.mtime });
     }
     return [...byName.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
