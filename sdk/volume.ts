@@ -138,7 +138,7 @@ export class VolumeView extends Readable {
   }
 }
 
-type BatchOp = (o: Overlay) => Promise<void>;
+type BatchOp = (o: Overlay) => Promise<unknown>;
 
 /**
  * Changes to a volume that become one version on `sync()`. Methods check paths at once and

@@ -9,6 +9,7 @@
  * "name-too-long"), INVALID_ARGUMENT→EINVAL, NO_ATTRIBUTE→ENODATA, NOT_SUPPORTED→ENOTSUP,
  * PERMISSION→EPERM, CORRUPT/IO/STORE_UNREACHABLE→EIO, BAD_HANDLE→EBADF.
  */
+import { constants } from "node:fs";
 import type { ConflictPolicy } from "./build.js";
 
 /** Attributes of one file, as stat(2) wants them. Times are ms since the epoch. */
@@ -66,7 +67,7 @@ export interface MountSyncResult {
  * as on Linux).
  */
 export function opensToChange(flags: number): boolean {
-  return (flags & 3) !== 0 || (flags & 0o1000) !== 0;
+  return (flags & 3) !== constants.O_RDONLY || (flags & constants.O_TRUNC) !== 0;
 }
 
 /** A POSIX file system over a volume; what the FUSE adapter calls. */

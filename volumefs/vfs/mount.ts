@@ -537,12 +537,10 @@ export class MountedVolume implements MountFs {
         return;
       }
       case "rm":
-        unname(await ov.lookup(op.p.split("/")));
-        await ov.remove(op.p.split("/"), { recursive: true });
+        unname(await ov.remove(op.p.split("/"), { recursive: true }));
         return;
       case "mv":
-        unname(await ov.lookup(op.d.split("/")));
-        await ov.rename(op.p.split("/"), op.d.split("/"));
+        unname(await ov.rename(op.p.split("/"), op.d.split("/")));
         return;
       case "sym": {
         const segs = op.p.split("/");

@@ -47,6 +47,19 @@ export interface OverlayNode {
   mtime?: number;
 }
 
+/** Makes `node` an explicit change to `replace` (null: removed), dropping what was staged below it. */
+function settle(node: OverlayNode, replace: StagedEntry | null): void {
+  node.replace = replace;
+  node.implicit = false;
+  node.children = undefined;
+  node.mtime = undefined;
+}
+
+/** `e` with the time its node's names last changed, when it is a directory that has one. */
+function withNamesTime(e: StagedEntry | undefined, node: OverlayNode | undefined): StagedEntry | undefined {
+  return node?.mtime !== undefined && e?.kind === "dir" ? { ...e, mtime: node.mtime } : e;
+}
+
 /** True when a staged entry still has bytes to upload. */
 export function isPending(e: StagedEntry | null | undefined): e is PendingFileEntry {
   return !!e && (e as PendingFileEntry).pending !== undefined;
@@ -86,7 +99,7 @@ export class Overlay {
       } else {
         entry = findEntry((await this.base.tree(entry.tree)).entries, name);
       }
-      if (child?.mtime !== undefined && entry?.kind === "dir") entry = { ...entry, mtime: child.mtime };
+      entry = withNamesTime(entry, child);
       node = child;
     }
     return { entry, node };
@@ -107,8 +120,8 @@ export class Overlay {
     for (const [name, child] of node?.children ?? []) {
       if (child.replace === null) byName.delete(name);
       else if (child.replace !== undefined) byName.set(name, { ...child.replace, name });
-      const e = byName.get(name);
-      if (child.mtime !== undefined && e?.kind === "dir") byName.set(name, { ...e, mtime: child.mtime });
+      const e = withNamesTime(byName.get(name), child);
+      if (e) byName.set(name, e);
     }
     return [...byName.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
@@ -144,10 +157,7 @@ export class Overlay {
     const cur = await this.lookup(segs);
     if (cur?.kind === "dir" && entry.kind !== "dir") throw VolumeError.IS_A_DIRECTORY(segs.join("/"), { op: "write" });
     const node = await this.nodeFor(segs);
-    node.replace = { ...entry, name: segs[segs.length - 1]! };
-    node.implicit = false;
-    node.children = undefined;
-    node.mtime = undefined;
+    settle(node, { ...entry, name: segs[segs.length - 1]! });
     if (!cur) this.namesChanged(segs);
   }
 
@@ -165,15 +175,12 @@ export class Overlay {
     if (cur?.kind === "dir") return;
     if (cur) throw VolumeError.ALREADY_EXISTS(JSON.stringify(segs.join("/")), { op: "mkdir", hint: "a file is in the way" });
     const node = await this.nodeFor(segs);
-    node.replace = emptyDir(segs[segs.length - 1]!, mode);
-    node.implicit = false;
-    node.children = undefined;
-    node.mtime = undefined;
+    settle(node, emptyDir(segs[segs.length - 1]!, mode));
     this.namesChanged(segs);
   }
 
-  /** Removes a path; a non-empty directory needs `recursive`. Throws NOT_FOUND, NOT_EMPTY. */
-  async remove(segs: readonly string[], opts: { recursive?: boolean } = {}): Promise<void> {
+  /** Removes a path and returns what was there; a non-empty directory needs `recursive`. Throws NOT_FOUND, NOT_EMPTY. */
+  async remove(segs: readonly string[], opts: { recursive?: boolean } = {}): Promise<StagedEntry> {
     const cur = await this.lookup(segs);
     if (!cur) throw VolumeError.NOT_FOUND(JSON.stringify(segs.join("/")), { op: "remove", path: segs.join("/") });
     if (cur.kind === "dir" && !opts.recursive && (await this.readdir(segs)).length > 0) {
@@ -182,22 +189,20 @@ export class Overlay {
         hint: "remove it recursively (strata rm -r)",
       });
     }
-    const node = await this.nodeFor(segs);
-    node.replace = null;
-    node.implicit = false;
-    node.children = undefined;
-    node.mtime = undefined;
+    settle(await this.nodeFor(segs), null);
     this.namesChanged(segs);
+    return cur;
   }
 
   /**
    * Renames `src` to `dst` as rename(2) does: replaces a file or an empty directory at `dst`;
-   * parents of `dst` are created as needed. O(1) for directories of any size.
+   * parents of `dst` are created as needed. O(1) for directories of any size. Returns what it
+   * replaced at `dst`, if anything.
    */
-  async rename(src: readonly string[], dst: readonly string[]): Promise<void> {
+  async rename(src: readonly string[], dst: readonly string[]): Promise<StagedEntry | undefined> {
     const s = src.join("/");
     const d = dst.join("/");
-    if (s === d) return;
+    if (s === d) return undefined;
     if (d.startsWith(s + "/")) throw new VolumeError("INVALID_ARGUMENT", `rename ${JSON.stringify(s)}: target ${JSON.stringify(d)} is inside it`, { path: s });
     const { entry, node } = await this.resolve(src);
     if (!entry) throw VolumeError.NOT_FOUND(JSON.stringify(s), { op: "rename", path: s });
@@ -210,15 +215,12 @@ export class Overlay {
       }
     }
     const moved: OverlayNode = { replace: { ...entry, name: dst[dst.length - 1]! }, implicit: false, children: node?.children, mtime: node?.mtime };
-    const srcNode = await this.nodeFor(src);
-    srcNode.replace = null;
-    srcNode.implicit = false;
-    srcNode.children = undefined;
-    srcNode.mtime = undefined;
+    settle(await this.nodeFor(src), null);
     const dstNode = await this.nodeFor(dst);
     Object.assign(dstNode, moved);
     this.namesChanged(src);
     this.namesChanged(dst);
+    return target;
   }
 
   /** Changes attributes of the entry at a path. Throws NOT_FOUND. */
