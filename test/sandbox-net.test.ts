@@ -103,11 +103,16 @@ async function forwardingBecomes(want: string): Promise<string> {
   return forwarding();
 }
 
-/** Waits (bounded) until no egress sandbox of any agent on this host has its filter in place. */
+/**
+ * Waits (bounded) until no egress sandbox of any agent on this host has its filter in place and
+ * the last teardown has put net.ipv4.ip_forward back. A stopped sandbox's network is torn down in
+ * the background after `stop` returns, and the restore comes after its filter element is gone: on
+ * a host that had forwarding off, the saved value outlives the element for a moment.
+ */
 async function egressIdle(): Promise<boolean> {
   for (let i = 0; i < 200; i++) {
     const r = await runCommand(["nft", "-j", "list", "map", "inet", "strata", "sandboxes"]);
-    if (r.code !== 0 || !r.stdout.toString().includes('"elem"')) return true;
+    if ((r.code !== 0 || !r.stdout.toString().includes('"elem"')) && (await saved()) === undefined) return true;
     await sleep(100);
   }
   return false;
@@ -120,7 +125,7 @@ async function egressIdle(): Promise<boolean> {
  */
 async function withForwardingOff(fn: () => Promise<void>): Promise<void> {
   const before = await forwarding();
-  expect(await egressIdle(), "another egress sandbox runs on this host").toBe(true);
+  expect(await egressIdle(), "another egress sandbox runs on this host, or the last teardown left forwarding on").toBe(true);
   expect(await saved()).toBeUndefined();
   await writeFile(IP_FORWARD, "0\n");
   try {
