@@ -56,6 +56,35 @@ describe("FileCopyCache", () => {
     expect(cache.startFill(key, data.length)).toBeUndefined();
   });
 
+  it("keeps a copy given as many pieces at once, shuffled, byte-exact; a copy given up with writes queued keeps nothing", async () => {
+    const d = dir();
+    const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });
+    const data = randomBytes(5 * MiB + 3);
+    const piece = 64 * 1024;
+    const offsets = Array.from({ length: Math.ceil(data.length / piece) }, (_, i) => i * piece);
+    for (let i = offsets.length - 1; i > 0; i--) {
+      const j = Math.floor(Math.random() * (i + 1));
+      [offsets[i], offsets[j]] = [offsets[j]!, offsets[i]!];
+    }
+    const key = FileCopyCache.key(["f".repeat(64)]);
+    const fill = cache.startFill(key, data.length)!;
+    // Two views per write, as reads hand over chunk views.
+    for (const o of offsets) {
+      const end = Math.min(o + piece, data.length);
+      const mid = Math.min(o + 1000, end);
+      expect(fill.write(o, [data.subarray(o, mid), data.subarray(mid, end)])).toBe(true);
+    }
+    expect(readAll((await settle(cache, key))!, data.length).equals(data)).toBe(true);
+
+    const other = FileCopyCache.key(["0".repeat(64)]);
+    const given = cache.startFill(other, data.length)!;
+    for (let o = data.length - piece; o > 0; o -= piece) given.write(o, [data.subarray(o, o + piece)]);
+    given.abandon();
+    await new Promise((r) => setTimeout(r, 200));
+    expect(cache.open(other)).toBeUndefined();
+    expect(readdirSync(join(root(d), "tmp"))).toEqual([]);
+  });
+
   it("reads a whole copy through a CopyReader, and gives nothing for bytes past its end or after close", async () => {
     const cache = new FileCopyCache({ dir: dir(), maxBytes: 64 * MiB });
     const data = randomBytes(2 * MiB + 5);

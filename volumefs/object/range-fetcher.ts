@@ -19,41 +19,163 @@ import { Worker } from "node:worker_threads";
 import { SignatureV4 } from "@smithy/signature-v4";
 import { rangeHeader } from "./keys.js";
 
-/** What the worker runs: plain JavaScript, so that it loads nothing but node's http. */
+/**
+ * What the worker runs: plain JavaScript, so that it loads nothing but node's net.
+ *
+ * It speaks just enough HTTP/1.1 for one kind of exchange: a GET with a Range header, answered
+ * by a 206 with a Content-Length. node's http client would hand the body over as a new buffer
+ * per socket read, to be copied into the body (a third of the worker's time, and garbage to
+ * collect); a net socket with `onread` reads straight into the memory it is offered, so the
+ * worker offers the rest of the body's own buffer and each read (up to a MiB or more) lands in
+ * place. Anything else (another status, chunked encoding, an oversized header, a short body, a
+ * closed or silent connection) answers a status or an error and the caller asks the SDK instead.
+ * Connections are kept alive per origin; a request whose kept connection turns out to be closed
+ * before any byte came back is sent once more on a new one.
+ */
 const WORKER_SOURCE = `
 const { parentPort } = require("node:worker_threads");
-const http = require("node:http");
-const https = require("node:https");
-const agents = {};
+const net = require("node:net");
+const HEAD_MAX = 16384;
+const pools = new Map();
+
+function pool(host, port, maxSockets) {
+  const key = host + ":" + port;
+  let p = pools.get(key);
+  if (!p) pools.set(key, (p = { host, port, maxSockets, idle: [], open: 0, queue: [] }));
+  return p;
+}
+
+function send(p, job) {
+  const c = p.idle.pop();
+  if (c) return c.start(job, true);
+  if (p.open < p.maxSockets) return new Conn(p).start(job, false);
+  p.queue.push(job);
+}
+
+class Conn {
+  constructor(p) {
+    this.p = p;
+    this.head = Buffer.allocUnsafe(HEAD_MAX);
+    this.job = undefined;
+    p.open++;
+    this.sock = net.connect({
+      host: p.host,
+      port: p.port,
+      noDelay: true,
+      onread: { buffer: () => this.space(), callback: (n, buf) => this.got(n, buf) },
+    });
+    this.sock.on("error", (err) => this.fail(err.message));
+    this.sock.on("close", () => this.closed());
+    this.sock.on("timeout", () => this.sock.destroy(new Error("timed out")));
+  }
+  start(job, reused) {
+    this.job = job;
+    this.reused = reused;
+    this.received = 0;
+    this.headLen = 0;
+    this.body = undefined;
+    this.at = 0;
+    this.sock.setTimeout(job.timeoutMs);
+    this.sock.write(job.request);
+  }
+  /**
+   * Where the next socket read goes: the rest of the body, else the header buffer. net asks
+   * right after each read, before a request may start or end, so \`got\` checks where the bytes
+   * actually landed.
+   */
+  space() {
+    if (!this.job) return this.head;
+    if (this.body) return this.body.subarray(this.at);
+    return this.head.subarray(Math.min(this.headLen, HEAD_MAX - 1));
+  }
+  got(n, buf) {
+    this.received += n;
+    if (!this.job) return this.abort("bytes while idle");
+    if (this.body) {
+      if (this.at + n > this.body.length) return this.abort("body longer than its content-length");
+      this.place(buf, n, this.body, this.at);
+      this.at += n;
+      if (this.at === this.body.length) this.done();
+      return;
+    }
+    if (this.headLen + n > HEAD_MAX) return this.abort("header too long");
+    this.place(buf, n, this.head, this.headLen);
+    this.headLen += n;
+    const end = this.head.subarray(0, this.headLen).indexOf("\\r\\n\\r\\n");
+    if (end < 0) return;
+    const lines = this.head.toString("latin1", 0, end).split("\\r\\n");
+    const status = /^HTTP\\/1\\.[01] (\\d{3})/.exec(lines[0]);
+    const headers = {};
+    for (const l of lines.slice(1)) {
+      const i = l.indexOf(":");
+      if (i > 0) headers[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
+    }
+    const length = Number(headers["content-length"]);
+    this.keep = (headers.connection || "").toLowerCase() !== "close";
+    if (!status || status[1] !== "206" || headers["transfer-encoding"] || !/^\\d+$/.test(headers["content-length"] || "") || length > this.job.length) {
+      return this.abort(undefined, status ? Number(status[1]) : undefined);
+    }
+    const extra = this.headLen - end - 4;
+    if (extra > length) return this.abort("body longer than its content-length");
+    this.body = Buffer.allocUnsafeSlow(length);
+    this.head.copy(this.body, 0, end + 4, this.headLen);
+    this.at = extra;
+    if (this.at === length) this.done();
+  }
+  /** Moves \`n\` bytes read into \`buf\` to \`at\` of \`dest\`, unless they were read there. */
+  place(buf, n, dest, at) {
+    if (buf.buffer !== dest.buffer || buf.byteOffset !== dest.byteOffset + at) dest.set(buf.subarray(0, n), at);
+  }
+  done() {
+    const job = this.job;
+    const body = this.body;
+    this.job = this.body = undefined;
+    this.sock.setTimeout(0);
+    job.answer({ buffer: body.buffer }, [body.buffer]);
+    if (!this.keep) return this.sock.destroy();
+    const next = this.p.queue.shift();
+    if (next) this.start(next, true);
+    else this.p.idle.push(this);
+  }
+  /** Ends the request in flight (if any) with an error or a status, and the connection with it. */
+  abort(error, status) {
+    const job = this.job;
+    this.job = undefined;
+    this.sock.destroy();
+    if (job) job.answer(status !== undefined ? { status } : { error: error || "bad response" });
+  }
+  fail(message) {
+    const job = this.job;
+    this.job = undefined;
+    if (!job) return;
+    // A kept connection the server had closed: nothing was answered, so ask again on a new one.
+    if (this.reused && this.received === 0 && !job.retried) {
+      job.retried = true;
+      return send(this.p, job);
+    }
+    job.answer({ error: message });
+  }
+  closed() {
+    this.p.open--;
+    const i = this.p.idle.indexOf(this);
+    if (i >= 0) this.p.idle.splice(i, 1);
+    this.fail("connection closed");
+    const next = this.p.queue.shift();
+    if (next) send(this.p, next);
+  }
+}
+
 parentPort.on("message", (m) => {
   const u = new URL(m.url);
-  const lib = u.protocol === "https:" ? https : http;
-  agents[u.protocol] ??= new lib.Agent({ keepAlive: true, maxSockets: m.maxSockets });
-  let done = false;
+  const p = pool(u.hostname, Number(u.port || 80), m.maxSockets);
+  let answered = false;
   const answer = (msg, transfer) => {
-    if (done) return;
-    done = true;
+    if (answered) return;
+    answered = true;
     parentPort.postMessage({ id: m.id, ...msg }, transfer);
   };
-  const req = lib.get(u, { agent: agents[u.protocol], headers: m.headers, timeout: m.timeoutMs }, (res) => {
-    const length = Number(res.headers["content-length"]);
-    if (res.statusCode !== 206 || !Number.isSafeInteger(length) || length > m.length) {
-      res.resume();
-      return answer({ status: res.statusCode });
-    }
-    const out = Buffer.allocUnsafeSlow(length);
-    let at = 0;
-    res.on("data", (part) => {
-      if (at + part.length > length) return req.destroy(new Error("body longer than its content-length"));
-      out.set(part, at);
-      at += part.length;
-    });
-    res.on("end", () => (at === length ? answer({ buffer: out.buffer }, [out.buffer]) : answer({ error: "short body" })));
-    res.on("error", (err) => answer({ error: err.message }));
-    res.on("close", () => answer({ error: "connection closed" }));
-  });
-  req.on("timeout", () => req.destroy(new Error("timed out")));
-  req.on("error", (err) => answer({ error: err.message }));
+  const request = "GET " + u.pathname + u.search + " HTTP/1.1\\r\\nHost: " + u.host + "\\r\\nRange: " + m.range + "\\r\\n\\r\\n";
+  send(p, { request, length: m.length, timeoutMs: m.timeoutMs, answer, retried: false });
 });
 `;
 
@@ -92,7 +214,7 @@ export type CredentialProvider = () => Promise<{ accessKeyId: string; secretAcce
 
 /** Options of a RangeFetcher. */
 export interface RangeFetcherOptions {
-  /** The server, e.g. "http://127.0.0.1:7480" (path-style requests go to `<endpoint>/<bucket>/<key>`). */
+  /** The server, e.g. "http://127.0.0.1:7480" (plain HTTP; path-style requests go to `<endpoint>/<bucket>/<key>`). */
   endpoint: string;
   region: string;
   credentials: CredentialProvider;
@@ -161,7 +283,7 @@ export class RangeFetcher {
     const reply = await new Promise<Reply>((resolve) => {
       this.pending.set(id, resolve);
       if (this.pending.size === 1) worker.ref();
-      worker.postMessage({ id, url: `${this.endpoint.origin}${path}?${query}`, headers: { range }, length, maxSockets: this.maxSockets, timeoutMs: this.timeoutMs });
+      worker.postMessage({ id, url: `${this.endpoint.origin}${path}?${query}`, range, length, maxSockets: this.maxSockets, timeoutMs: this.timeoutMs });
     });
     if (!reply.buffer) return undefined;
     this.served++;

@@ -149,6 +149,70 @@ describe("S3ObjectStore without a server", () => {
     cut.close();
   });
 
+  it("the worker reads a response however it is cut, asks again when a kept connection was closed, and leaves other answers to the SDK", async () => {
+    const byte = (i: number) => (i * 7 + (i >> 12)) & 255;
+    const bodyOf = (a: number, b: number) => Buffer.from(Array.from({ length: b - a + 1 }, (_, k) => byte(a + k)));
+    let chunked = false;
+    let connections = 0;
+    let requests = 0;
+    const fake = createServer((sock) => {
+      connections++;
+      sock.on("error", () => undefined); // the worker and the SDK close connections their own way
+      let seen = 0;
+      let buf = "";
+      sock.on("data", async (d: Buffer) => {
+        buf += d.toString("latin1");
+        const end = buf.indexOf("\r\n\r\n");
+        if (end < 0) return;
+        const head = buf.slice(0, end);
+        buf = buf.slice(end + 4);
+        requests++;
+        // A server that timed out a kept connection: the next request on it finds it closed.
+        if (++seen > 1) return void sock.destroy();
+        const [, a, b] = /range: bytes=(\d+)-(\d+)/i.exec(head)!;
+        const body = bodyOf(Number(a), Number(b));
+        if (chunked) {
+          sock.write(`HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\nContent-Range: bytes ${a}-${b}/${16 * 2 ** 20}\r\n\r\n`);
+          sock.write(`${body.length.toString(16)}\r\n`);
+          sock.write(body);
+          sock.write("\r\n0\r\n\r\n");
+          return;
+        }
+        // The header in pieces of 5 bytes, the body in odd pieces.
+        const header = Buffer.from(`HTTP/1.1 206 Partial Content\r\nContent-Length: ${body.length}\r\nContent-Range: bytes ${a}-${b}/${16 * 2 ** 20}\r\n\r\n`);
+        for (let i = 0; i < header.length; i += 5) {
+          sock.write(header.subarray(i, i + 5));
+          await new Promise((r) => setTimeout(r, 1));
+        }
+        for (const [x, y] of [[0, 1], [1, 4096], [4096, 70_001], [70_001, body.length]] as const) {
+          sock.write(body.subarray(x, y));
+          await new Promise((r) => setTimeout(r, 2));
+        }
+      });
+    });
+    const port = await new Promise<number>((r) => fake.listen(0, "127.0.0.1", () => r((fake.address() as { port: number }).port)));
+    const s = S3ObjectStore.fromUrl("s3://b/", { endpoint: `http://127.0.0.1:${port}`, accessKeyId: "a", secretAccessKey: "b" });
+    try {
+      const r1 = { offset: 5, length: 2 ** 21 + 3 };
+      expect(Buffer.from(await s.get("x", r1)).equals(bodyOf(r1.offset, r1.offset + r1.length - 1))).toBe(true);
+      expect(s.fetcher!.served).toBe(1);
+      // The kept connection is closed on the next request: the worker asks again on a new one.
+      const r2 = { offset: 3 * 2 ** 20, length: 2 ** 20 };
+      expect(Buffer.from(await s.get("x", r2)).equals(bodyOf(r2.offset, r2.offset + r2.length - 1))).toBe(true);
+      expect(s.fetcher!.served).toBe(2);
+      expect([connections, requests]).toEqual([2, 3]);
+
+      // A chunked body is not one the worker takes: the SDK's own GET answers.
+      chunked = true;
+      const r3 = { offset: 11, length: 2 ** 20 };
+      expect(Buffer.from(await s.get("x", r3)).equals(bodyOf(r3.offset, r3.offset + r3.length - 1))).toBe(true);
+      expect(s.fetcher!.served).toBe(2);
+    } finally {
+      s.close();
+      fake.close();
+    }
+  });
+
   it("rejects urls that are not s3://bucket/prefix", () => {
     expect(() => S3ObjectStore.fromUrl("http://x/y")).toThrow(expect.objectContaining({ code: "INVALID_ARGUMENT" }));
     expect(S3ObjectStore.fromUrl("s3://b/p").url).toBe("s3://b/p/");

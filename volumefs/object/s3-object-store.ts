@@ -208,7 +208,7 @@ export class S3ObjectStore implements ObjectStore {
   private readonly partSize: number;
   private readonly partConcurrency: number;
   private readonly partAttempts: number;
-  /** Receives large ranged GETs off the main thread; undefined without an explicit endpoint. */
+  /** Receives large ranged GETs off the main thread; undefined without an explicit http: endpoint. */
   readonly fetcher: RangeFetcher | undefined;
   private readonly workerGetBytes: number;
 
@@ -242,7 +242,8 @@ export class S3ObjectStore implements ObjectStore {
       },
     });
     this.workerGetBytes = opts.workerGetBytes ?? 2 ** 20;
-    if (opts.endpoint !== undefined && this.workerGetBytes !== Infinity) {
+    // The worker speaks plain HTTP only: an https endpoint's GETs all go through the SDK.
+    if (opts.endpoint?.startsWith("http:") && this.workerGetBytes !== Infinity) {
       const client = this.client;
       this.fetcher = new RangeFetcher({
         endpoint: opts.endpoint,
