@@ -12,6 +12,10 @@ import { chunkId } from "./hash.js";
 import { MemoryChunkCache } from "./memory-chunk-cache.js";
 import { DiskChunkCache } from "./disk-chunk-cache.js";
 import { packKey, parsePack } from "./pack.js";
+import { makeTestS3Store, s3Skipped } from "../../test/support/s3.js";
+
+/** Tests that need the real S3 server (skipped with the rest of the S3 suite). */
+const s3it = s3Skipped() ? it.skip : it;
 
 const SMALL = { min: 1024, avg: 4096, max: 16384 };
 
@@ -189,6 +193,31 @@ describe("ChunkStore", () => {
     expect(await cache.get(chunks[0]!.id)).toBeUndefined();
     expect(await cache.size()).toBeLessThan(50_000);
     await expect(store.read(chunkId(bytes("nobody", 10)))).rejects.toMatchObject({ code: "NOT_FOUND" });
+  });
+
+  s3it("reads packs from S3 with chunks hashed by the GET worker, and fails with CORRUPT on tampered bytes there too", async () => {
+    const fx = await makeTestS3Store();
+    const meta = SqliteMetadataStore.open({ path: ":memory:" });
+    const opts = { objects: fx.store, meta, params: SMALL, packTargetBytes: 4 << 20, workerThresholdBytes: Infinity };
+    try {
+      const data = bytes("over s3", 3 << 20);
+      const w = new ChunkStore(opts).writer();
+      const { chunks } = await w.writeBuffer(data);
+      await w.flush();
+      expect(Buffer.from(await new ChunkStore(opts).readRange(chunks, 0, data.length)).equals(Buffer.from(data))).toBe(true);
+      const served = fx.s3.fetcher!.served;
+      expect(served).toBeGreaterThan(0);
+
+      const [pack] = await meta.listPacks();
+      const body = Uint8Array.from(await fx.store.get(packKey(pack!.id)));
+      body[2 << 20]! ^= 0xff; // inside some chunk's bytes
+      await fx.store.put(packKey(pack!.id), body);
+      await expect(new ChunkStore(opts).readRange(chunks, 0, data.length)).rejects.toMatchObject({ code: "CORRUPT" });
+      expect(fx.s3.fetcher!.served).toBeGreaterThan(served);
+    } finally {
+      await meta.close();
+      await fx.cleanup();
+    }
   });
 
   it("registers a pack only after its upload succeeded", async () => {

@@ -15,9 +15,11 @@
  * error its usual translation and retry flags.
  */
 import { createHash, createHmac, type Hash, type Hmac } from "node:crypto";
+import { createRequire } from "node:module";
 import { Worker } from "node:worker_threads";
 import { SignatureV4 } from "@smithy/signature-v4";
 import { rangeHeader } from "./keys.js";
+import type { ByteRange } from "./types.js";
 
 /**
  * What the worker runs: plain JavaScript, so that it loads nothing but node's net.
@@ -33,8 +35,14 @@ import { rangeHeader } from "./keys.js";
  * before any byte came back is sent once more on a new one.
  */
 const WORKER_SOURCE = `
-const { parentPort } = require("node:worker_threads");
+const { parentPort, workerData } = require("node:worker_threads");
 const net = require("node:net");
+let blake3;
+try {
+  blake3 = workerData.blake3 ? require(workerData.blake3) : undefined;
+} catch {
+  blake3 = undefined; // the caller checks the bytes itself
+}
 const HEAD_MAX = 16384;
 const pools = new Map();
 
@@ -131,7 +139,7 @@ class Conn {
     const body = this.body;
     this.job = this.body = undefined;
     this.sock.setTimeout(0);
-    job.answer({ buffer: body.buffer }, [body.buffer]);
+    job.answer({ buffer: body.buffer, digests: digestsOf(body, job.parts) }, [body.buffer]);
     if (!this.keep) return this.sock.destroy();
     const next = this.p.queue.shift();
     if (next) this.start(next, true);
@@ -165,6 +173,12 @@ class Conn {
   }
 }
 
+/** blake3 hex of each part of the body, while it is in the cache; undefined unless every part is in it. */
+function digestsOf(body, parts) {
+  if (!blake3 || !parts || parts.some((p) => p.offset + p.length > body.length)) return undefined;
+  return parts.map((p) => blake3.hash(body.subarray(p.offset, p.offset + p.length)).toString("hex"));
+}
+
 parentPort.on("message", (m) => {
   const u = new URL(m.url);
   const p = pool(u.hostname, Number(u.port || 80), m.maxSockets);
@@ -175,9 +189,18 @@ parentPort.on("message", (m) => {
     parentPort.postMessage({ id: m.id, ...msg }, transfer);
   };
   const request = "GET " + u.pathname + u.search + " HTTP/1.1\\r\\nHost: " + u.host + "\\r\\nRange: " + m.range + "\\r\\n\\r\\n";
-  send(p, { request, length: m.length, timeoutMs: m.timeoutMs, answer, retried: false });
+  send(p, { request, length: m.length, parts: m.parts, timeoutMs: m.timeoutMs, answer, retried: false });
 });
 `;
+
+/** Where the worker loads blake3 from (the package this process uses), if it can be found. */
+function blake3Path(): string | undefined {
+  try {
+    return createRequire(import.meta.url).resolve("blake3");
+  } catch {
+    return undefined;
+  }
+}
 
 /** The hash SignatureV4 asks for, over node's crypto. */
 class Sha256 {
@@ -227,6 +250,7 @@ export interface RangeFetcherOptions {
 interface Reply {
   id: number;
   buffer?: ArrayBuffer;
+  digests?: string[];
   status?: number;
   error?: string;
 }
@@ -255,9 +279,11 @@ export class RangeFetcher {
 
   /**
    * Bytes [offset, offset + length) of `bucket`/`key` (fewer when the object ends first), or
-   * undefined when the caller should make the request itself.
+   * undefined when the caller should make the request itself. With `parts` (offsets from
+   * `offset`), also the blake3 hex digest of each, computed by the worker right after it received
+   * the bytes, when it could.
    */
-  async get(bucket: string, key: string, offset: number, length: number): Promise<Uint8Array | undefined> {
+  async get(bucket: string, key: string, offset: number, length: number, parts?: readonly ByteRange[]): Promise<{ bytes: Uint8Array; digests?: string[] } | undefined> {
     if (this.broken || length <= 0) return undefined;
     const path = `${this.endpoint.pathname.replace(/\/$/, "")}/${bucket}/${key}`.split("/").map(uriEscape).join("/");
     const range = rangeHeader(offset, length);
@@ -283,18 +309,19 @@ export class RangeFetcher {
     const reply = await new Promise<Reply>((resolve) => {
       this.pending.set(id, resolve);
       if (this.pending.size === 1) worker.ref();
-      worker.postMessage({ id, url: `${this.endpoint.origin}${path}?${query}`, range, length, maxSockets: this.maxSockets, timeoutMs: this.timeoutMs });
+      worker.postMessage({ id, url: `${this.endpoint.origin}${path}?${query}`, range, length, parts, maxSockets: this.maxSockets, timeoutMs: this.timeoutMs });
     });
     if (!reply.buffer) return undefined;
     this.served++;
-    return Buffer.from(reply.buffer);
+    const bytes = Buffer.from(reply.buffer);
+    return reply.digests?.length === parts?.length ? { bytes, digests: reply.digests } : { bytes };
   }
 
   private start(): Worker | undefined {
     if (this.worker || this.broken) return this.worker;
     let w: Worker;
     try {
-      w = new Worker(WORKER_SOURCE, { eval: true });
+      w = new Worker(WORKER_SOURCE, { eval: true, workerData: { blake3: blake3Path() } });
     } catch {
       this.broken = true;
       return undefined;

@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { hash } from "blake3";
 import { createServer, type Server } from "node:net";
 import { describe, it, expect, afterAll } from "vitest";
 import { makeTestS3Store, s3Skipped, s3TestConfig } from "../../test/support/s3.js";
@@ -60,9 +61,23 @@ maybe("S3ObjectStore against Ceph RGW", () => {
       }
       expect(s.fetcher!.served).toBe(ranges.length);
       expect(sdkOnly.fetcher).toBeUndefined();
+
+      // The worker hashes parts of what it received when asked; a part past the bytes it got: none.
+      const parts = [{ offset: 0, length: 1000 }, { offset: 1000, length: 2 ** 20 }, { offset: 2 ** 20 + 1000, length: 7 }];
+      const asked: { parts: typeof parts; digests?: string[] } = { parts };
+      const got = Buffer.from(await s.get(key, { offset: 9, length: 2 ** 21 }, { blake3: asked }));
+      expect(got.equals(data.subarray(9, 9 + 2 ** 21))).toBe(true);
+      expect(asked.digests).toEqual(parts.map((p) => hash(got.subarray(p.offset, p.offset + p.length)).toString("hex")));
+      const beyond: { parts: { offset: number; length: number }[]; digests?: string[] } = { parts: [{ offset: 2 ** 19, length: 2 ** 20 }] };
+      await s.get(key, { offset: data.length - 2 ** 20, length: 2 ** 20 + 5 }, { blake3: beyond });
+      expect(beyond.digests).toBeUndefined();
+      const viaSdk: { parts: typeof parts; digests?: string[] } = { parts };
+      await sdkOnly.get(key, { offset: 9, length: 2 ** 21 }, { blake3: viaSdk });
+      expect(viaSdk.digests).toBeUndefined();
+      expect(s.fetcher!.served).toBe(ranges.length + 2);
       // Small ranges stay on the SDK.
       expect(Buffer.from(await s.get(key, { offset: 5, length: 100 })).equals(data.subarray(5, 105))).toBe(true);
-      expect(s.fetcher!.served).toBe(ranges.length);
+      expect(s.fetcher!.served).toBe(ranges.length + 2);
 
       // What the worker cannot answer plainly goes through the SDK, errors included.
       await expect(s.get("no such key", { offset: 0, length: 2 ** 20 })).rejects.toMatchObject({ code: "NOT_FOUND" });
@@ -74,7 +89,7 @@ maybe("S3ObjectStore against Ceph RGW", () => {
       // A worker gone (stopped here; a crash ends the same way) leaves the SDK to answer.
       await s.fetcher!.close();
       expect(Buffer.from(await s.get(key, ranges[1]!)).equals(data.subarray(ranges[1]!.offset, ranges[1]!.offset + 2 ** 20))).toBe(true);
-      expect(s.fetcher!.served).toBe(ranges.length);
+      expect(s.fetcher!.served).toBe(ranges.length + 2);
     } finally {
       s.close();
       sdkOnly.close();

@@ -29,7 +29,7 @@ import {
 import { VolumeError } from "../errors.js";
 import { RangeFetcher } from "./range-fetcher.js";
 import { checkKey, checkRange, rangeHeader } from "./keys.js";
-import type { ByteRange, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
+import type { ByteRange, GetOptions, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
 
 const MAX_SINGLE_PUT = 5 * 2 ** 30;
 
@@ -445,7 +445,7 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** GetObject, ranged when asked; a range starting at or past the end gives empty bytes. */
-  async get(key: string, range?: ByteRange): Promise<Uint8Array> {
+  async get(key: string, range?: ByteRange, opts?: GetOptions): Promise<Uint8Array> {
     checkKey(key, "get object");
     let Range: string | undefined;
     if (range !== undefined) {
@@ -456,8 +456,11 @@ export class S3ObjectStore implements ObjectStore {
       }
       Range = rangeHeader(range.offset, range.length);
       if (this.fetcher && range.length >= this.workerGetBytes) {
-        const got = await this.fetcher.get(this.bucket, this.prefix + key, range.offset, range.length);
-        if (got) return got;
+        const got = await this.fetcher.get(this.bucket, this.prefix + key, range.offset, range.length, opts?.blake3?.parts);
+        if (got) {
+          if (got.digests && opts?.blake3) opts.blake3.digests = got.digests;
+          return got.bytes;
+        }
       }
     }
     try {

@@ -25,6 +25,17 @@ export interface ByteRange {
   length: number;
 }
 
+/** What a ranged get may do besides returning the bytes. */
+export interface GetOptions {
+  /**
+   * Parts of the range (offsets from its start) whose blake3 digests the store may compute as it
+   * receives the bytes, while they are in the CPU's cache (the S3 store's GET worker does). When
+   * it does, it sets `digests`: one lowercase hex digest per part, in order. A caller that must
+   * check the bytes checks them itself when `digests` stays unset.
+   */
+  blake3?: { parts: readonly ByteRange[]; digests?: string[] };
+}
+
 /** One listed object. */
 export interface ObjectInfo {
   key: string;
@@ -44,7 +55,7 @@ export interface ObjectStore {
    */
   putFile(key: string, path: string, opts?: PutOptions): Promise<void>;
   /** The whole object, or the given range of it. Throws NOT_FOUND when missing. */
-  get(key: string, range?: ByteRange): Promise<Uint8Array>;
+  get(key: string, range?: ByteRange, opts?: GetOptions): Promise<Uint8Array>;
   /** Size of the object, or undefined when missing. */
   head(key: string): Promise<{ size: number } | undefined>;
   /** Objects whose keys start with `prefix`, in ascending key order, paged internally. */

@@ -1,6 +1,6 @@
 import { StrataError } from "../../metadata/index.js";
 import { VolumeError } from "../errors.js";
-import type { ByteRange, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
+import type { ByteRange, GetOptions, ObjectInfo, ObjectStore, PutOptions } from "./types.js";
 
 /** Options of `withRetry`. */
 export interface RetryOptions {
@@ -41,7 +41,7 @@ export function withRetry(store: ObjectStore, opts: RetryOptions = {}): ObjectSt
     url: store.url,
     put: (key, body, o) => retry(() => store.put(key, body, o)),
     putFile: (key, path, o) => retry(() => store.putFile(key, path, o)),
-    get: (key, range) => retry(() => store.get(key, range)),
+    get: (key, range, o) => retry(() => store.get(key, range, o)),
     head: (key) => retry(() => store.head(key)),
     delete: (keys) => retry(() => store.delete(keys)),
     async *list(prefix: string): AsyncIterable<ObjectInfo> {
@@ -71,7 +71,7 @@ export function withPrefix(store: ObjectStore, prefix: string): ObjectStore {
     url: store.url.endsWith("/") ? store.url + prefix : `${store.url}/${prefix}`,
     put: (key, body, o) => store.put(prefix + key, body, o),
     putFile: (key, path, o) => store.putFile(prefix + key, path, o),
-    get: (key, range) => store.get(prefix + key, range),
+    get: (key, range, o) => store.get(prefix + key, range, o),
     head: (key) => store.head(prefix + key),
     delete: (keys) => store.delete(keys.map((k) => prefix + k)),
     async *list(p: string): AsyncIterable<ObjectInfo> {
@@ -134,7 +134,7 @@ export function withFaults(store: ObjectStore, plan: FaultPlan): FaultyStore {
     },
     put: (key: string, body: Uint8Array, o?: PutOptions) => wrap("put", key, () => store.put(key, body, o)),
     putFile: (key: string, path: string, o?: PutOptions) => wrap("putFile", key, () => store.putFile(key, path, o)),
-    get: (key: string, range?: ByteRange) => wrap("get", key, () => store.get(key, range)),
+    get: (key: string, range?: ByteRange, o?: GetOptions) => wrap("get", key, () => store.get(key, range, o)),
     head: (key: string) => wrap("head", key, () => store.head(key)),
     delete: (keys: readonly string[]) => wrap("delete", keys[0] ?? "", () => store.delete(keys)),
     async *list(prefix: string): AsyncIterable<ObjectInfo> {
