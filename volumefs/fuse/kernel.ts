@@ -302,8 +302,9 @@ const waitAsync = (Atomics as unknown as { waitAsync(ta: Int32Array, index: numb
 const SLOTS = 8;
 
 /**
- * How long the main thread polls for a device's next request after answering a batch, before it
- * sleeps (STRATA_FUSE_SPIN_US, microseconds; 0 turns polling off). A program working through a
+ * How long the main thread polls for a device's next request after answering a batch, and the
+ * reader thread after answering one itself, before it sleeps (STRATA_FUSE_SPIN_US, microseconds;
+ * 0 turns polling off). A program working through a
  * mount sends its next request a few microseconds after our reply; found by polling, it costs no
  * wake-up of a sleeping thread, which on a virtual machine whose idle vCPUs halt is the largest
  * cost of a small request. The bound keeps the loop's other work (thread pool completions,
@@ -506,7 +507,29 @@ const READER_SOURCE = `
 const { readSync, writeSync } = require("node:fs");
 const { parentPort } = require("node:worker_threads");
 const nameBits = ${nameBits.toString()};
-parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered, attrCtrl, attrData, names, madeDirs }) => {
+parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answered, attrCtrl, attrData, names, madeDirs, koffiPath, spinNs }) => {
+  // After answering a request itself, the thread polls the device (poll(2) through koffi, with
+  // no wait) for up to spinNs before its next read blocks: a program that stats or looks up
+  // names one after another sends the next request a few microseconds after the reply, and a
+  // blocked read would cost a sleep and a wake-up of this thread for each: on a 2-vCPU virtual
+  // machine, stats after writes ran at 14-18k/s without the poll and 37-44k/s with it.
+  let pollNow;
+  try {
+    const koffi = require(koffiPath);
+    const poll = koffi.load("libc.so.6").func("int poll(_Inout_ uint8_t *fds, unsigned long nfds, int timeout)");
+    const pfd = Buffer.alloc(8);
+    pfd.writeInt32LE(fd, 0);
+    pfd.writeInt16LE(1, 4); // POLLIN
+    pollNow = () => poll(pfd, 1, 0) > 0;
+  } catch {
+    pollNow = undefined;
+  }
+  const SPIN = pollNow ? BigInt(spinNs || 0) : 0n;
+  const hr = process.hrtime.bigint;
+  function spin() {
+    const end = hr() + SPIN;
+    do if (pollNow()) return; while (hr() < end);
+  }
   const ctrl = new Int32Array(sab, 0, slots * 2 + 2);
   const views = Array.from({ length: slots }, (_, i) => new Uint8Array(sab, ctrlBytes + i * slotSize, slotSize));
   const dvs = views.map((v) => new DataView(v.buffer, v.byteOffset, v.byteLength));
@@ -600,7 +623,10 @@ parentPort.once("message", ({ fd, sab, slots, slotSize, ctrlBytes, bits, answere
       if (e.code === "ENOENT" || e.code === "EINTR" || e.code === "EAGAIN") continue;
       break;
     }
-    if (answer(views[i], dvs[i], n)) continue;
+    if (answer(views[i], dvs[i], n)) {
+      if (SPIN > 0n) spin();
+      continue;
+    }
     Atomics.store(ctrl, slots + i, n);
     Atomics.store(ctrl, i, 1);
     if (Atomics.compareExchange(ctrl, IDLE, 1, 0) === 1) Atomics.notify(ctrl, IDLE);
@@ -741,7 +767,7 @@ export class FuseDevice {
     };
     const worker = reader.worker;
     worker.ref();
-    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab, names: this.names.sab, madeDirs: this.madeDirs.sab });
+    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab, names: this.names.sab, madeDirs: this.madeDirs.sab, koffiPath: koffiPath(), spinNs: Number(SPIN_NS) });
     this.worker = worker;
     sleep();
     worker.on("message", () => {
@@ -948,6 +974,15 @@ function ioctls(): Ioctl {
   const f = koffi.load("libc.so.6").func("int ioctl(int fd, unsigned long request, _Inout_ uint8_t *arg)");
   ioctlFn = { call: (fd, request, arg) => f(fd, request, arg) as number, errno: () => koffi.errno() };
   return ioctlFn;
+}
+
+/** Where the reader thread loads koffi from (for poll(2)), if it can be found. */
+function koffiPath(): string | undefined {
+  try {
+    return createRequire(import.meta.url).resolve("koffi");
+  } catch {
+    return undefined;
+  }
 }
 
 /** An Error shaped like Node's system errors, from an errno value. */
