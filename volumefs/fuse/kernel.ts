@@ -304,11 +304,11 @@ const SLOTS = 8;
 /**
  * How long the main thread polls for a device's next request after answering a batch, and the
  * reader thread after answering one itself, before it sleeps (STRATA_FUSE_SPIN_US, microseconds;
- * 0 turns polling off). A program working through a
- * mount sends its next request a few microseconds after our reply; found by polling, it costs no
- * wake-up of a sleeping thread, which on a virtual machine whose idle vCPUs halt is the largest
- * cost of a small request. The bound keeps the loop's other work (thread pool completions,
- * sockets) waiting at most this long, and the CPU spent at most this much per batch.
+ * 0 turns polling off). A program working through a mount sends its next request a few
+ * microseconds after our reply; found by polling, it costs no wake-up of a sleeping thread,
+ * which on a virtual machine whose idle vCPUs halt is the largest cost of a small request. The
+ * bound keeps the loop's other work (thread pool completions, sockets) waiting at most this
+ * long, and the CPU spent at most this much per batch.
  */
 const SPIN_NS = BigInt(Math.round(Math.max(0, Number(process.env.STRATA_FUSE_SPIN_US ?? 100) || 0) * 1000));
 
