@@ -83,7 +83,12 @@ export interface ChunkStoreOptions {
   readConcurrency?: number;
   /** Chunks of one pack at most this far apart are fetched in one ranged GET; default 64 KiB. */
   coalesceGapBytes?: number;
-  /** Upper bound of one coalesced ranged GET; default 8 MiB. */
+  /**
+   * Upper bound of one coalesced ranged GET; default 16 MiB, a whole pack at the default pack
+   * size. A cold sequential read of 512 MiB on RGW ran at 287-319 MB/s with 16 MiB GETs against
+   * 247-260 MB/s with 8 MiB ones (32 MiB: no better): half the requests, and each one's fixed
+   * cost in the server, the signing and the worker.
+   */
   maxReadBytes?: number;
   /** Most bytes of fetched chunks waiting for their cache write; default 64 MiB. */
   cacheBehindBytes?: number;
@@ -508,7 +513,8 @@ export class ChunkStore {
   readonly segmentSlots: Limiter;
   private readonly readConcurrency: number;
   private readonly coalesceGapBytes: number;
-  private readonly maxReadBytes: number;
+  /** See ChunkStoreOptions.maxReadBytes: readers batch their chunk requests up to this much. */
+  readonly maxReadBytes: number;
   private readonly inflight = new Map<string, Promise<Uint8Array>>();
   /** Chunks whose cache write has not ended yet, and their bytes. */
   private readonly writing = new Map<string, Promise<Uint8Array>>();
@@ -531,7 +537,7 @@ export class ChunkStore {
     this.segmentSlots = new Limiter(2 * this.pool.size);
     this.readConcurrency = opts.readConcurrency ?? 8;
     this.coalesceGapBytes = opts.coalesceGapBytes ?? 64 * 1024;
-    this.maxReadBytes = opts.maxReadBytes ?? 8 * 1024 * 1024;
+    this.maxReadBytes = opts.maxReadBytes ?? 16 * 1024 * 1024;
     this.cacheBehindBytes = opts.cacheBehindBytes ?? 64 * 1024 * 1024;
     cutPoints(new Uint8Array(0), this.params);
   }

@@ -168,7 +168,8 @@ export class ChunkReader {
       if (i >= to) break;
       let j = i;
       let total = 0;
-      while (j < to && !this.cache.has(chunks[j]!.id) && total < 8 << 20) total += chunks[j++]!.length;
+      // One request of the store per run: as much as one ranged GET takes.
+      while (j < to && !this.cache.has(chunks[j]!.id) && total < this.store.maxReadBytes) total += chunks[j++]!.length;
       const run = chunks.slice(i, j);
       const all = this.store.readChunks(run, { keep });
       for (const c of run) {
