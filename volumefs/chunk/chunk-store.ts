@@ -12,7 +12,7 @@
  * Read path invariants: bytes are verified against their id before they are returned or cached.
  */
 import { VolumeError } from "../errors.js";
-import type { ByteRange, ObjectStore } from "../object/types.js";
+import type { HashedParts, ObjectStore } from "../object/types.js";
 import type { ChunkLocation, MetadataStore } from "../../metadata/index.js";
 import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS, SegmentJoiner } from "./chunker.js";
 import { chunkId, verifyChunk } from "./hash.js";
@@ -605,7 +605,7 @@ export class ChunkStore {
   private async fetchRange(r: Range): Promise<{ bytes: Uint8Array; chunks: { id: string; data: Uint8Array }[] }> {
     const key = packKey(r.pack);
     // The store may hash the chunks as it receives them (while they are in the CPU's cache).
-    const hashed: { parts: ByteRange[]; digests?: string[] } = { parts: r.members.map((m) => ({ offset: m.offset - r.offset, length: m.length })) };
+    const hashed: HashedParts = { parts: r.members.map((m) => ({ offset: m.offset - r.offset, length: m.length })) };
     const bytes = await this.objects.get(key, { offset: r.offset, length: r.length }, { blake3: hashed });
     if (bytes.length !== r.length) {
       throw new VolumeError("CORRUPT", `read pack ${r.pack}: short read (${bytes.length} of ${r.length} bytes)`, { op: "read chunk", path: key });

@@ -5,6 +5,7 @@ import { describe, it, expect, afterAll } from "vitest";
 import { makeTestS3Store, s3Skipped, s3TestConfig } from "../../test/support/s3.js";
 import { describeObjectStore } from "./conformance.js";
 import { S3ObjectStore } from "./s3-object-store.js";
+import type { HashedParts } from "./types.js";
 
 const maybe = s3Skipped() ? describe.skip : describe;
 
@@ -64,14 +65,14 @@ maybe("S3ObjectStore against Ceph RGW", () => {
 
       // The worker hashes parts of what it received when asked; a part past the bytes it got: none.
       const parts = [{ offset: 0, length: 1000 }, { offset: 1000, length: 2 ** 20 }, { offset: 2 ** 20 + 1000, length: 7 }];
-      const asked: { parts: typeof parts; digests?: string[] } = { parts };
+      const asked: HashedParts = { parts };
       const got = Buffer.from(await s.get(key, { offset: 9, length: 2 ** 21 }, { blake3: asked }));
       expect(got.equals(data.subarray(9, 9 + 2 ** 21))).toBe(true);
       expect(asked.digests).toEqual(parts.map((p) => hash(got.subarray(p.offset, p.offset + p.length)).toString("hex")));
-      const beyond: { parts: { offset: number; length: number }[]; digests?: string[] } = { parts: [{ offset: 2 ** 19, length: 2 ** 20 }] };
+      const beyond: HashedParts = { parts: [{ offset: 2 ** 19, length: 2 ** 20 }] };
       await s.get(key, { offset: data.length - 2 ** 20, length: 2 ** 20 + 5 }, { blake3: beyond });
       expect(beyond.digests).toBeUndefined();
-      const viaSdk: { parts: typeof parts; digests?: string[] } = { parts };
+      const viaSdk: HashedParts = { parts };
       await sdkOnly.get(key, { offset: 9, length: 2 ** 21 }, { blake3: viaSdk });
       expect(viaSdk.digests).toBeUndefined();
       expect(s.fetcher!.served).toBe(ranges.length + 2);

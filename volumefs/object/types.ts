@@ -33,7 +33,13 @@ export interface GetOptions {
    * it does, it sets `digests`: one lowercase hex digest per part, in order. A caller that must
    * check the bytes checks them itself when `digests` stays unset.
    */
-  blake3?: { parts: readonly ByteRange[]; digests?: string[] };
+  blake3?: HashedParts;
+}
+
+/** See GetOptions.blake3. */
+export interface HashedParts {
+  parts: readonly ByteRange[];
+  digests?: string[];
 }
 
 /** One listed object. */
