@@ -12,6 +12,8 @@ import {
   closeSync,
   existsSync,
   constants,
+  fstatSync,
+  ftruncateSync,
   linkSync,
   lstatSync,
   mkdirSync,
@@ -866,6 +868,67 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     expect(readFileSync(join(ro, "f.bin")).equals(v2)).toBe(true);
     await e.unmount(ro);
   }, 120_000);
+
+  it("lets the kernel write a new file itself (no WRITE requests); a sync while it stays open stores what came before, and later writes stay staged, also across kill -9", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    await e.strata("volume", "create", "direct");
+    const mnt = join(e.base, "direct-mnt");
+    mkdirSync(mnt, { recursive: true });
+    const child = spawn(process.execPath, [...CLI, "mount", "direct", mnt], { env: { ...e.env, STRATA_FUSE_STATS: "1" }, stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    child.stderr!.on("data", (d) => (stderr += d));
+    const exited = new Promise((r) => child.once("exit", r));
+    // Spawned here (for its stats), not by e.mount: detached here if the test fails.
+    ctx.onTestFailed(() => {
+      if (isMounted(mnt)) execFileSync("umount", ["-l", mnt]);
+      child.kill("SIGKILL");
+    });
+    for (let i = 0; !(isMounted(mnt) && existsSync(join(mnt, ".strata/version"))); i++) {
+      if (i > 1200 || child.exitCode !== null) throw new Error(`mount ${mnt}: ${stderr}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const f = join(mnt, "log.bin");
+    const a = randomBytes(8 << 20);
+    const b = randomBytes((3 << 20) + 17);
+    const fd = openSync(f, "w");
+    try {
+      for (let off = 0; off < a.length; off += 1 << 20) writeSync(fd, a, off, 1 << 20);
+      expect(fstatSync(fd).size).toBe(a.length);
+      expect(lstatSync(f).size).toBe(a.length);
+      const v1 = (await e.strata("sync", mnt)).trim();
+      writeSync(fd, b);
+      expect(lstatSync(f).size).toBe(a.length + b.length);
+      // The version has the bytes from before the sync; the mount shows the later ones too.
+      expect((await execAsync(process.execPath, [...CLI, "cat", "direct", "log.bin", "--at", v1], { env: e.env, encoding: "buffer", maxBuffer: 64 << 20 })).stdout.equals(a)).toBe(true);
+      expect(readFileSync(f).equals(Buffer.concat([a, b]))).toBe(true);
+      expect(JSON.parse(await e.strata("status", mnt, "--json")).staged.modified).toEqual(["log.bin"]);
+      ftruncateSync(fd, a.length + 5);
+      expect(lstatSync(f).size).toBe(a.length + 5);
+    } finally {
+      closeSync(fd);
+    }
+    await e.strata("unmount", mnt);
+    await exited;
+    const writes = Number(/stats: write (\d+) calls/.exec(stderr)?.[1] ?? 0);
+    expect(writes, stderr).toBeLessThan(4); // at most the control file's sync request: 11 MiB went past the mount
+
+    // Bytes the kernel wrote after the journal's last line about the file (its create) are
+    // found again after kill -9 of the mount.
+    const again = await e.mount("direct", mnt);
+    expect(readFileSync(f).equals(Buffer.concat([a, b.subarray(0, 5)]))).toBe(true);
+    const c = randomBytes(100_000);
+    writeFileSync(join(mnt, "late.bin"), c);
+    again.kill("SIGKILL");
+    await new Promise((r) => (again.exitCode !== null || again.signalCode !== null ? r(null) : again.once("exit", r)));
+    await e.strata("unmount", mnt);
+    await e.mount("direct", mnt);
+    expect(readFileSync(join(mnt, "late.bin")).equals(c)).toBe(true);
+    expect(readFileSync(f).equals(Buffer.concat([a, b.subarray(0, 5)]))).toBe(true);
+    await e.strata("sync", mnt);
+    await e.unmount(mnt);
+    expect((await execAsync(process.execPath, [...CLI, "cat", "direct", "late.bin"], { env: e.env, encoding: "buffer", maxBuffer: 64 << 20 })).stdout.equals(c)).toBe(true);
+    expect((await execAsync(process.execPath, [...CLI, "cat", "direct", "log.bin"], { env: e.env, encoding: "buffer", maxBuffer: 64 << 20 })).stdout.equals(Buffer.concat([a, b.subarray(0, 5)]))).toBe(true);
+  }, 180_000);
 
   it("lets a file open for writing across a reload follow its path to the new bytes", async () => {
     const v1 = randomBytes(200 * 1024);

@@ -25,6 +25,11 @@
  * (a write open, a truncate, a link, a base move) gives its name a new node, so that the change
  * and new opens go to it while open ones keep the old bytes (see restale). A base move does so
  * also for a file it changes that is open for reading only: the opens keep their inode and pages.
+ * A new file's bytes may be a local file too (MountFs.kernelWrites): its create, and later opens
+ * that write it, name that file, and the kernel writes it without WRITE requests. While such an
+ * open lasts (`backing.writers`), the node's attributes are never kept in the attribute table:
+ * the kernel's writes change the size, and its GETATTR must reach the MountFs, which reads it from
+ * the file.
  *
  * Node ids are never reused while the mount lives; a forgotten node keeps its id (and so its
  * inode number) for when the kernel looks the name up again.
@@ -119,7 +124,13 @@ interface Node {
    * kernel takes one backing file per inode at a time, and fails (EIO) an open that names
    * another, or none, while one is open (see openReply).
    */
-  backing?: { id: number };
+  backing?: {
+    id: number;
+    /** Open handles that may write through it (the file's own bytes, not a copy): see openReply. */
+    writers: number;
+  };
+  /** The kernel wrote the file through a backing file, past its page cache: served opens drop the cache. */
+  wroteThrough?: boolean;
 }
 
 /** Options of `serveKernel`. */
@@ -347,7 +358,7 @@ export class KernelSession {
     if (a.xattrs === false && epoch?.xattrs === this.xattrEpoch) this.dev.noXattrs.add(n.id);
     else if (a.xattrs !== false) this.dev.noXattrs.delete(n.id);
     const k = kernelAttr(n.id, a);
-    if (timeout === LONG && epoch?.attrs === this.attrEpoch) this.dev.attrs.put(n.id, attrOut(k, LONG));
+    if (timeout === LONG && epoch?.attrs === this.attrEpoch && !n.backing?.writers) this.dev.attrs.put(n.id, attrOut(k, LONG));
     return k;
   }
 
@@ -395,7 +406,7 @@ export class KernelSession {
    */
   private async attrsAfter(id: number, fh?: number): Promise<void> {
     const n = this.nodes.get(id);
-    if (!n || this.attrTimeout(this.pathOf(n) ?? "") !== LONG) return;
+    if (!n || n.backing?.writers || this.attrTimeout(this.pathOf(n) ?? "") !== LONG) return;
     const epoch = this.attrEpoch;
     const a = await this.attrOfNode(n, fh).catch(() => undefined);
     if (a && epoch === this.attrEpoch && this.attrTimeout("", a) === LONG) {
@@ -413,7 +424,7 @@ export class KernelSession {
   /** open_flags of an open or create reply: page cache kept across opens unless something else may change the bytes. */
   private openFlags(n: Node, path: string): number {
     if (isLiveControl(path)) return FOPEN_DIRECT_IO;
-    return n.shared ? FOPEN_NOFLUSH : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH;
+    return n.shared || n.wroteThrough ? FOPEN_NOFLUSH : FOPEN_KEEP_CACHE | FOPEN_NOFLUSH;
   }
 
   private async attrOfNode(n: Node, fh?: number): Promise<FileAttr> {
@@ -494,7 +505,8 @@ export class KernelSession {
           "setattr",
           () => {
             const n = this.nodes.get(req.nodeid);
-            return valid & Fattr.SIZE && n?.backing ? Promise.resolve(this.restale(n)) : this.setattr(req.nodeid, set);
+            // A backing file that opens write is the file's own: it is truncated in place.
+            return valid & Fattr.SIZE && n?.backing && !n.backing.writers ? Promise.resolve(this.restale(n)) : this.setattr(req.nodeid, set);
           },
           () => this.attrsAfter(req.nodeid, valid & Fattr.FH ? set.fh : undefined),
         );
@@ -585,7 +597,7 @@ export class KernelSession {
           if (write && n.backing) return this.restale(n);
           const fh = await this.fs.open(path, flags);
           if (kill) await this.killSuid(n);
-          const out = await this.openReply(n, fh, path);
+          const out = await this.openReply(n, fh, path, write);
           this.opened(n, fh, write);
           return [out];
         });
@@ -604,8 +616,10 @@ export class KernelSession {
           const fh = await this.fs.create(path, mode & 0o7777, flags);
           try {
             const { out, node } = await this.entry(parent, name, path, req);
-            this.opened(node, fh, opensToChange(flags));
-            return [out, openOut(fh, this.openFlags(node, path))];
+            const write = opensToChange(flags);
+            const open = await this.openReply(node, fh, path, write);
+            this.opened(node, fh, write);
+            return [out, open];
           } catch (err) {
             await this.fs.release(fh).catch(() => undefined);
             throw err;
@@ -651,21 +665,35 @@ export class KernelSession {
         });
       case Op.RELEASE: {
         const fh = u64(b, 0);
-        return this.run(req, "release", async () => {
-          const n = this.fhNode.get(fh);
-          this.fhNode.delete(fh);
-          this.writeFhs.delete(fh);
-          if (n) {
-            n.fhs?.delete(fh);
-            if (n.backing && !n.fhs?.size) {
-              this.dev.closeBacking(n.backing.id);
-              n.backing = undefined;
+        let wroteThrough: Node | undefined;
+        return this.run(
+          req,
+          "release",
+          async () => {
+            const n = this.fhNode.get(fh);
+            this.fhNode.delete(fh);
+            const wrote = this.writeFhs.delete(fh);
+            if (n) {
+              n.fhs?.delete(fh);
+              if (n.backing && wrote) {
+                n.backing.writers--;
+                wroteThrough = n;
+              }
+              if (n.backing && !n.fhs?.size) {
+                this.dev.closeBacking(n.backing.id);
+                n.backing = undefined;
+              }
+              this.dropIfUnused(n);
             }
-            this.dropIfUnused(n);
-          }
-          await this.fs.release(fh);
-          return [];
-        });
+            await this.fs.release(fh);
+            return [];
+          },
+          async () => {
+            // The last open the kernel wrote through is gone: the node's attributes (read from
+            // the file by the release) may go back into the attribute table.
+            if (wroteThrough && !wroteThrough.backing?.writers) await this.attrsAfter(wroteThrough.id);
+          },
+        );
       }
       case Op.FLUSH:
         return this.run(req, "flush", async () => (await this.fs.flush(u64(b, 0)), []));
@@ -795,31 +823,43 @@ export class KernelSession {
 
   /**
    * `struct fuse_open_out` of a new open: with a backing file when the file system has one (the
-   * kernel then reads the file without asking), else served with `openFlags`. Every open of a
-   * node with a backing file open must name that file, and none may while the node has served
-   * opens (the kernel fails either with EIO), so a served open keeps later ones served until it
-   * is released, and a backed one makes later ones share its file.
+   * kernel then reads, and for an open that `write`s writes, the file without asking), else
+   * served with `openFlags`. Every open of a node with a backing file open must name that file,
+   * and none may while the node has served opens (the kernel fails either with EIO), so a served
+   * open keeps later ones served until it is released, and a backed one makes later ones share
+   * its file. A backing file that opens write is the file's own bytes: while one is open, the
+   * node's attributes stay out of the attribute table (the kernel's writes change them).
    */
-  private async openReply(n: Node, fh: number, path: string): Promise<Buffer> {
+  private async openReply(n: Node, fh: number, path: string, write: boolean): Promise<Buffer> {
     if (!this.passthrough || isControl(path) || (n.shared && !n.backing)) return openOut(fh, this.openFlags(n, path));
     if (!n.backing) {
       if (n.fhs && n.fhs.size > 0) return openOut(fh, this.openFlags(n, path));
       const fd = await this.fs.backingFd!(fh);
       if (fd === undefined) return openOut(fh, this.openFlags(n, path));
       try {
-        n.backing = { id: this.dev.openBacking(fd) };
+        n.backing = { id: this.dev.openBacking(fd), writers: 0 };
       } catch (err) {
         // E.g. copies on an overlay file system (a container's root): the kernel takes backing
         // files one stack level deep only. Every later open is served; this one is too.
         this.passthrough = false;
-        this.fs.backingRefused?.();
-        process.stderr.write(`strata fuse: the kernel refused a backing file (${(err as Error).message}); this mount serves every read itself\n`);
+        this.fs.backingRefused?.(fh);
+        process.stderr.write(`strata fuse: the kernel refused a backing file (${(err as Error).message}); this mount serves every read and write itself\n`);
         return openOut(fh, this.openFlags(n, path));
       } finally {
         closeSync(fd);
       }
+    } else if (write) {
+      // Opens that write are given a node of their own when one with a backing file is open
+      // (see restale); only the open that made the backing file writes through it.
+      throw new VolumeError("BAD_HANDLE", "open for writing: the node has a backing file open");
     }
-    return openOut(fh, FOPEN_PASSTHROUGH, n.backing.id);
+    if (write) {
+      n.backing.writers++;
+      n.wroteThrough = true;
+      this.dropAttrs([n.id]);
+    }
+    // No FLUSH at close: the kernel's writes are in the file already (see MountFs.flush).
+    return openOut(fh, FOPEN_PASSTHROUGH | FOPEN_NOFLUSH, n.backing.id);
   }
 
   /**
@@ -871,6 +911,8 @@ export class KernelSession {
     // STRATA_FUSE_BACKING=0 turns them off.
     this.passthrough = (offered2 & Init2.PASSTHROUGH) !== 0 && this.fs.backingFd !== undefined && process.env.STRATA_FUSE_BACKING !== "0";
     const pt = this.passthrough;
+    // New files can then be written by the kernel too (a writable mount only).
+    if (pt && !this.opts.readOnly) this.fs.kernelWrites?.();
     const out = initOut({
       minor: pt ? 41 : 31,
       maxReadahead,

@@ -103,11 +103,16 @@ export interface MountFs {
    * Optional: a descriptor of a local file holding exactly the bytes of open file `fh`, which
    * the kernel may then read directly for this open (a backing file), or undefined when the open
    * must be served. The caller owns the descriptor. Asked only while no other open of the file
-   * is served; a change to the file's bytes while backed opens remain goes to a new node.
+   * is served. For an open that may write, the descriptor (read-write) is the file's own bytes:
+   * the kernel writes through it without asking, and the file system learns of it from the file
+   * (its attributes are then asked for as usual). Otherwise a change to the file's bytes while
+   * backed opens remain goes to a new node.
    */
   backingFd?(fh: number): Promise<number | undefined>;
-  /** Optional: the kernel refused a backing file; no more are asked for (copies made for them can stop). */
-  backingRefused?(): void;
+  /** Optional: the kernel refused the backing file of open `fh` (which is served); no more are asked for (copies made for them can stop). */
+  backingRefused?(fh: number): void;
+  /** Optional: the kernel takes backing files for opens that write; new files should be made so that `backingFd` can give one. */
+  kernelWrites?(): void;
   unlink(path: string): Promise<void>;
   mkdir(path: string, mode: number): Promise<void>;
   rmdir(path: string): Promise<void>;

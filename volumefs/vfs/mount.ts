@@ -19,7 +19,7 @@
  * the rest from the base chunks; sync re-chunks only around the written ranges.
  */
 import { randomBytes } from "node:crypto";
-import { constants } from "node:fs";
+import { constants, openSync } from "node:fs";
 import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill, type CopyReader } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
@@ -92,6 +92,8 @@ interface FileHandle extends ReadAhead {
   fill?: CopyFill | null;
   /** The chunks of the stored file that `fill` is a copy of. */
   copied?: readonly ChunkRef[];
+  /** The direct content whose data file the kernel writes for this open (`backingFd`). */
+  backedWrites?: StagedContent;
 }
 
 type Handle = FileHandle | ControlHandle | VersionFileHandle | { kind: "dir" };
@@ -325,6 +327,8 @@ export class MountedVolume implements MountFs {
   private workersWarm = false;
   /** The chunks of the staged files the last sync stored, by their staged tag (see sameBytes). */
   private stored = new Map<string, readonly ChunkRef[]>();
+  /** New files get direct contents, which the kernel may write itself (see `kernelWrites`). */
+  private direct = false;
 
   private constructor(opts: MountedVolumeOptions, base: VersionRecord | null, staging: StagingDir | undefined, mountName: string) {
     this.repo = opts.repo;
@@ -393,6 +397,8 @@ export class MountedVolume implements MountFs {
     }
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
+    // The kernel may have written direct contents after their last journal line.
+    for (const c of this.contents.values()) c.refresh();
     const live = this.reachable();
     staging.deleteData(staging.listData().filter((id) => !live.has(id)));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
@@ -500,7 +506,11 @@ export class MountedVolume implements MountFs {
     switch (op.o) {
       case "create": {
         const segs = op.p.split("/");
-        const c = (mode === "rebase" && this.contents.get(op.c)) || this.newContent(null, 0, op.t, op.c);
+        let c = mode === "rebase" ? this.contents.get(op.c) : undefined;
+        if (!c) {
+          c = this.newContent(null, 0, op.t, op.c);
+          if (op.x) c.makeDirect(mode !== "live");
+        }
         const e = this.pendingEntry(segs.at(-1)!, c, { kind: "file", name: "", mode: op.m, mtime: op.t, size: 0, chunks: [], uid: op.u, gid: op.g });
         await ov.put(segs, e);
         return;
@@ -510,6 +520,12 @@ export class MountedVolume implements MountFs {
         const cur = await ov.lookup(segs);
         if (!cur) throw VolumeError.NOT_FOUND(op.p);
         let c = mode === "rebase" ? this.contents.get(op.c) : undefined;
+        if (!c && op.x) {
+          // A direct content that stayed open for writing through a sync (see freezeNode): the
+          // name shows its data file again, over the version that sync made.
+          c = this.newContent(null, 0, cur.mtime, op.c);
+          c.makeDirect(true);
+        }
         if (!c) {
           const from = op.f ? this.contents.get(op.f) : undefined;
           c = from ? this.newContent({ kind: "content", content: from }, from.size, from.mtime, op.c) : this.cowOf(cur, op.c);
@@ -568,7 +584,8 @@ export class MountedVolume implements MountFs {
         await ov.setAttr(segs, { mode: op.mode, mtime: op.mtime, uid: op.uid, gid: op.gid });
         if (op.mtime !== undefined && mode !== "rebase") {
           const c = contentOf(await ov.lookup(segs));
-          if (c && !c.frozen) c.mtime = op.mtime;
+          // In a replay a direct content's mtime is its file's (`refresh`), later writes included.
+          if (c && !c.frozen && !(c.direct && mode === "recover")) c.setMtime(op.mtime);
         }
         return;
       }
@@ -655,6 +672,7 @@ export class MountedVolume implements MountFs {
   private attrOf(segs: string[], e: StagedEntry): FileAttr {
     const c = contentOf(e);
     if (c) {
+      if (c.backedWriters > 0) c.refresh();
       return { kind: "file", mode: e.mode & 0o7777, size: c.size, mtime: c.mtime, atime: c.mtime, ctime: c.mtime, nlink: c.names, uid: e.uid ?? 0, gid: e.gid ?? 0, immutable: false, tag: stagedTag(c), xattrs: hasXattrs(e), shared: c.linked };
     }
     return entryAttr(e as Exclude<StagedEntry, PendingFileEntry>, this.readOnly || !this.touched(segs));
@@ -841,7 +859,7 @@ export class MountedVolume implements MountFs {
         if (cur.kind === "dir") throw VolumeError.IS_A_DIRECTORY(path, { op: "create" });
       } else {
         const id = randomBytes(8).toString("hex");
-        await this.change({ o: "create", p: segs.join("/"), c: id, m: mode & 0o7777, t: Date.now() });
+        await this.change({ o: "create", p: segs.join("/"), c: id, m: mode & 0o7777, t: Date.now(), ...(this.direct ? { x: 1 as const } : {}) });
         return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
       }
       if (flags & constants.O_TRUNC) await this.truncateOpened(segs);
@@ -861,6 +879,7 @@ export class MountedVolume implements MountFs {
     if (h.kind === "dir") throw VolumeError.IS_A_DIRECTORY("a directory", { op: "read" });
     const e = await this.entryOf(h);
     const c = contentOf(e);
+    if (c && c.backedWriters > 0) c.refresh();
     // A handle's sequential reads of a staged file read its unchanged chunks ahead too.
     if (c) return [await c.read(position, length, (chunks, size, off, len) => this.readChunks(chunks, size, off, len, h))];
     if (e.kind !== "file") throw VolumeError.IS_A_DIRECTORY(e.name, { op: "read" });
@@ -912,9 +931,23 @@ export class MountedVolume implements MountFs {
     h.fill = h.copied = undefined;
   }
 
-  /** See MountFs.backingRefused: copies are made for backing files only. */
-  backingRefused(): void {
+  /** See MountFs.backingRefused: copies are made for backing files only, and new files' contents need not be direct. */
+  backingRefused(fh: number): void {
     this.copies = undefined;
+    this.direct = false;
+    const h = this.handles.get(fh);
+    if (h?.kind === "file" && h.backedWrites) {
+      h.backedWrites.backedWriters--;
+      h.backedWrites = undefined;
+    }
+  }
+
+  /**
+   * See MountFs.kernelWrites: from now on a new file's content is direct (its whole data file),
+   * so that the kernel can write it through a backing file (`backingFd`) with no WRITE requests.
+   */
+  kernelWrites(): void {
+    if (this.staging && !this.readOnly) this.direct = true;
   }
 
   /**
@@ -924,8 +957,18 @@ export class MountedVolume implements MountFs {
    */
   async backingFd(fh: number): Promise<number | undefined> {
     const h = this.handles.get(fh);
-    if (!this.copies || !h || h.kind !== "file" || (h.flags & O_ACCMODE) !== constants.O_RDONLY) return undefined;
+    if (!h || h.kind !== "file") return undefined;
     const e = await this.entryOf(h).catch(() => undefined);
+    const c = contentOf(e);
+    if (c?.direct && !c.frozen && !c.linked && this.staging && (h.flags & O_ACCMODE) !== constants.O_RDONLY) {
+      // The content's own file: what the kernel writes through it is the file's bytes. (Opens
+      // that only read are served: they follow the name to whatever a later write makes.)
+      const fd = openSync(this.staging.dataPath(c.id), constants.O_RDWR);
+      h.backedWrites = c;
+      c.backedWriters++;
+      return fd;
+    }
+    if (!this.copies || (h.flags & O_ACCMODE) !== constants.O_RDONLY) return undefined;
     if (!e || e.kind !== "file" || contentOf(e) || !this.copies.copies((e as FileEntry).size)) return undefined;
     return this.copies.open(this.copyKey((e as FileEntry).chunks));
   }
@@ -1003,7 +1046,13 @@ export class MountedVolume implements MountFs {
   async release(fh: number): Promise<void> {
     const h = this.handle(fh);
     this.handles.delete(fh);
-    if (h.kind === "file") this.dropFill(h);
+    if (h.kind !== "file") return;
+    this.dropFill(h);
+    const c = h.backedWrites;
+    if (c) {
+      c.backedWriters--;
+      if (!c.frozen) c.refresh();
+    }
   }
 
   /** Removes a file or symlink; open handles keep reading and writing it. */
@@ -1223,10 +1272,11 @@ export class MountedVolume implements MountFs {
       const upTo = staging.rotate();
       const contents: StagedContent[] = [];
       const clone = this.repo.stage(this.base);
-      clone.root = this.freezeNode(this.overlay.root, contents);
+      const snapshots = new Map<string, StagedContent>();
+      clone.root = this.freezeNode(this.overlay.root, contents, [], snapshots);
       const token = randomBytes(12).toString("hex");
       staging.writeManifest({ ...staging.manifest, syncing: { token, upTo } }, true);
-      return { upTo, clone, contents, token, base: this.base };
+      return { upTo, clone, contents, token, base: this.base, snapshots: [...snapshots.values()] };
     });
     if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [], rebased: false };
     let res: { version: VersionRecord | null; changed: boolean; conflicts: string[] };
@@ -1242,6 +1292,11 @@ export class MountedVolume implements MountFs {
         for (const c of frozen.contents) c.resetUpload();
         const { syncing: _drop, ...rest } = staging.manifest;
         staging.writeManifest(rest, true);
+        // The copies of files still open for writing: the next sync copies them again.
+        await this.exclusive(async () => {
+          staging.deleteData(frozen.snapshots.map((c) => c.id));
+          for (const c of frozen.snapshots) this.contents.delete(c.id);
+        });
         throw err;
       }
       res = { version: committed, changed: true, conflicts: [] as string[] };
@@ -1275,13 +1330,36 @@ export class MountedVolume implements MountFs {
     return { version: res.version?.id ?? null, changed: res.changed, conflicts: res.conflicts, rebased };
   }
 
-  private freezeNode(n: OverlayNode, frozen: StagedContent[]): OverlayNode {
+  /**
+   * The sync's copy of the overlay below `n` (at `segs`), its staged contents frozen (and pushed
+   * to `frozen`). A direct content the kernel may still be writing (an open with a backing file)
+   * cannot be frozen: the sync takes a copy of its file instead (`snapshots`, by content), and the
+   * name keeps the live content, which the new journal layer says again (a `cow` line with `x`),
+   * so that it shows over the version the sync makes.
+   */
+  private freezeNode(n: OverlayNode, frozen: StagedContent[], segs: string[], snapshots: Map<string, StagedContent>): OverlayNode {
     const out: OverlayNode = {};
     if (n.replace === null) out.replace = null;
     else if (n.replace !== undefined) {
-      const c = contentOf(n.replace);
+      let c = contentOf(n.replace);
+      if (c?.direct && !c.frozen && c.backedWriters > 0) {
+        let copy = snapshots.get(c.id);
+        if (!copy) {
+          const live: StagedContent = c;
+          copy = this.newContent(null, 0, live.mtime);
+          this.staging!.copyData(live.id, copy.id);
+          copy.makeDirect(true);
+          copy.refresh();
+          copy.frozen = true;
+          frozen.push(copy);
+          snapshots.set(live.id, copy);
+        }
+        this.journal({ o: "cow", p: segs.join("/"), c: c.id, x: 1 });
+        c = copy;
+      }
       if (c) {
         if (!c.frozen) {
+          c.refresh();
           c.frozen = true;
           frozen.push(c);
         }
@@ -1292,7 +1370,7 @@ export class MountedVolume implements MountFs {
     if (n.mtime !== undefined) out.mtime = n.mtime;
     if (n.children) {
       out.children = new Map();
-      for (const [k, child] of n.children) out.children.set(k, this.freezeNode(child, frozen));
+      for (const [k, child] of n.children) out.children.set(k, this.freezeNode(child, frozen, [...segs, k], snapshots));
     }
     return out;
   }

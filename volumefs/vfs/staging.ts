@@ -10,7 +10,10 @@
  *   data/<content>   one sparse file per staged content: byte p of the file is byte p of the
  *                    content wherever a `w` operation of the journal says it was written; a
  *                    small content (all writes below INLINE_MAX) has no file: its `w` lines
- *                    carry the bytes (`d`, base64) until an `m` line says they moved to the file
+ *                    carry the bytes (`d`, base64) until an `m` line says they moved to the file;
+ *                    a direct content (`x` on its `create` or `cow` line) is its whole data file,
+ *                    which the kernel may write itself (a backing file): its size and mtime are
+ *                    the file's
  *
  * Invariants:
  * - data bytes are written before the journal line that names them, and a journal line before
@@ -24,7 +27,7 @@
  *   the later layers on top of it.
  * Offsets are plain numbers (exact to 2^53), so files over 4 GiB work everywhere.
  */
-import { closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
+import { closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
@@ -35,8 +38,8 @@ import type { ChunkRef } from "./tree.js";
 
 /** One metadata operation of the journal. Paths are normalized (no leading slash). */
 export type JournalOp =
-  | { o: "create"; p: string; c: string; m: number; t: number; u?: number; g?: number }
-  | { o: "cow"; p: string; c: string; f?: string }
+  | { o: "create"; p: string; c: string; m: number; t: number; u?: number; g?: number; x?: 1 }
+  | { o: "cow"; p: string; c: string; f?: string; x?: 1 }
   | { o: "w"; c: string; at: number; n: number; t: number; d?: string }
   | { o: "m"; c: string }
   | { o: "tr"; c: string; s: number; t: number }
@@ -220,15 +223,15 @@ export class StagingDir {
     return join(this.dataDir, id);
   }
 
-  /** An open read-write descriptor of a content's data file (created on first use); at most 128 stay open. */
-  fd(id: string): number {
+  /** An open read-write descriptor of a content's data file (created on first use unless not `create`: ENOENT); at most 128 stay open. */
+  fd(id: string, create = true): number {
     let fd = this.fds.get(id);
     if (fd !== undefined) {
       this.fds.delete(id);
       this.fds.set(id, fd);
       return fd;
     }
-    fd = openSync(this.dataPath(id), constants.O_RDWR | constants.O_CREAT, 0o600);
+    fd = openSync(this.dataPath(id), constants.O_RDWR | (create ? constants.O_CREAT : 0), 0o600);
     this.fds.set(id, fd);
     if (this.fds.size > 128) {
       const [oldId, oldFd] = this.fds.entries().next().value as [string, number];
@@ -236,6 +239,11 @@ export class StagingDir {
       closeSync(oldFd);
     }
     return fd;
+  }
+
+  /** Copies a content's data file to another content's (which must not exist yet). */
+  copyData(from: string, to: string): void {
+    copyFileSync(this.dataPath(from), this.dataPath(to), constants.COPYFILE_EXCL);
   }
 
   /** Deletes data files; missing ones are fine. */
@@ -417,6 +425,15 @@ export class StagedContent {
   linked = false;
   /** Names in the staged tree that show this content (its link count): hard links add, unlinks and replacing renames take away. */
   names = 1;
+  /**
+   * The bytes are the whole data file, [0, file size), with no lower layer: the kernel may write
+   * the file itself (a backing file of an open), so the file, not this object, knows the size and
+   * mtime (`refresh`). Only a new file's content is direct: a change to a stored file stages the
+   * changed ranges only.
+   */
+  direct = false;
+  /** Opens that may write the data file without us (backing files of writable opens); see `refresh`. */
+  backedWriters = 0;
 
   constructor(
     private readonly staging: StagingDir,
@@ -429,6 +446,42 @@ export class StagedContent {
     /** Bytes of `lower` that show through. */
     public lowerLimit = size,
   ) {}
+
+  /** Makes a new, empty content direct (see `direct`), its data file created now unless `replay`. */
+  makeDirect(replay = false): void {
+    if (this.lower || this.size > 0 || this.frozen) throw new VolumeError("INVALID_ARGUMENT", `make content ${this.id} direct: not a new empty content`);
+    this.direct = true;
+    this.hasFile = true;
+    if (!replay) this.staging.fd(this.id);
+  }
+
+  /**
+   * A direct content's size and mtime from its data file (which the kernel may have written),
+   * all of it showing. Call where the bytes may have changed without us: after an open that may
+   * have written it is released, while one is open, and after a replay. A missing file is empty.
+   */
+  refresh(): void {
+    if (!this.direct) return;
+    let size = 0;
+    let mtime = this.mtime;
+    try {
+      const st = fstatSync(this.staging.fd(this.id, false));
+      size = st.size;
+      mtime = Math.floor(st.mtimeMs);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    }
+    this.extents.clip(0);
+    this.extents.add(0, size);
+    this.size = size;
+    this.mtime = mtime;
+  }
+
+  /** Sets the modification time; a direct content's data file takes it too (its mtime is the file's). */
+  setMtime(mtime: number): void {
+    this.mtime = mtime;
+    if (this.direct && !this.frozen) futimesSync(this.staging.fd(this.id), mtime / 1000, mtime / 1000);
+  }
 
   /** The lower layer's size. */
   get lowerSize(): number {
@@ -496,6 +549,8 @@ export class StagedContent {
   /** Sets the size; bytes past a shrink read as zeros if the file grows again. */
   truncate(size: number, mtime: number): void {
     if (this.frozen) throw new VolumeError("INVALID_ARGUMENT", `truncate content ${this.id}: frozen by a sync`);
+    // A direct content's file is its bytes: it shrinks and grows with it (holes read as zeros).
+    if (this.direct) ftruncateSync(this.staging.fd(this.id), size);
     this.noteTruncate(size, mtime);
   }
 
