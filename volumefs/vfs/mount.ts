@@ -17,6 +17,11 @@
  *
  * Files are never copied to be changed: a staged content keeps only the written ranges and reads
  * the rest from the base chunks; sync re-chunks only around the written ranges.
+ *
+ * A new file's content is direct when the kernel takes backing files (`kernelWrites`): its bytes
+ * are its whole data file, which the kernel writes itself for the opens that write it
+ * (`backingFd`), so the file is asked for its size and mtime. The one copy ever made of a file's
+ * bytes is for a sync that finds such a file still open for writing (see freezeNode).
  */
 import { randomBytes } from "node:crypto";
 import { constants, openSync } from "node:fs";
@@ -963,7 +968,7 @@ export class MountedVolume implements MountFs {
     if (c?.direct && !c.frozen && !c.linked && this.staging && (h.flags & O_ACCMODE) !== constants.O_RDONLY) {
       // The content's own file: what the kernel writes through it is the file's bytes. (Opens
       // that only read are served: they follow the name to whatever a later write makes.)
-      const fd = openSync(this.staging.dataPath(c.id), constants.O_RDWR);
+      const fd = openSync(this.staging.dataPath(c.id), constants.O_RDWR | constants.O_CREAT, 0o600);
       h.backedWrites = c;
       c.backedWriters++;
       return fd;
