@@ -942,7 +942,7 @@ export class MountedVolume implements MountFs {
     this.direct = false;
     const h = this.handles.get(fh);
     if (h?.kind === "file" && h.backedWrites) {
-      h.backedWrites.backedWriters--;
+      h.backedWrites.kernelReleased();
       h.backedWrites = undefined;
     }
   }
@@ -970,7 +970,7 @@ export class MountedVolume implements MountFs {
       // that only read are served: they follow the name to whatever a later write makes.)
       const fd = openSync(this.staging.dataPath(c.id), constants.O_RDWR | constants.O_CREAT, 0o600);
       h.backedWrites = c;
-      c.backedWriters++;
+      c.kernelOpened();
       return fd;
     }
     if (!this.copies || (h.flags & O_ACCMODE) !== constants.O_RDONLY) return undefined;
@@ -1054,10 +1054,7 @@ export class MountedVolume implements MountFs {
     if (h.kind !== "file") return;
     this.dropFill(h);
     const c = h.backedWrites;
-    if (c) {
-      c.backedWriters--;
-      if (!c.frozen) c.refresh();
-    }
+    c?.kernelReleased();
   }
 
   /** Removes a file or symlink; open handles keep reading and writing it. */
@@ -1326,7 +1323,8 @@ export class MountedVolume implements MountFs {
       staging.dropLayers(frozen.upTo);
       const live = this.reachable();
       const dead = [...this.contents.keys()].filter((id) => !live.has(id));
-      staging.deleteData(dead);
+      // After the commit, off the sync's path: a sync of many new files stored as many data files.
+      staging.deleteDataLater(dead);
       for (const id of dead) this.contents.delete(id);
     });
     const parents = res.version?.parents ?? [];
@@ -1364,7 +1362,6 @@ export class MountedVolume implements MountFs {
       }
       if (c) {
         if (!c.frozen) {
-          c.refresh();
           c.frozen = true;
           frozen.push(c);
         }

@@ -28,6 +28,7 @@
  * Offsets are plain numbers (exact to 2^53), so files over 4 GiB work everywhere.
  */
 import { closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
@@ -259,6 +260,29 @@ export class StagingDir {
     }
   }
 
+  /**
+   * Deletes data files in the background (a few unlinks at a time on the thread pool), for the
+   * many files of contents a sync stored: their ids are never used again, and a file a crash
+   * leaves behind is deleted by the next mount (it is not reachable).
+   */
+  deleteDataLater(ids: Iterable<string>): void {
+    const paths: string[] = [];
+    for (const id of ids) {
+      const fd = this.fds.get(id);
+      if (fd !== undefined) {
+        closeSync(fd);
+        this.fds.delete(id);
+      }
+      paths.push(this.dataPath(id));
+    }
+    if (paths.length === 0) return;
+    this.deleting = this.deleting.then(async () => {
+      for (let i = 0; i < paths.length; i += 32) await Promise.all(paths.slice(i, i + 32).map((p) => rm(p, { force: true }).catch(() => undefined)));
+    });
+  }
+
+  private deleting: Promise<void> = Promise.resolve();
+
   /** Ids of every data file on disk. */
   listData(): string[] {
     return existsSync(this.dataDir) ? readdirSync(this.dataDir) : [];
@@ -433,8 +457,20 @@ export class StagedContent {
    * changed ranges only.
    */
   direct = false;
-  /** Opens that may write the data file without us (backing files of writable opens); see `refresh`. */
+  /** Opens that may write the data file without us (backing files of writable opens): see `kernelOpened`. */
   backedWriters = 0;
+
+  /** An open the kernel may write the data file through begins: what is known of the bytes may go stale. */
+  kernelOpened(): void {
+    this.backedWriters++;
+    this.inline = undefined;
+  }
+
+  /** Such an open ended: the bytes are read back from the file (`refresh`) unless a sync froze them. */
+  kernelReleased(): void {
+    this.backedWriters--;
+    if (!this.frozen) this.refresh();
+  }
 
   constructor(
     private readonly staging: StagingDir,
@@ -460,15 +496,30 @@ export class StagedContent {
    * A direct content's size and mtime from its data file (which the kernel may have written),
    * all of it showing. Call where the bytes may have changed without us: after an open that may
    * have written it is released, while one is open, and after a replay. A missing file is empty.
+   * While no such open is left, a small file's bytes are kept in memory too (as a small content's
+   * are), read now while the file is in the page cache: a sync of many small files then reads
+   * none of them.
    */
   refresh(): void {
     if (!this.direct) return;
     let size = 0;
     let mtime = this.mtime;
+    this.inline = undefined;
     try {
-      const st = fstatSync(this.staging.fd(this.id, false));
+      const fd = this.staging.fd(this.id, false);
+      const st = fstatSync(fd);
       size = st.size;
       mtime = Math.floor(st.mtimeMs);
+      if (this.backedWriters === 0 && size > 0 && size <= INLINE_MAX) {
+        const bytes = Buffer.allocUnsafe(size);
+        let got = 0;
+        while (got < size) {
+          const n = readSync(fd, bytes, got, size - got, got);
+          if (n === 0) break;
+          got += n;
+        }
+        if (got === size) this.inline = bytes;
+      }
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     }
@@ -503,6 +554,8 @@ export class StagedContent {
       return { moved: false, inline: true };
     }
     const fd = this.staging.fd(this.id);
+    // A direct content's bytes in memory are a copy of its file's: the file is written below.
+    if (this.direct) this.inline = undefined;
     let moved = false;
     if (!this.hasFile) {
       if (this.inline) writeAll(fd, this.inline, 0);
@@ -551,7 +604,10 @@ export class StagedContent {
   truncate(size: number, mtime: number): void {
     if (this.frozen) throw new VolumeError("INVALID_ARGUMENT", `truncate content ${this.id}: frozen by a sync`);
     // A direct content's file is its bytes: it shrinks and grows with it (holes read as zeros).
-    if (this.direct) ftruncateSync(this.staging.fd(this.id), size);
+    if (this.direct) {
+      ftruncateSync(this.staging.fd(this.id), size);
+      this.inline = undefined;
+    }
     this.noteTruncate(size, mtime);
   }
 
