@@ -273,6 +273,9 @@ export class DiskChunkCache implements ChunkCache {
   private learn(pack: string, size: number): void {
     const e = this.entries.get(pack);
     if (e) {
+      // A pack file only grows (eviction removes it whole): two writes of ranges of one pack may
+      // learn their sizes out of order, and the smaller one, read first, must not win.
+      if (size <= e.size) return;
       this.bytes += size - e.size;
       e.size = size;
     } else {
