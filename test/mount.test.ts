@@ -717,10 +717,13 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     return offered;
   }
 
-  /** Runs `strata mount NAME DIR ...` with `env`, reads `path` in another process, unmounts; the READ requests the mount answered. */
-  async function readThrough(name: string, dir: string, path: string, env: NodeJS.ProcessEnv, settled = async () => {}, more: string[] = []): Promise<{ bytes: Buffer; reads: number; stderr: string }> {
+  /**
+   * Starts `strata mount NAME DIR ...args` with `env` and STRATA_FUSE_STATS=1 (its stats are
+   * printed on its stderr at unmount); resolves once the mount answers.
+   */
+  async function statsMount(name: string, dir: string, env: NodeJS.ProcessEnv, args: string[] = []): Promise<{ child: ChildProcess; stderr: () => string; exited: Promise<unknown> }> {
     mkdirSync(dir, { recursive: true });
-    const child = spawn(process.execPath, [...CLI, "mount", name, dir, "--read-only"], { env: { ...e.env, ...env, STRATA_FUSE_STATS: "1" }, stdio: ["ignore", "ignore", "pipe"] });
+    const child = spawn(process.execPath, [...CLI, "mount", name, dir, ...args], { env: { ...e.env, ...env, STRATA_FUSE_STATS: "1" }, stdio: ["ignore", "ignore", "pipe"] });
     let stderr = "";
     child.stderr!.on("data", (d) => (stderr += d));
     const exited = new Promise((r) => child.once("exit", r));
@@ -728,6 +731,12 @@ describe("whole-file copies read by the kernel (backing files)", () => {
       if (i > 1200 || child.exitCode !== null) throw new Error(`mount ${dir}: ${stderr}`);
       await new Promise((r) => setTimeout(r, 50));
     }
+    return { child, stderr: () => stderr, exited };
+  }
+
+  /** Runs `strata mount NAME DIR ...` with `env`, reads `path` in another process, unmounts; the READ requests the mount answered. */
+  async function readThrough(name: string, dir: string, path: string, env: NodeJS.ProcessEnv, settled = async () => {}, more: string[] = []): Promise<{ bytes: Buffer; reads: number; stderr: string }> {
+    const { stderr, exited } = await statsMount(name, dir, env, ["--read-only"]);
     let stdout = Buffer.alloc(0);
     for (const p of [path, ...more]) {
       const out = await execAsync("cat", [join(dir, p)], { encoding: "buffer", maxBuffer: 64 << 20 });
@@ -736,7 +745,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await settled();
     await e.strata("unmount", dir);
     await exited;
-    return { bytes: stdout, reads: Number(/stats: read (\d+) calls/.exec(stderr)?.[1] ?? 0), stderr };
+    return { bytes: stdout, reads: Number(/stats: read (\d+) calls/.exec(stderr())?.[1] ?? 0), stderr: stderr() };
   }
 
   it("reads a file's whole copy through the kernel once one read of it made the copy, with no READ request", async (ctx) => {
@@ -873,20 +882,12 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     if (!(await backingOffered())) ctx.skip();
     await e.strata("volume", "create", "direct");
     const mnt = join(e.base, "direct-mnt");
-    mkdirSync(mnt, { recursive: true });
-    const child = spawn(process.execPath, [...CLI, "mount", "direct", mnt], { env: { ...e.env, STRATA_FUSE_STATS: "1" }, stdio: ["ignore", "ignore", "pipe"] });
-    let stderr = "";
-    child.stderr!.on("data", (d) => (stderr += d));
-    const exited = new Promise((r) => child.once("exit", r));
-    // Spawned here (for its stats), not by e.mount: detached here if the test fails.
+    const { child, stderr, exited } = await statsMount("direct", mnt, {});
+    // Detached here if the test fails (e.mount's mounts are detached in afterAll).
     ctx.onTestFailed(() => {
       if (isMounted(mnt)) execFileSync("umount", ["-l", mnt]);
       child.kill("SIGKILL");
     });
-    for (let i = 0; !(isMounted(mnt) && existsSync(join(mnt, ".strata/version"))); i++) {
-      if (i > 1200 || child.exitCode !== null) throw new Error(`mount ${mnt}: ${stderr}`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
     const f = join(mnt, "log.bin");
     const a = randomBytes(8 << 20);
     const b = randomBytes((3 << 20) + 17);
@@ -909,8 +910,8 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     }
     await e.strata("unmount", mnt);
     await exited;
-    const writes = Number(/stats: write (\d+) calls/.exec(stderr)?.[1] ?? 0);
-    expect(writes, stderr).toBeLessThan(4); // at most the control file's sync request: 11 MiB went past the mount
+    const writes = Number(/stats: write (\d+) calls/.exec(stderr())?.[1] ?? 0);
+    expect(writes, stderr()).toBeLessThan(4); // at most the control file's sync request: 11 MiB went past the mount
 
     // Bytes the kernel wrote after the journal's last line about the file (its create) are
     // found again after kill -9 of the mount.

@@ -402,11 +402,11 @@ export class MountedVolume implements MountFs {
     }
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
-    // The kernel may have written direct contents after their last journal line.
-    for (const c of this.contents.values()) c.refresh();
     const live = this.reachable();
     staging.deleteData(staging.listData().filter((id) => !live.has(id)));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
+    // The kernel may have written direct contents after their last journal line.
+    for (const c of this.contents.values()) c.refresh();
   }
 
   private async findSynced(token: string): Promise<VersionRecord | null> {

@@ -248,14 +248,18 @@ export class StagingDir {
     copyFileSync(this.dataPath(from), this.dataPath(to), constants.COPYFILE_EXCL | constants.COPYFILE_FICLONE);
   }
 
+  /** Closes the kept descriptor of a content's data file, if one is open. */
+  private closeFd(id: string): void {
+    const fd = this.fds.get(id);
+    if (fd === undefined) return;
+    closeSync(fd);
+    this.fds.delete(id);
+  }
+
   /** Deletes data files; missing ones are fine. */
   deleteData(ids: Iterable<string>): void {
     for (const id of ids) {
-      const fd = this.fds.get(id);
-      if (fd !== undefined) {
-        closeSync(fd);
-        this.fds.delete(id);
-      }
+      this.closeFd(id);
       rmSync(this.dataPath(id), { force: true });
     }
   }
@@ -268,11 +272,7 @@ export class StagingDir {
   deleteDataLater(ids: Iterable<string>): void {
     const paths: string[] = [];
     for (const id of ids) {
-      const fd = this.fds.get(id);
-      if (fd !== undefined) {
-        closeSync(fd);
-        this.fds.delete(id);
-      }
+      this.closeFd(id);
       paths.push(this.dataPath(id));
     }
     if (paths.length === 0) return;
@@ -344,6 +344,17 @@ function fsyncDir(dir: string): void {
 function writeAll(fd: number, data: Uint8Array, at: number): void {
   let off = 0;
   while (off < data.length) off += writeSync(fd, data, off, data.length - off, at + off);
+}
+
+/** Reads `n` bytes at `at` into `into` from `off`, fewer at end of file; returns how many. */
+function readAll(fd: number, into: Uint8Array, off: number, n: number, at: number): number {
+  let got = 0;
+  while (got < n) {
+    const r = readSync(fd, into, off + got, n - got, at + got);
+    if (r === 0) break;
+    got += r;
+  }
+  return got;
 }
 
 /** A set of disjoint, non-adjacent byte ranges [start, end), sorted. */
@@ -512,13 +523,7 @@ export class StagedContent {
       mtime = Math.floor(st.mtimeMs);
       if (this.backedWriters === 0 && size > 0 && size <= INLINE_MAX) {
         const bytes = Buffer.allocUnsafe(size);
-        let got = 0;
-        while (got < size) {
-          const n = readSync(fd, bytes, got, size - got, got);
-          if (n === 0) break;
-          got += n;
-        }
-        if (got === size) this.inline = bytes;
+        if (readAll(fd, bytes, 0, size, 0) === size) this.inline = bytes;
       }
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
@@ -638,14 +643,7 @@ export class StagedContent {
       for (const [a, b] of pieces) out.set(this.inline.subarray(a, b), a - offset);
     } else if (pieces.length > 0) {
       const fd = this.staging.fd(this.id);
-      for (const [a, b] of pieces) {
-        let got = 0;
-        while (got < b - a) {
-          const n = readSync(fd, out, a - offset + got, b - a - got, a + got);
-          if (n === 0) break;
-          got += n;
-        }
-      }
+      for (const [a, b] of pieces) readAll(fd, out, a - offset, b - a, a);
     }
     const lowerEnd = Math.min(end, this.lowerLimit, this.lowerSize);
     if (this.lower && offset < lowerEnd) {
