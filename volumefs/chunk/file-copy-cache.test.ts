@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
+import { constants, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -17,6 +17,19 @@ async function settle(cache: FileCopyCache, key: string): Promise<number | undef
     await new Promise((r) => setTimeout(r, 10));
   }
   return undefined;
+}
+
+/** Whether files under `dir` open with O_DIRECT. */
+function takesDirect(dir: string): boolean {
+  const p = join(dir, "probe");
+  try {
+    closeSync(openSync(p, constants.O_WRONLY | constants.O_CREAT | constants.O_DIRECT));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    rmSync(p, { force: true });
+  }
 }
 
 function readAll(fd: number, size: number): Buffer {
@@ -83,6 +96,30 @@ describe("FileCopyCache", () => {
     await new Promise((r) => setTimeout(r, 200));
     expect(cache.open(other)).toBeUndefined();
     expect(readdirSync(join(root(d), "tmp"))).toEqual([]);
+  });
+
+  it("writes aligned pieces past the page cache and the rest through it, cuts a padded last piece to the size, byte-exact", async () => {
+    const data = randomBytes(3 * MiB + 5000);
+    // Aligned 1 MiB reads, an unaligned piece in the middle, and an unaligned last piece.
+    const writes: [number, number][] = [[MiB, 2 * MiB], [0, 12288], [12288, 12288 + 777], [12288 + 777, MiB], [2 * MiB, 3 * MiB], [3 * MiB, data.length]];
+    const fillWith = (cache: FileCopyCache, key: string) => {
+      const fill = cache.startFill(key, data.length)!;
+      for (const [a, b] of writes) expect(fill.write(a, [data.subarray(a, a + 100), data.subarray(a + 100, b)])).toBe(true);
+      return fill;
+    };
+    const cache = new FileCopyCache({ dir: dir(), maxBytes: 64 * MiB });
+    const key = FileCopyCache.key(["d".repeat(64)]);
+    const fill = fillWith(cache, key);
+    const fd = await settle(cache, key);
+    expect(readAll(fd!, data.length + 4096).equals(data)).toBe(true);
+    // On a file system that takes O_DIRECT (a disk's; not tmpfs) every aligned piece went past
+    // the page cache, the last one (5000 bytes) padded to 8192 and cut back.
+    expect(fill.directBytes).toBe(takesDirect(cache.dir) ? 2 * MiB + 12288 + 5000 : 0);
+
+    const buffered = new FileCopyCache({ dir: dir(), maxBytes: 64 * MiB, direct: false });
+    const plain = fillWith(buffered, key);
+    expect(readAll((await settle(buffered, key))!, data.length + 4096).equals(data)).toBe(true);
+    expect(plain.directBytes).toBe(0);
   });
 
   it("reads a whole copy through a CopyReader, and gives nothing for bytes past its end or after close", async () => {

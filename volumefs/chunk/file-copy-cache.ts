@@ -15,13 +15,19 @@
  * when the kernel reads it: its bytes were verified chunk by chunk on their way in, and from
  * then on the local disk is trusted, as the page cache is.
  *
+ * A copy is written past the page cache (O_DIRECT) where the file system takes such writes: the
+ * read that fills it already put its bytes in the mount's own page cache, and a second cached
+ * copy of them cost the fill most of its CPU (fresh page-cache pages are the dearest memory a
+ * virtual machine touches). The copy's first reader reads it from the disk.
+ *
  * Eviction: least recently opened first (the mtime, touched on an open at most once a minute),
  * beyond `maxBytes`. Sizes and recency are learned by a scan on first use and every `rescanMs`,
  * so that processes sharing the directory keep it under the bound together. A copy another
  * process removes is a miss, never an error.
  */
-import { closeSync, fstatSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
-import { close, readFileSync, rm, writev } from "node:fs";
+import { closeSync, fstatSync, ftruncateSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
+import { close, readFileSync, rm, write, writev } from "node:fs";
+import { createRequire } from "node:module";
 import { join } from "node:path";
 import { hash } from "blake3";
 import { pread } from "./disk-chunk-cache.js";
@@ -37,6 +43,8 @@ export interface FileCopyCacheOptions {
   maxPendingBytes?: number;
   /** Interval between rescans of the directory; default 60 000 ms. */
   rescanMs?: number;
+  /** Write copies past the page cache where the file system allows it; default true. */
+  direct?: boolean;
 }
 
 const KEY = /^[0-9a-f]{64}$/;
@@ -64,6 +72,8 @@ export class FileCopyCache {
   private bytes = 0;
   private lastScan = 0;
   private readonly filling = new Map<string, CopyFill>();
+  /** Whether fills write past the page cache where they can (see the header). */
+  private readonly direct: boolean;
 
   /** The copies of this boot: `<dir>/<boot id>`. */
   private readonly root: string;
@@ -75,6 +85,7 @@ export class FileCopyCache {
     this.minBytes = opts.minBytes ?? 2 ** 20;
     this.maxPending = opts.maxPendingBytes ?? 64 * 2 ** 20;
     this.rescanMs = opts.rescanMs ?? 60_000;
+    this.direct = opts.direct ?? true;
   }
 
   /** Whether a file of `size` bytes gets a copy (cheap: callers ask before keying the file). */
@@ -146,7 +157,7 @@ export class FileCopyCache {
       mkdirSync(tmpDir, { recursive: true });
       const tmp = join(tmpDir, `${key}.${process.pid}.${Math.random().toString(36).slice(2)}`);
       const fd = openSync(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
-      const fill = new CopyFill(this, key, size, fd, tmp, this.maxPending);
+      const fill = new CopyFill(this, key, size, fd, tmp, this.maxPending, this.direct ? directFd(tmp) : undefined);
       this.filling.set(key, fill);
       return fill;
     } catch {
@@ -242,10 +253,60 @@ function readdirSafe(dir: string): string[] {
   }
 }
 
+/** Alignment of a write past the page cache: offset, length and memory (a page covers every disk's). */
+const DIRECT_ALIGN = 4096;
+/** The size of the aligned buffers direct writes go through (a read's worth; larger writes take more). */
+const DIRECT_BUFFER = 2 ** 20;
+/** Aligned buffers kept for reuse across fills. */
+const DIRECT_KEEP = 8;
+
+/** A second descriptor of `path` for writes past the page cache, or undefined where the file system refuses them (tmpfs) or no aligned memory can be had. */
+function directFd(path: string): number | undefined {
+  if (!addressOf() || !("O_DIRECT" in constants)) return undefined;
+  try {
+    return openSync(path, constants.O_WRONLY | constants.O_DIRECT);
+  } catch {
+    return undefined;
+  }
+}
+
+let address: ((b: Uint8Array) => bigint) | null | undefined;
+/** The memory address of a buffer (koffi, which the FUSE layer loads anyway), or null without it. */
+function addressOf(): ((b: Uint8Array) => bigint) | null {
+  if (address === undefined) {
+    try {
+      const koffi = createRequire(import.meta.url)("koffi") as typeof import("koffi");
+      address = (b) => koffi.address(b);
+      address(Buffer.alloc(1));
+    } catch {
+      address = null;
+    }
+  }
+  return address;
+}
+
+/** Free aligned buffers of DIRECT_BUFFER bytes. */
+const directBuffers: Buffer[] = [];
+
+/** A DIRECT_ALIGN-aligned buffer of at least `size` bytes (node gives no aligned memory: a larger one is cut to an aligned start). */
+function takeDirectBuffer(size: number): Buffer {
+  if (size <= DIRECT_BUFFER && directBuffers.length > 0) return directBuffers.pop()!;
+  const len = Math.max(size, DIRECT_BUFFER);
+  const raw = Buffer.allocUnsafeSlow(len + DIRECT_ALIGN);
+  const skip = (DIRECT_ALIGN - Number(addressOf()!(raw) % BigInt(DIRECT_ALIGN))) % DIRECT_ALIGN;
+  return raw.subarray(skip, skip + len);
+}
+
+function giveDirectBuffer(b: Buffer): void {
+  if (b.length === DIRECT_BUFFER && directBuffers.length < DIRECT_KEEP) directBuffers.push(b);
+}
+
 /**
  * One copy being written: the file's bytes as reads return them, in any order (the kernel reads
  * ahead in parallel), written behind those reads; renamed into place once every byte of the
- * `size` is written.
+ * `size` is written. With `directFd`, pieces at aligned offsets (a kernel read's are) are copied
+ * into aligned memory and written through it past the page cache; the last piece is padded to
+ * the alignment and the file cut to `size` at the end. Others go through `fd`.
  */
 export class CopyFill {
   /** Written (or being written) byte ranges, sorted, disjoint, merged. */
@@ -253,6 +314,10 @@ export class CopyFill {
   private pending = 0;
   private failed = false;
   private ended = false;
+  /** A padded last piece was written: the file is cut to `size` before it is kept. */
+  private padded = false;
+  /** Bytes written past the page cache (the rest went through it). */
+  directBytes = 0;
 
   constructor(
     private readonly cache: FileCopyCache,
@@ -261,6 +326,7 @@ export class CopyFill {
     private readonly fd: number,
     readonly tmp: string,
     private readonly maxPending: number,
+    private readonly directFd?: number,
   ) {}
 
   /** True once every byte was handed to `write`. */
@@ -269,8 +335,8 @@ export class CopyFill {
   }
 
   /**
-   * The file's bytes at `offset`, in pieces that must not change afterwards. False once the copy
-   * is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind).
+   * The file's bytes at `offset`, in pieces that must not change afterwards. False once
+   * the copy is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind).
    */
   write(offset: number, pieces: readonly Uint8Array[]): boolean {
     if (this.failed) return false;
@@ -284,14 +350,32 @@ export class CopyFill {
       this.abandon();
       return false;
     }
-    // One write per call (a read's worth, up to 1 MiB): the page cache then holds the copy in
-    // large folios, which later reads go through about half again as fast as 64 KiB ones.
     this.pending += n;
-    writev(this.fd, pieces as Uint8Array[], offset, (err, written) => {
+    const done = (err: Error | null, written: number, want: number): void => {
       this.pending -= n;
-      if (err || written !== n) this.failed = true;
+      if (err || written !== want) this.failed = true;
       this.maybeEnd();
-    });
+    };
+    if (this.directFd !== undefined && offset % DIRECT_ALIGN === 0 && (n % DIRECT_ALIGN === 0 || offset + n === this.size)) {
+      const len = Math.ceil(n / DIRECT_ALIGN) * DIRECT_ALIGN;
+      const buf = takeDirectBuffer(len);
+      let at = 0;
+      for (const p of pieces) {
+        buf.set(p, at);
+        at += p.length;
+      }
+      buf.fill(0, n, len);
+      if (len !== n) this.padded = true;
+      this.directBytes += n;
+      write(this.directFd, buf, 0, len, offset, (err, written) => {
+        giveDirectBuffer(buf);
+        done(err, written, len);
+      });
+    } else {
+      // One write per call (a read's worth, up to 1 MiB): the page cache then holds the copy in
+      // large folios, which later reads go through about half again as fast as 64 KiB ones.
+      writev(this.fd, pieces as Uint8Array[], offset, (err, written) => done(err, written, n));
+    }
     this.cover(offset, offset + n);
     return true;
   }
@@ -321,14 +405,17 @@ export class CopyFill {
     if (this.ended || this.pending > 0) return;
     if (!this.failed && !this.whole) return;
     this.ended = true;
-    if (this.failed) {
-      closeSync(this.fd);
-      rmSync(this.tmp, { force: true });
-      this.cache.ended(this, false);
-      return;
+    if (!this.failed && this.padded) {
+      try {
+        ftruncateSync(this.fd, this.size);
+      } catch {
+        this.failed = true;
+      }
     }
+    if (this.directFd !== undefined) closeSync(this.directFd);
     closeSync(this.fd);
-    this.cache.ended(this, true);
+    if (this.failed) rmSync(this.tmp, { force: true });
+    this.cache.ended(this, !this.failed);
   }
 }
 
