@@ -931,6 +931,44 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     expect((await execAsync(process.execPath, [...CLI, "cat", "direct", "log.bin"], { env: e.env, encoding: "buffer", maxBuffer: 64 << 20 })).stdout.equals(Buffer.concat([a, b.subarray(0, 5)]))).toBe(true);
   }, 180_000);
 
+  it("keeps both names of a hard-linked file held open for writing across a sync on one file (nlink 2), also after kill -9", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    await e.strata("volume", "create", "linked-open");
+    const mnt = join(e.base, "linked-open-mnt");
+    const first = await e.mount("linked-open", mnt);
+    ctx.onTestFailed(() => {
+      if (isMounted(mnt)) execFileSync("umount", ["-l", mnt]);
+    });
+    const a = join(mnt, "a.bin");
+    const b = join(mnt, "b.bin");
+    const one = randomBytes(300_000);
+    const two = randomBytes(200_000);
+    const fd = openSync(a, "w");
+    try {
+      writeSync(fd, one);
+      linkSync(a, b);
+      await e.strata("sync", mnt);
+      writeSync(fd, two);
+      expect(readFileSync(b).equals(Buffer.concat([one, two]))).toBe(true);
+    } finally {
+      closeSync(fd);
+    }
+    // Released, the names' attributes come from the mount's count again.
+    expect([lstatSync(a).nlink, lstatSync(b).nlink]).toEqual([2, 2]);
+    first.kill("SIGKILL");
+    await new Promise((r) => (first.exitCode !== null || first.signalCode !== null ? r(null) : first.once("exit", r)));
+    await e.strata("unmount", mnt);
+    await e.mount("linked-open", mnt);
+    // The replay finds one content under both names (the sync wrote a line for each).
+    expect([lstatSync(a).nlink, lstatSync(b).nlink]).toEqual([2, 2]);
+    const three = randomBytes(1000);
+    writeFileSync(a, three, { flag: "r+" });
+    expect(readFileSync(b).subarray(0, 1000).equals(three)).toBe(true);
+    truncateSync(b, 1000);
+    expect(readFileSync(a).equals(three)).toBe(true);
+    await e.unmount(mnt);
+  }, 120_000);
+
   it("lets a file open for writing across a reload follow its path to the new bytes", async () => {
     const v1 = randomBytes(200 * 1024);
     const v2 = randomBytes(300 * 1024);

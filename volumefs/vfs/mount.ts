@@ -118,6 +118,12 @@ function contentOf(e: StagedEntry | null | undefined): StagedContent | undefined
   return isPending(e) && e.pending.kind === "upload" ? (e.pending as UploadPending).content : undefined;
 }
 
+/**
+ * Direct contents a replay put under a name by a `cow` line with `x`, per overlay replayed into
+ * (see freezeNode, which writes one such line per name of a content).
+ */
+const cowNamed = new WeakMap<Overlay, Set<string>>();
+
 /** A name of `e` goes (an unlink, or a rename over it): one name fewer for its content. */
 function unname(e: StagedEntry | undefined): void {
   const c = contentOf(e);
@@ -524,6 +530,19 @@ export class MountedVolume implements MountFs {
         const segs = op.p.split("/");
         const cur = await ov.lookup(segs);
         if (!cur) throw VolumeError.NOT_FOUND(op.p);
+        if (op.x) {
+          // A second such line for one content is another name of it (a hard link).
+          let named = cowNamed.get(ov);
+          if (!named) cowNamed.set(ov, (named = new Set()));
+          const again = named.has(op.c) ? this.contents.get(op.c) : undefined;
+          if (again) {
+            again.names++;
+            again.linked = true;
+            await ov.put(segs, this.pendingEntry(segs.at(-1)!, again, cur));
+            return;
+          }
+          named.add(op.c);
+        }
         let c = mode === "rebase" ? this.contents.get(op.c) : undefined;
         if (!c && op.x) {
           // A direct content that stayed open for writing through a sync (see freezeNode): the
