@@ -270,6 +270,12 @@ describe("MountedVolume", () => {
     expect(await m2.getattr("/f")).toMatchObject({ uid: 1000, gid: 1001, mode: 0o600, mtime: 1_600_000_000_000, immutable: true });
     expect(await m2.readlink("/ln")).toBe("../target");
     expect((await readAll(m2, "/hard")).toString()).toBe("data");
+    // A chown or chmod to what the file has stages nothing.
+    await m2.chown("/f", 1000, 1001);
+    await m2.chown("/f", -1, -1);
+    await m2.chmod("/f", 0o600);
+    expect(await m2.getattr("/f")).toMatchObject({ immutable: true });
+    expect((await m2.status()).staged).toEqual({ added: [], modified: [], removed: [] });
     await m2.chown("/f", -1, 7);
     expect(await m2.getattr("/f")).toMatchObject({ uid: 1000, gid: 7, immutable: false });
     await m2.close();

@@ -1174,7 +1174,11 @@ export class MountedVolume implements MountFs {
     }
     this.writableSegs(op, path);
     await this.exclusive(async () => {
-      await this.mustLookup(segs, op);
+      const e = await this.mustLookup(segs, op);
+      // A chmod or chown to what the entry has (tar's chown of each file it makes, as root)
+      // stages nothing: no journal line, and a stored file stays stored.
+      const same = (v: number | undefined, cur: number): boolean => v === undefined || v === cur;
+      if (patch.mtime === undefined && same(patch.mode, e.mode & 0o7777) && same(patch.uid, e.uid ?? 0) && same(patch.gid, e.gid ?? 0)) return;
       await this.change({ o: "attr", p: segs.join("/"), ...patch });
     });
   }
