@@ -335,8 +335,8 @@ export class CopyFill {
   }
 
   /**
-   * The file's bytes at `offset`, in pieces that must not change afterwards. False once
-   * the copy is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind).
+   * The file's bytes at `offset`, in pieces that must not change afterwards. False once the copy
+   * is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind).
    */
   write(offset: number, pieces: readonly Uint8Array[]): boolean {
     if (this.failed) return false;
