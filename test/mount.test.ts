@@ -70,6 +70,11 @@ interface Env {
   cleanup(): Promise<void>;
 }
 
+/** Resolves once `child` has exited (at once if it has). */
+function exitOf(child: ChildProcess): Promise<void> {
+  return new Promise((r) => (child.exitCode !== null || child.signalCode !== null ? r() : child.once("exit", () => r())));
+}
+
 function isMounted(dir: string): boolean {
   return readFileSync("/proc/self/mountinfo", "utf8").split("\n").some((l) => l.split(" ")[4] === dir);
 }
@@ -506,7 +511,7 @@ describe("strata mount on the file store", () => {
     await new Promise((r) => setTimeout(r, 150));
     child.kill("SIGKILL");
     const synced = await sync;
-    await new Promise((r) => child.exitCode !== null || child.signalCode !== null ? r(null) : child.once("exit", r));
+    await exitOf(child);
     const stale = await e.strataFail("status", mnt);
     expect(stale.stderr).toMatch(/^strata: .* \([A-Z_]+\)\n/);
     await e.strata("unmount", mnt);
@@ -920,7 +925,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     const c = randomBytes(100_000);
     writeFileSync(join(mnt, "late.bin"), c);
     again.kill("SIGKILL");
-    await new Promise((r) => (again.exitCode !== null || again.signalCode !== null ? r(null) : again.once("exit", r)));
+    await exitOf(again);
     await e.strata("unmount", mnt);
     await e.mount("direct", mnt);
     expect(readFileSync(join(mnt, "late.bin")).equals(c)).toBe(true);
@@ -956,7 +961,7 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     // Released, the names' attributes come from the mount's count again.
     expect([lstatSync(a).nlink, lstatSync(b).nlink]).toEqual([2, 2]);
     first.kill("SIGKILL");
-    await new Promise((r) => (first.exitCode !== null || first.signalCode !== null ? r(null) : first.once("exit", r)));
+    await exitOf(first);
     await e.strata("unmount", mnt);
     await e.mount("linked-open", mnt);
     // The replay finds one content under both names (the sync wrote a line for each).
