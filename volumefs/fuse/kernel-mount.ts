@@ -582,7 +582,7 @@ export class KernelSession {
           // Both names now share the bytes (until a sync): the kernel must not cache them, and
           // drops what it has of the source (a successful LINK only updates its ctime).
           src.shared = true;
-          await this.invalInode(src.id, -1);
+          this.invalAttrs(src.id);
           return [(await this.entry(parent, name, path)).out];
         });
       }
@@ -1092,6 +1092,14 @@ export class KernelSession {
     b.writeBigUInt64LE(BigInt(id), 0);
     b.writeBigInt64LE(BigInt(offset), 8);
     return this.dev.notify(NOTIFY_INVAL_INODE, b);
+  }
+
+  /** Drops the kernel's attributes of node `id` (not its pages), before the reply being made. */
+  private invalAttrs(id: number): void {
+    const b = Buffer.alloc(24);
+    b.writeBigUInt64LE(BigInt(id), 0);
+    b.writeBigInt64LE(-1n, 8);
+    this.dev.notifySync(NOTIFY_INVAL_INODE, b);
   }
 
   /** Drops the kernel's entry of `name` in `parent`; `now`: not queued behind other notifications (see restale). */

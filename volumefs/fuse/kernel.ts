@@ -877,6 +877,26 @@ export class FuseDevice {
   }
 
   /**
+   * Sends a notification from this thread, at once: only one that takes no lock a request in
+   * progress may hold, so that a handler can send it before its reply without a round trip
+   * through the thread pool (NOTIFY_INVAL_INODE with a negative offset: attributes only, no
+   * pages). It overtakes queued notifications (`notify`).
+   */
+  notifySync(code: number, ...payload: Uint8Array[]): void {
+    if (this.ended) return;
+    let len = OUT_HEADER;
+    for (const p of payload) len += p.length;
+    const h = Buffer.alloc(OUT_HEADER);
+    h.writeUInt32LE(len, 0);
+    h.writeInt32LE(code, 4);
+    try {
+      fs.writevSync(this.fd, [h, ...payload]);
+    } catch {
+      // ENOENT: the kernel no longer knows the inode; ENODEV: the session ended.
+    }
+  }
+
+  /**
    * Sends a notification now, not after those queued (`notify`): for one that may wait for a
    * lock a request being answered holds, which a handler of that request must not wait behind.
    * Never rejects.
