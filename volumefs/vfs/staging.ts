@@ -55,6 +55,9 @@ export type JournalOp =
 /** Contents whose writes all end below this many bytes keep their bytes in the journal. */
 export const INLINE_MAX = 16 * 1024;
 
+/** Contents below this many bytes are read whole and handed to a sync's writer in one piece. */
+const SMALL_UPLOAD_BYTES = 1024 * 1024;
+
 /** A sync reads a staged file in blocks of this size, each handed over whole to the chunk writer. */
 const UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024;
 
@@ -706,7 +709,12 @@ export class StagedContent {
     let res: { chunks: ChunkRef[]; size: number };
     if (!base || base.chunks.length === 0 || Math.min(this.lowerLimit, base.size) === 0 || this.dirtyBytes > size / 2) {
       const spare: Uint8Array[] = [];
-      res = await writer.writeStream(this.stream(readChunks, UPLOAD_BLOCK_BYTES, spare), { transfer: true, recycle: (b) => spare.push(b) });
+      // A small content in one piece: a stream per file costs more than the bytes of a small one,
+      // and a sync of a source tree uploads tens of thousands.
+      res =
+        size < SMALL_UPLOAD_BYTES
+          ? await writer.writeBuffer(await this.read(0, size, readChunks))
+          : await writer.writeStream(this.stream(readChunks, UPLOAD_BLOCK_BYTES, spare), { transfer: true, recycle: (b) => spare.push(b) });
       this.uploadStats = { rechunked: size, reused: 0 };
     } else {
       res = await this.rechunk(writer, base, readChunks, params);
