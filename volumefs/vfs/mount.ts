@@ -388,7 +388,7 @@ export class MountedVolume implements MountFs {
     let m = staging.manifest;
     if (!layers.some((l) => l.ops.length > 0) && !m.syncing) {
       staging.dropLayers(staging.layer - 1);
-      staging.deleteData(staging.listData());
+      staging.recycleDataLater(staging.listData());
       staging.writeManifest({ v: 1, base: head, first: staging.layer }, true);
       this.setBase(head ? await this.repo.version(head) : null);
       return;
@@ -409,7 +409,7 @@ export class MountedVolume implements MountFs {
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
     const live = this.reachable();
-    staging.deleteData(staging.listData().filter((id) => !live.has(id)));
+    staging.recycleDataLater(staging.listData().filter((id) => !live.has(id)));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
     // The kernel may have written direct contents after their last journal line.
     for (const c of this.contents.values()) c.refresh();
@@ -882,8 +882,10 @@ export class MountedVolume implements MountFs {
         if (flags & constants.O_EXCL) throw VolumeError.ALREADY_EXISTS(JSON.stringify(path), { op: "create", path });
         if (cur.kind === "dir") throw VolumeError.IS_A_DIRECTORY(path, { op: "create" });
       } else {
-        const id = randomBytes(8).toString("hex");
-        await this.change({ o: "create", p: segs.join("/"), c: id, m: mode & 0o7777, t: Date.now(), ...(this.direct ? { x: 1 as const } : {}) });
+        const t = Date.now();
+        // A direct content's data file is made now: a spare one when there is one.
+        const id = (this.direct && this.staging?.takeSpare(t)) || randomBytes(8).toString("hex");
+        await this.change({ o: "create", p: segs.join("/"), c: id, m: mode & 0o7777, t, ...(this.direct ? { x: 1 as const } : {}) });
         return this.addHandle({ kind: "file", segs, flags, next: 0, seq: 0 });
       }
       if (flags & constants.O_TRUNC) await this.truncateOpened(segs);
@@ -1347,7 +1349,7 @@ export class MountedVolume implements MountFs {
       const live = this.reachable();
       const dead = [...this.contents.keys()].filter((id) => !live.has(id));
       // After the commit, off the sync's path: a sync of many new files stored as many data files.
-      staging.deleteDataLater(dead);
+      staging.recycleDataLater(dead);
       for (const id of dead) this.contents.delete(id);
     });
     const parents = res.version?.parents ?? [];

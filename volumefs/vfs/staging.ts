@@ -13,7 +13,8 @@
  *                    carry the bytes (`d`, base64) until an `m` line says they moved to the file;
  *                    a direct content (`x` on its `create` or `cow` line) is its whole data file,
  *                    which the kernel may write itself (a backing file): its size and mtime are
- *                    the file's
+ *                    the file's; empty files no content names are spares for new contents
+ *                    (StagingDir.takeSpare)
  *
  * Invariants:
  * - data bytes are written before the journal line that names them, and a journal line before
@@ -27,8 +28,9 @@
  *   the later layers on top of it.
  * Offsets are plain numbers (exact to 2^53), so files over 4 GiB work everywhere.
  */
+import { randomBytes } from "node:crypto";
 import { closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
-import { rm } from "node:fs/promises";
+import { rename, truncate, unlink } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
@@ -57,6 +59,9 @@ export const INLINE_MAX = 16 * 1024;
 
 /** Contents below this many bytes are read whole and handed to a sync's writer in one piece. */
 const SMALL_UPLOAD_BYTES = 1024 * 1024;
+
+/** Spare data files a staging directory keeps at most (StagingDir.takeSpare). */
+const SPARES_MAX = 16384;
 
 /** A sync reads a staged file in blocks of this size, each handed over whole to the chunk writer. */
 const UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024;
@@ -236,13 +241,18 @@ export class StagingDir {
       return fd;
     }
     fd = openSync(this.dataPath(id), constants.O_RDWR | (create ? constants.O_CREAT : 0), 0o600);
+    this.keepFd(id, fd);
+    return fd;
+  }
+
+  /** Keeps `fd` open as content `id`'s data file's descriptor; at most 128 stay open. */
+  private keepFd(id: string, fd: number): void {
     this.fds.set(id, fd);
     if (this.fds.size > 128) {
       const [oldId, oldFd] = this.fds.entries().next().value as [string, number];
       this.fds.delete(oldId);
       closeSync(oldFd);
     }
-    return fd;
   }
 
   /** Copies a content's data file to another content's (which must not exist yet); a missing one copies as ENOENT. */
@@ -268,23 +278,70 @@ export class StagingDir {
   }
 
   /**
-   * Deletes data files in the background (a few unlinks at a time on the thread pool), for the
-   * many files of contents a sync stored: their ids are never used again, and a file a crash
-   * leaves behind is deleted by the next mount (it is not reachable).
+   * Lets go of the data files of contents no name reaches any more (the many files of contents a
+   * sync stored), in the background, a few at a time on the thread pool: each is emptied and
+   * renamed to a new id, a spare for a later new content to take (`takeSpare`), up to SPARES_MAX
+   * of them; the rest are unlinked. Their ids are never used again (journal layers still on disk
+   * may name them). Files a crash or an unmount leaves behind, spares among them, are not
+   * reachable: the next mount gives them here again.
    */
-  deleteDataLater(ids: Iterable<string>): void {
-    const paths: string[] = [];
+  recycleDataLater(ids: Iterable<string>): void {
+    const gone: string[] = [];
     for (const id of ids) {
       this.closeFd(id);
-      paths.push(this.dataPath(id));
+      gone.push(id);
     }
-    if (paths.length === 0) return;
-    this.deleting = this.deleting.then(async () => {
-      for (let i = 0; i < paths.length; i += 32) await Promise.all(paths.slice(i, i + 32).map((p) => rm(p, { force: true }).catch(() => undefined)));
+    if (gone.length === 0) return;
+    this.recycling = this.recycling.then(async () => {
+      for (let i = 0; i < gone.length; i += 32) await Promise.all(gone.slice(i, i + 32).map((id) => this.recycleOne(id)));
     });
   }
 
-  private deleting: Promise<void> = Promise.resolve();
+  private async recycleOne(id: string): Promise<void> {
+    // Once closed, a file is left for the next mount (which finds it unreachable).
+    if (this.closed) return;
+    const path = this.dataPath(id);
+    if (this.spares.length < SPARES_MAX) {
+      try {
+        await truncate(path, 0);
+        const fresh = randomBytes(8).toString("hex");
+        await rename(path, this.dataPath(fresh));
+        if (!this.closed) this.spares.push(fresh);
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+      }
+    }
+    await unlink(path).catch(() => undefined);
+  }
+
+  private recycling: Promise<void> = Promise.resolve();
+
+  /** Empty data files no content names, for new contents (see takeSpare). */
+  private readonly spares: string[] = [];
+
+  /**
+   * An id for a new content whose empty data file exists already (open, its mtime set to
+   * `mtimeMs`): a spare (see recycleDataLater), or undefined when there is none (the caller then
+   * makes the file). Making a file costs the local file system an inode, and ext4 without a
+   * journal steps over every inode freed in the last minutes to find one: after a sync let go of
+   * tens of thousands of files, each create of the next few minutes would wait for that.
+   */
+  takeSpare(mtimeMs: number): string | undefined {
+    while (this.spares.length > 0) {
+      const id = this.spares.pop()!;
+      let fd: number;
+      try {
+        fd = openSync(this.dataPath(id), constants.O_RDWR);
+      } catch {
+        continue;
+      }
+      futimesSync(fd, mtimeMs / 1000, mtimeMs / 1000);
+      this.keepFd(id, fd);
+      return id;
+    }
+    return undefined;
+  }
 
   /** Ids of every data file on disk. */
   listData(): string[] {
