@@ -884,13 +884,8 @@ export class FuseDevice {
    */
   notifySync(code: number, ...payload: Uint8Array[]): void {
     if (this.ended) return;
-    let len = OUT_HEADER;
-    for (const p of payload) len += p.length;
-    const h = Buffer.alloc(OUT_HEADER);
-    h.writeUInt32LE(len, 0);
-    h.writeInt32LE(code, 4);
     try {
-      fs.writevSync(this.fd, [h, ...payload]);
+      fs.writevSync(this.fd, notification(code, payload));
     } catch {
       // ENOENT: the kernel no longer knows the inode; ENODEV: the session ended.
     }
@@ -903,12 +898,7 @@ export class FuseDevice {
    */
   async notifyNow(code: number, ...payload: Uint8Array[]): Promise<void> {
     if (this.ended) return;
-    let len = OUT_HEADER;
-    for (const p of payload) len += p.length;
-    const h = Buffer.alloc(OUT_HEADER);
-    h.writeUInt32LE(len, 0);
-    h.writeInt32LE(code, 4);
-    await new Promise<void>((res) => fs.writev(this.fd, [h, ...payload], () => res()));
+    await new Promise<void>((res) => fs.writev(this.fd, notification(code, payload), () => res()));
   }
 
   /**
@@ -953,6 +943,16 @@ export class FuseDevice {
     this.ended = true;
     await Promise.race([this.closed, new Promise((r) => setTimeout(r, 2000).unref())]);
   }
+}
+
+/** A notification's parts: its header (the code where a reply has its error, unique 0), then `payload`. */
+function notification(code: number, payload: Uint8Array[]): Uint8Array[] {
+  let len = OUT_HEADER;
+  for (const p of payload) len += p.length;
+  const h = Buffer.alloc(OUT_HEADER);
+  h.writeUInt32LE(len, 0);
+  h.writeInt32LE(code, 4);
+  return [h, ...payload];
 }
 
 const FUSECTL = "/sys/fs/fuse/connections";
