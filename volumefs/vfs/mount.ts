@@ -388,7 +388,7 @@ export class MountedVolume implements MountFs {
     let m = staging.manifest;
     if (!layers.some((l) => l.ops.length > 0) && !m.syncing) {
       staging.dropLayers(staging.layer - 1);
-      staging.recycleDataLater(staging.listData());
+      staging.recycleDataLater(staging.listData().map((id) => ({ id })));
       staging.writeManifest({ v: 1, base: head, first: staging.layer }, true);
       this.setBase(head ? await this.repo.version(head) : null);
       return;
@@ -409,7 +409,7 @@ export class MountedVolume implements MountFs {
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
     const live = this.reachable();
-    staging.recycleDataLater(staging.listData().filter((id) => !live.has(id)));
+    staging.recycleDataLater(staging.listData().flatMap((id) => (live.has(id) ? [] : [{ id }])));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
     // The kernel may have written direct contents after their last journal line.
     for (const c of this.contents.values()) c.refresh();
@@ -1349,7 +1349,7 @@ export class MountedVolume implements MountFs {
       const live = this.reachable();
       const dead = [...this.contents.keys()].filter((id) => !live.has(id));
       // After the commit, off the sync's path: a sync of many new files stored as many data files.
-      staging.recycleDataLater(dead);
+      staging.recycleDataLater(dead.map((id) => ({ id, size: this.contents.get(id)?.size })));
       for (const id of dead) this.contents.delete(id);
     });
     const parents = res.version?.parents ?? [];

@@ -29,8 +29,8 @@
  * Offsets are plain numbers (exact to 2^53), so files over 4 GiB work everywhere.
  */
 import { randomBytes } from "node:crypto";
-import { closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
-import { rename, truncate, unlink } from "node:fs/promises";
+import { close as closeAsync, closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, open as openAsync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
+import { rename, unlink } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
@@ -62,6 +62,8 @@ const SMALL_UPLOAD_BYTES = 1024 * 1024;
 
 /** Spare data files a staging directory keeps at most (StagingDir.takeSpare). */
 const SPARES_MAX = 16384;
+/** Spare data files of at most this many bytes are emptied when taken, not before. */
+const SMALL_SPARE_BYTES = 1024 * 1024;
 
 /** A sync reads a staged file in blocks of this size, each handed over whole to the chunk writer. */
 const UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024;
@@ -279,34 +281,40 @@ export class StagingDir {
 
   /**
    * Lets go of the data files of contents no name reaches any more (the many files of contents a
-   * sync stored), in the background, a few at a time on the thread pool: each is emptied and
-   * renamed to a new id, a spare for a later new content to take (`takeSpare`), up to SPARES_MAX
-   * of them; the rest are unlinked. Their ids are never used again (journal layers still on disk
-   * may name them). Files a crash or an unmount leaves behind, spares among them, are not
-   * reachable: the next mount gives them here again.
+   * sync stored), in the background, a few at a time on the thread pool: each is renamed to a
+   * new id, a spare for a later new content to take (`takeSpare`), up to SPARES_MAX of them; the
+   * rest are unlinked. Their ids are never used again (journal layers still on disk may name
+   * them). A file whose content `size` says it is small is emptied when it is taken (O_TRUNC);
+   * a larger one, or one of unknown size, is emptied here first, since freeing many blocks can
+   * take long. Files a crash or an unmount leaves behind, spares among them, are not reachable:
+   * the next mount gives them here again.
    */
-  recycleDataLater(ids: Iterable<string>): void {
-    const gone: string[] = [];
-    for (const id of ids) {
-      this.closeFd(id);
-      gone.push(id);
+  recycleDataLater(files: Iterable<{ id: string; size?: number }>): void {
+    const gone: { id: string; size?: number }[] = [];
+    for (const f of files) {
+      this.closeFd(f.id);
+      gone.push(f);
     }
     if (gone.length === 0) return;
     this.recycling = this.recycling.then(async () => {
-      for (let i = 0; i < gone.length; i += 32) await Promise.all(gone.slice(i, i + 32).map((id) => this.recycleOne(id)));
+      for (let i = 0; i < gone.length; i += 32) {
+        const batch = gone.slice(i, i + 32);
+        const fresh = randomBytes(8 * batch.length);
+        await Promise.all(batch.map((f, k) => this.recycleOne(f, fresh.toString("hex", 8 * k, 8 * k + 8))));
+      }
     });
   }
 
-  private async recycleOne(id: string): Promise<void> {
+  private async recycleOne(file: { id: string; size?: number }, fresh: string): Promise<void> {
     // Once closed, a file is left for the next mount (which finds it unreachable).
     if (this.closed) return;
-    const path = this.dataPath(id);
+    const path = this.dataPath(file.id);
     if (this.spares.length < SPARES_MAX) {
+      const small = file.size !== undefined && file.size <= SMALL_SPARE_BYTES;
       try {
-        await truncate(path, 0);
-        const fresh = randomBytes(8).toString("hex");
+        if (!small) await emptyFile(path);
         await rename(path, this.dataPath(fresh));
-        if (!this.closed) this.spares.push(fresh);
+        if (!this.closed) this.spares.push({ id: fresh, bytes: small });
         return;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
@@ -317,8 +325,8 @@ export class StagingDir {
 
   private recycling: Promise<void> = Promise.resolve();
 
-  /** Empty data files no content names, for new contents (see takeSpare). */
-  private readonly spares: string[] = [];
+  /** Data files no content names, for new contents (see takeSpare); `bytes`: not emptied yet. */
+  private readonly spares: { id: string; bytes: boolean }[] = [];
 
   /**
    * An id for a new content whose empty data file exists already (open, its mtime set to
@@ -329,16 +337,16 @@ export class StagingDir {
    */
   takeSpare(mtimeMs: number): string | undefined {
     while (this.spares.length > 0) {
-      const id = this.spares.pop()!;
+      const s = this.spares.pop()!;
       let fd: number;
       try {
-        fd = openSync(this.dataPath(id), constants.O_RDWR);
+        fd = openSync(this.dataPath(s.id), constants.O_RDWR | (s.bytes ? constants.O_TRUNC : 0));
       } catch {
         continue;
       }
       futimesSync(fd, mtimeMs / 1000, mtimeMs / 1000);
-      this.keepFd(id, fd);
-      return id;
+      this.keepFd(s.id, fd);
+      return s.id;
     }
     return undefined;
   }
@@ -377,6 +385,16 @@ function alreadyMounted(volume: string, holder: StagingOwner): VolumeError {
     volume,
     hint: "unmount it first (`strata unmount DIR`), or mount it read-only",
   });
+}
+
+/** Empties a file (open with O_TRUNC, on the thread pool). */
+function emptyFile(path: string): Promise<void> {
+  return new Promise((resolve, reject) =>
+    openAsync(path, constants.O_WRONLY | constants.O_TRUNC, (err, fd) => {
+      if (err) reject(err);
+      else closeAsync(fd, () => resolve());
+    }),
+  );
 }
 
 function listLayers(dir: string): number[] {
