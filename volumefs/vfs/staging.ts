@@ -62,8 +62,12 @@ const SMALL_UPLOAD_BYTES = 1024 * 1024;
 
 /** Spare data files a staging directory keeps at most (StagingDir.takeSpare). */
 const SPARES_MAX = 16384;
-/** Spare data files of at most this many bytes are emptied when taken, not before. */
+/**
+ * Spare data files of at most this many bytes are emptied when taken, not before, as long as
+ * such spares hold at most SPARE_BYTES_MAX bytes in all (disk a volume's staging keeps in use).
+ */
 const SMALL_SPARE_BYTES = 1024 * 1024;
+const SPARE_BYTES_MAX = 64 * 1024 * 1024;
 
 /** A sync reads a staged file in blocks of this size, each handed over whole to the chunk writer. */
 const UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024;
@@ -284,9 +288,9 @@ export class StagingDir {
    * sync stored), in the background, a few at a time on the thread pool: each is renamed to a
    * new id, a spare for a later new content to take (`takeSpare`), up to SPARES_MAX of them; the
    * rest are unlinked. Their ids are never used again (journal layers still on disk may name
-   * them). A file whose content `size` says it is small is emptied when it is taken (O_TRUNC);
-   * a larger one, or one of unknown size, is emptied here first, since freeing many blocks can
-   * take long. Files a crash or an unmount leaves behind, spares among them, are not reachable:
+   * them). A file whose content `size` says it is small is emptied when it is taken (O_TRUNC),
+   * up to SPARE_BYTES_MAX held so in all; a larger one, or one of unknown size, is emptied here
+   * first, since freeing many blocks can take long. Files a crash or an unmount leaves behind, spares among them, are not reachable:
    * the next mount gives them here again.
    */
   recycleDataLater(files: Iterable<{ id: string; size?: number }>): void {
@@ -310,13 +314,15 @@ export class StagingDir {
     if (this.closed) return;
     const path = this.dataPath(file.id);
     if (this.spares.length < SPARES_MAX) {
-      const small = file.size !== undefined && file.size <= SMALL_SPARE_BYTES;
+      const bytes = file.size !== undefined && file.size <= SMALL_SPARE_BYTES && this.spareBytes + file.size <= SPARE_BYTES_MAX ? file.size : 0;
+      this.spareBytes += bytes;
       try {
-        if (!small) await emptyFile(path);
+        if (bytes === 0) await emptyFile(path);
         await rename(path, this.dataPath(fresh));
-        if (!this.closed) this.spares.push({ id: fresh, bytes: small });
+        if (!this.closed) this.spares.push({ id: fresh, bytes });
         return;
       } catch (err) {
+        this.spareBytes -= bytes;
         if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
       }
     }
@@ -325,8 +331,10 @@ export class StagingDir {
 
   private recycling: Promise<void> = Promise.resolve();
 
-  /** Data files no content names, for new contents (see takeSpare); `bytes`: not emptied yet. */
-  private readonly spares: { id: string; bytes: boolean }[] = [];
+  /** Data files no content names, for new contents (see takeSpare); `bytes`: what it may still hold. */
+  private readonly spares: { id: string; bytes: number }[] = [];
+  /** The bytes spares may still hold, in all. */
+  private spareBytes = 0;
 
   /**
    * An id for a new content whose empty data file exists already (open, its mtime set to
@@ -338,9 +346,10 @@ export class StagingDir {
   takeSpare(mtimeMs: number): string | undefined {
     while (this.spares.length > 0) {
       const s = this.spares.pop()!;
+      this.spareBytes -= s.bytes;
       let fd: number;
       try {
-        fd = openSync(this.dataPath(s.id), constants.O_RDWR | (s.bytes ? constants.O_TRUNC : 0));
+        fd = openSync(this.dataPath(s.id), constants.O_RDWR | (s.bytes > 0 ? constants.O_TRUNC : 0));
       } catch {
         continue;
       }
