@@ -366,6 +366,23 @@ describe("MountedVolume", () => {
     await again.close();
   });
 
+  it("keeps at most 64 MiB in spares not yet emptied", async () => {
+    const { open, repo, stagingRoot } = await setup();
+    const m = await open();
+    m.kernelWrites();
+    const block = randomBytes(1024 * 1024);
+    for (let i = 0; i < 72; i++) await writeFile(m, `/f${i}`, block);
+    const data = join(stagingRoot, repo.env, "v", "data");
+    const before = fs.readdirSync(data);
+    await m.sync();
+    const held = (): number => fs.readdirSync(data).reduce((n, f) => n + fs.statSync(join(data, f)).size, 0);
+    const renamed = (): number => fs.readdirSync(data).filter((f) => !before.includes(f)).length;
+    for (let waited = 0; renamed() < 72 && waited < 10000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+    expect(renamed()).toBe(72);
+    expect(held()).toBe(64 * 1024 * 1024);
+    await m.close();
+  });
+
   it("keeps a write made during a sync staged, and syncs it next", async () => {
     const { open, repo } = await setup();
     const m = await open();
