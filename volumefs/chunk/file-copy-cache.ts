@@ -27,9 +27,9 @@
  */
 import { closeSync, fstatSync, ftruncateSync, futimesSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync, unlinkSync, constants } from "node:fs";
 import { close, readFileSync, rm, write, writev } from "node:fs";
-import { createRequire } from "node:module";
 import { join } from "node:path";
 import { hash } from "blake3";
+import { koffi } from "../native.js";
 import { pread } from "./disk-chunk-cache.js";
 
 export interface FileCopyCacheOptions {
@@ -274,10 +274,10 @@ let address: ((b: Uint8Array) => bigint) | null | undefined;
 /** The memory address of a buffer (koffi, which the FUSE layer loads anyway), or null without it. */
 function addressOf(): ((b: Uint8Array) => bigint) | null {
   if (address === undefined) {
+    const k = koffi();
     try {
-      const koffi = createRequire(import.meta.url)("koffi") as typeof import("koffi");
-      address = (b) => koffi.address(b);
-      address(Buffer.alloc(1));
+      address = k ? (b) => k.address(b) : null;
+      address?.(Buffer.alloc(1));
     } catch {
       address = null;
     }

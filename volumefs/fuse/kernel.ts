@@ -18,11 +18,11 @@
  */
 import { spawn } from "node:child_process";
 import fs from "node:fs";
-import { createRequire } from "node:module";
 import { getSystemErrorName } from "node:util";
 import { constants } from "node:os";
 import { Worker } from "node:worker_threads";
 import { VolumeError } from "../errors.js";
+import { koffi, packagePath } from "../native.js";
 
 const E = constants.errno;
 
@@ -767,7 +767,7 @@ export class FuseDevice {
     };
     const worker = reader.worker;
     worker.ref();
-    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab, names: this.names.sab, madeDirs: this.madeDirs.sab, koffiPath: koffiPath(), spinNs: Number(SPIN_NS) });
+    worker.postMessage({ fd: this.fd, sab, slots: SLOTS, slotSize, ctrlBytes, bits: this.noXattrs.sab, answered: this.answeredSab, attrCtrl: this.attrs.ctrlSab, attrData: this.attrs.dataSab, names: this.names.sab, madeDirs: this.madeDirs.sab, koffiPath: packagePath("koffi"), spinNs: Number(SPIN_NS) });
     this.worker = worker;
     sleep();
     worker.on("message", () => {
@@ -990,19 +990,11 @@ let ioctlFn: Ioctl | undefined;
  */
 function ioctls(): Ioctl {
   if (ioctlFn) return ioctlFn;
-  const koffi = createRequire(import.meta.url)("koffi") as typeof import("koffi");
-  const f = koffi.load("libc.so.6").func("int ioctl(int fd, unsigned long request, _Inout_ uint8_t *arg)");
-  ioctlFn = { call: (fd, request, arg) => f(fd, request, arg) as number, errno: () => koffi.errno() };
+  const k = koffi();
+  if (!k) throw new Error("koffi (for ioctl) does not load");
+  const f = k.load("libc.so.6").func("int ioctl(int fd, unsigned long request, _Inout_ uint8_t *arg)");
+  ioctlFn = { call: (fd, request, arg) => f(fd, request, arg) as number, errno: () => k.errno() };
   return ioctlFn;
-}
-
-/** Where the reader thread loads koffi from (for poll(2)), if it can be found. */
-function koffiPath(): string | undefined {
-  try {
-    return createRequire(import.meta.url).resolve("koffi");
-  } catch {
-    return undefined;
-  }
 }
 
 /** An Error shaped like Node's system errors, from an errno value. */

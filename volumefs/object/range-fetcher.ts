@@ -15,9 +15,9 @@
  * error its usual translation and retry flags.
  */
 import { createHash, createHmac, type Hash, type Hmac } from "node:crypto";
-import { createRequire } from "node:module";
 import { Worker } from "node:worker_threads";
 import { SignatureV4 } from "@smithy/signature-v4";
+import { packagePath } from "../native.js";
 import { rangeHeader } from "./keys.js";
 import type { ByteRange } from "./types.js";
 
@@ -193,14 +193,6 @@ parentPort.on("message", (m) => {
 });
 `;
 
-/** Where the worker loads blake3 from (the package this process uses), if it can be found. */
-function blake3Path(): string | undefined {
-  try {
-    return createRequire(import.meta.url).resolve("blake3");
-  } catch {
-    return undefined;
-  }
-}
 
 /** The hash SignatureV4 asks for, over node's crypto. */
 class Sha256 {
@@ -321,7 +313,7 @@ export class RangeFetcher {
     if (this.worker || this.broken) return this.worker;
     let w: Worker;
     try {
-      w = new Worker(WORKER_SOURCE, { eval: true, workerData: { blake3: blake3Path() } });
+      w = new Worker(WORKER_SOURCE, { eval: true, workerData: { blake3: packagePath("blake3") } });
     } catch {
       this.broken = true;
       return undefined;

@@ -409,7 +409,7 @@ export class MountedVolume implements MountFs {
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
     const live = this.reachable();
-    staging.recycleDataLater(staging.listData().flatMap((id) => (live.has(id) ? [] : [{ id }])));
+    staging.recycleDataLater(staging.listData().filter((id) => !live.has(id)).map((id) => ({ id })));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
     // The kernel may have written direct contents after their last journal line.
     for (const c of this.contents.values()) c.refresh();
