@@ -415,18 +415,37 @@ describe("MountedVolume", () => {
   });
 
   it("reloads to the head, refusing while changes are staged unless discarded", async () => {
-    const { open, repo } = await setup();
+    const { open, repo, stagingRoot } = await setup();
     const m = await open();
+    m.kernelWrites();
+    const data = join(stagingRoot, repo.env, "v", "data");
+    const names = (): string[] => fs.readdirSync(data);
+    /** Waits until none of `old` is in the data directory (renamed to spares), then one more turn of the loop. */
+    const renamed = async (old: string[]): Promise<void> => {
+      for (let waited = 0; names().some((n) => old.includes(n)) && waited < 5000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+      await new Promise((r) => setTimeout(r, 20));
+    };
     await writeFile(m, "/f", "one");
+    const ofF = names();
     await m.sync();
+    await renamed(ofF);
     const other = await commitElsewhere(repo, { g: "gg" });
+    // mine takes f's data file, a spare since the sync.
     await writeFile(m, "/mine", "x");
+    const ofMine = names();
+    expect(ofMine).toHaveLength(1);
     expect(await code(m.reload())).toBe("NOT_EMPTY");
     expect(await m.reload({ discard: true })).toBe(other!.id);
     expect(await m.readdir("/")).toEqual(["f", "g"]);
+    // The discarded file's data file becomes a spare too (not deleted), which the next new file takes.
+    expect(names()).toHaveLength(1);
+    await renamed(ofMine);
+    await writeFile(m, "/next", "y");
+    expect(names()).toHaveLength(1);
+    expect((await readAll(m, "/next")).toString()).toBe("y");
     await m.close();
     const m2 = await open();
-    expect(await m2.readdir("/")).toEqual(["f", "g"]);
+    expect(await m2.readdir("/")).toEqual(["f", "g", "next"]);
     await m2.close();
   });
 

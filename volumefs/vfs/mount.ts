@@ -1321,7 +1321,7 @@ export class MountedVolume implements MountFs {
         staging.writeManifest(rest, true);
         // The copies of files still open for writing: the next sync copies them again.
         await this.exclusive(async () => {
-          staging.deleteData(frozen.snapshots.map((c) => c.id));
+          staging.recycleDataLater(frozen.snapshots.map((c) => ({ id: c.id, size: c.size })));
           for (const c of frozen.snapshots) this.contents.delete(c.id);
         });
         throw err;
@@ -1427,7 +1427,7 @@ export class MountedVolume implements MountFs {
         this.staging.dropLayers(ended);
         const live = this.reachable();
         const dead = [...this.contents.keys()].filter((id) => !live.has(id));
-        this.staging.deleteData(dead);
+        this.staging.recycleDataLater(dead.map((id) => ({ id, size: this.contents.get(id)?.size })));
         for (const id of dead) this.contents.delete(id);
       }
       return head?.id ?? null;

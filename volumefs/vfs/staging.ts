@@ -275,14 +275,6 @@ export class StagingDir {
     this.fds.delete(id);
   }
 
-  /** Deletes data files; missing ones are fine. */
-  deleteData(ids: Iterable<string>): void {
-    for (const id of ids) {
-      this.closeFd(id);
-      rmSync(this.dataPath(id), { force: true });
-    }
-  }
-
   /**
    * Lets go of the data files of contents no name reaches any more (the many files of contents a
    * sync stored), in the background, a few at a time on the thread pool: each is renamed to a
