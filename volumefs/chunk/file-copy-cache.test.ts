@@ -69,6 +69,28 @@ describe("FileCopyCache", () => {
     expect(cache.startFill(key, data.length)).toBeUndefined();
   });
 
+  it("refuses writes to a copy that has ended, and writes nothing through descriptors it closed", async () => {
+    const d = dir();
+    const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });
+    const data = randomBytes(2 * MiB);
+    const key = FileCopyCache.key(["c".repeat(64)]);
+    const fill = cache.startFill(key, data.length)!;
+    expect(fill.write(0, [data])).toBe(true);
+    const fd = await settle(cache, key);
+    closeSync(fd!);
+    // Files opened now take the descriptor numbers the fill closed.
+    const others = Array.from({ length: 4 }, (_, i) => join(d, `other${i}`));
+    const fds = others.map((p) => openSync(p, "w+"));
+    try {
+      expect(fill.write(0, [data.subarray(0, MiB)])).toBe(false);
+      await new Promise((r) => setTimeout(r, 50));
+      for (const p of others) expect(readFileSync(p).length).toBe(0);
+    } finally {
+      for (const f of fds) closeSync(f);
+    }
+    expect(readAll(cache.open(key)!, data.length).equals(data)).toBe(true);
+  });
+
   it("keeps a copy given as many pieces at once, shuffled, byte-exact; a copy given up with writes queued keeps nothing", async () => {
     const d = dir();
     const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });

@@ -336,10 +336,11 @@ export class CopyFill {
 
   /**
    * The file's bytes at `offset`, in pieces that must not change afterwards. False once the copy
-   * is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind).
+   * is given up (out of the file's bounds, or the disk fell `maxPendingBytes` behind) or has
+   * ended: its descriptors are closed then, and their numbers may name other files.
    */
   write(offset: number, pieces: readonly Uint8Array[]): boolean {
-    if (this.failed) return false;
+    if (this.failed || this.ended) return false;
     let n = 0;
     for (const p of pieces) n += p.length;
     if (n === 0) return true;
