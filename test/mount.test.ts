@@ -1014,6 +1014,36 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     await e.unmount(mnt);
   }, 120_000);
 
+  it("reads a file again from the copy its open made, once the kernel let go of its pages", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    // Larger than the mount's 64 MiB of recently read chunks, which would serve a second pass too.
+    const data = randomBytes(72 * 1024 * 1024 + 99);
+    await putNew("again", "f.bin", data);
+    const mnt = join(e.base, "again-mnt");
+    const files = join(e.env.STRATA_HOME!, "cache", "files");
+    const before = copiesIn(files).length;
+    await e.mount("again", mnt);
+    const objects = join(e.env.STRATA_HOME!, "objects");
+    try {
+      const fd = openSync(join(mnt, "f.bin"), "r");
+      try {
+        expectReads(fd, data);
+        await waitForCopies(files, before + 1);
+        expect(copiesIn(files)).toHaveLength(before + 1);
+        // With the store's packs gone and the page cache dropped, the second pass of the same
+        // open can come from nowhere but the copy.
+        renameSync(join(objects, "packs"), join(objects, "packs.away"));
+        writeFileSync("/proc/sys/vm/drop_caches", "1");
+        expectReads(fd, data);
+      } finally {
+        closeSync(fd);
+        if (existsSync(join(objects, "packs.away"))) renameSync(join(objects, "packs.away"), join(objects, "packs"));
+      }
+    } finally {
+      await e.unmount(mnt);
+    }
+  }, 120_000);
+
   it("keeps a file read whole in its copy, not also in the chunk cache, and reads the copy for an open the kernel does not back", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
     const data = randomBytes(4 * 1024 * 1024 + 77);

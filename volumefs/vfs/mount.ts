@@ -915,15 +915,17 @@ export class MountedVolume implements MountFs {
     if (h.copied !== undefined && h.copied !== f.chunks) this.dropFill(h);
     // A handle the kernel does not read through a backing file (a write open of an unchanged
     // file, or an open while the node is served) reads the whole copy once there is one; not
-    // while its own reads are writing it.
-    if (!h.fill) {
+    // while its own reads are writing it, but once they handed it every byte (a second pass of
+    // the open, after the kernel let go of its pages), it does: the fill's descriptors may be
+    // closed by then, and the chunks were kept in the copy alone.
+    if (!h.fill || h.fill.whole) {
       const copied = await this.readCopy(f.chunks, f.size, position, length);
       if (copied) return [copied];
     }
     const fill = this.fill(h, f, position);
     // The copy keeps what it is filled with: the host's chunk cache need not write it too.
     const pieces = await this.reader.readv(f.chunks, f.size, position, length, h, !fill);
-    if (fill && h.fill === fill && !fill.write(position, pieces)) h.fill = null;
+    if (fill && h.fill === fill && !fill.whole && !fill.write(position, pieces)) h.fill = null;
     return pieces;
   }
 
