@@ -249,6 +249,14 @@ export class AgentService implements AgentClient {
     if (v.forkedFrom?.volume !== f.from || v.createdAt < f.since) return;
     if (user) return void keep(`sandbox ${JSON.stringify(user.record.id)} uses it`);
     if (v.seq !== 0 || v.head !== v.forkedFrom.version) return void keep("it has versions beyond the fork point");
+    // Its staging directory goes with it (else it stays on the host, and a later volume of the
+    // name would start by setting it aside).
+    try {
+      (await volumefs()).StagingDir.remove(this.opts.stagingRoot, this.opts.repo.env, f.volume, false);
+    } catch (err) {
+      if (isCode(err, "CONFLICT") || isCode(err, "ALREADY_EXISTS")) return void keep("changes are staged for it on this host");
+      throw err;
+    }
     await this.opts.repo.deleteVolume(f.volume);
     report.forksDeleted.push(f.volume);
   }
@@ -361,7 +369,10 @@ export class AgentService implements AgentClient {
       this.gpus.release(id);
       for (const m of entry.mounts) await m.fuse.unmount().catch(() => undefined);
       await this.removeMountDirs(id);
-      for (const name of forked) await this.opts.repo.deleteVolume(name).catch(() => undefined);
+      for (const name of forked) {
+        await volumefs().then((v) => v.StagingDir.remove(this.opts.stagingRoot, this.opts.repo.env, name, true)).catch(() => undefined);
+        await this.opts.repo.deleteVolume(name).catch(() => undefined);
+      }
       if (saved) await this.store.delete(id).catch(() => undefined);
       throw err;
     }

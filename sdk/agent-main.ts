@@ -73,7 +73,7 @@ export async function runAgent(io: AgentIO, opts: { daemon?: boolean } = {}): Pr
   const runtime = new GvisorRuntime({ stateDir, ...(io.env.STRATA_RUNSC ? { runsc: io.env.STRATA_RUNSC } : {}) });
   const images = new ImageBuilder({ cacheDir: agentImageCache(config, io.env) });
   const agent = new AgentService({
-    runtime, images, repo: strata.repo, stateDir, stagingRoot: join(config.home, "staging"), copies: strata.copies, gpus: new NvidiaGpuInventory(),
+    runtime, images, repo: strata.repo, stateDir, stagingRoot: strata.stagingRoot, copies: strata.copies, gpus: new NvidiaGpuInventory(),
   });
   const socket = agentSocketPath(config, io.env);
   let server;

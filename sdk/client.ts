@@ -9,6 +9,7 @@ import {
   FileObjectStore,
   Repository,
   S3ObjectStore,
+  StagingDir,
   withRetry,
   type ObjectStore,
 } from "../volumefs/index.js";
@@ -57,6 +58,23 @@ export class Strata {
     const s = Strata.shared;
     Strata.shared = undefined;
     await s?.close();
+  }
+
+  /** Where this host keeps the staged changes of writable mounts: `<home>/staging`. */
+  get stagingRoot(): string {
+    return join(this.config.home, "staging");
+  }
+
+  /**
+   * Removes volume `name` (its versions stay reachable from forks) and its staged changes on
+   * this host, so that a later volume of the same name starts without them. Throws
+   * UNKNOWN_VOLUME; ALREADY_EXISTS while it is mounted on this host; CONFLICT while changes are
+   * staged for it here, unless `discard`.
+   */
+  async deleteVolume(name: string, opts: { discard?: boolean } = {}): Promise<void> {
+    await this.repo.volume(name);
+    StagingDir.remove(this.stagingRoot, this.repo.env, name, opts.discard === true);
+    await this.repo.deleteVolume(name);
   }
 
   /** Closes the metadata database and the cache; idempotent. */

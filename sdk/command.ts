@@ -45,7 +45,12 @@ export interface CommandSpec {
 
 /** Every command, in the order `strata --help` lists them. */
 export const commands = {
-  volume: { group: "store", usage: "volume create NAME | volume ls [--json] | volume rm NAME", summary: "create, list and remove volumes", options: { json: { type: "boolean" } } },
+  volume: {
+    group: "store",
+    usage: "volume create NAME | volume ls [--json] | volume rm NAME [--discard]",
+    summary: "create, list and remove volumes (rm refuses while changes are staged on this host, unless --discard)",
+    options: { json: { type: "boolean" }, discard: { type: "boolean" } },
+  },
   put: { group: "store", usage: "put NAME SRC... DEST", summary: "copy local files or directories into a volume as one new version; prints its id" },
   get: { args: 3, group: "store", usage: "get NAME SRC DEST [--at V]", summary: "copy a file or directory out of a volume", options: { at: { type: "string" } } },
   cat: { args: 2, group: "store", usage: "cat NAME PATH [--at V]", summary: "print a file", options: { at: { type: "string" } } },

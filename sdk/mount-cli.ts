@@ -66,7 +66,7 @@ export async function openVolumeMount(c: Strata, name: string, dir: string, opts
     readOnly: opts.readOnly,
     labels: opts.labels,
     copies: c.copies,
-    stagingRoot: join(c.config.home, "staging"),
+    stagingRoot: c.stagingRoot,
     mountpoint: dir,
   });
 }

@@ -363,8 +363,8 @@ async function cmdVolume(args: ParsedArgs, io: CliIO): Promise<void> {
       });
       return;
     case "rm":
-      if (!name) throw usageError("volume rm: missing NAME", "volume rm NAME");
-      await withClient(io, (c) => c.repo.deleteVolume(name));
+      if (!name) throw usageError("volume rm: missing NAME", "volume rm NAME [--discard]");
+      await withClient(io, (c) => c.deleteVolume(name, { discard: args.values.discard === true }));
       return;
     default:
       throw usageError(`volume: unknown subcommand ${JSON.stringify(sub ?? "")}`, "volume create|ls|rm ...");

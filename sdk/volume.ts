@@ -293,9 +293,13 @@ export class Volume extends Readable {
     return (await (opts.client ?? Strata.default()).repo.listVolumes()).map(volumeInfo);
   }
 
-  /** Removes a volume (its versions stay reachable from forks). Throws UNKNOWN_VOLUME. */
-  static async delete(name: string, opts: VolumeOptions = {}): Promise<void> {
-    await (opts.client ?? Strata.default()).repo.deleteVolume(name);
+  /**
+   * Removes a volume (its versions stay reachable from forks) and its staged changes on this
+   * host. Throws UNKNOWN_VOLUME; ALREADY_EXISTS while it is mounted on this host; CONFLICT while
+   * changes are staged for it here, unless `discard`.
+   */
+  static async delete(name: string, opts: VolumeOptions & { discard?: boolean } = {}): Promise<void> {
+    await (opts.client ?? Strata.default()).deleteVolume(name, { discard: opts.discard });
   }
 
   protected async snapshotFor(at?: string): Promise<Snapshot> {

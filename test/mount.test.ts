@@ -531,6 +531,24 @@ describe("strata mount on the file store", () => {
     expect(files.length).toBe(201);
   }, 180_000);
 
+  it("removes a volume with its staged changes only when told to, never while it is mounted; a volume made again under the name starts empty", async () => {
+    const dir = await e.mountNew("gone");
+    writeFileSync(join(dir, "staged.txt"), "not synced");
+    const mounted = await e.strataFail("volume", "rm", "gone");
+    expect(mounted.code).toBe(1);
+    expect(mounted.stderr).toMatch(/^strata: remove volume "gone": it is mounted on this host \(ALREADY_EXISTS\)\nhint: unmount it first/);
+    await e.unmount(dir);
+    const staged = await e.strataFail("volume", "rm", "gone");
+    expect(staged.stderr).toMatch(/changes staged for it on this host would be lost \(CONFLICT\)\nhint: .*--discard/);
+    expect(await e.strata("volume", "ls")).toMatch(/^gone /m);
+    await e.strata("volume", "rm", "gone", "--discard");
+    expect(await e.strata("volume", "ls")).not.toMatch(/^gone /m);
+    await e.strata("volume", "create", "gone");
+    await e.mount("gone", dir);
+    expect(readdirSync(dir)).toEqual([]);
+    await e.unmount(dir);
+  }, 60_000);
+
   it("answers bad input with the right errors", async () => {
     const mnt = await e.mountNew("bad");
     expect(() => writeFileSync(join(mnt, "n".repeat(256)), "x")).toThrow(expect.objectContaining({ code: "ENAMETOOLONG" }));

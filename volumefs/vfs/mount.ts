@@ -369,7 +369,7 @@ export class MountedVolume implements MountFs {
       return new MountedVolume(opts, v, undefined, mountName);
     }
     const vol = await repo.volume(opts.volume);
-    const staging = StagingDir.open(opts.stagingRoot, repo.env, opts.volume, mountName, vol.head);
+    const staging = StagingDir.open(opts.stagingRoot, repo.env, opts.volume, mountName, vol.head, vol.createdAt);
     try {
       const m = new MountedVolume(opts, null, staging, mountName);
       await m.recover(vol.head);

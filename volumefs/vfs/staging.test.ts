@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { constants, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { constants, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -8,7 +8,7 @@ import { SqliteMetadataStore } from "../../metadata/index.js";
 import { FileObjectStore, MemoryObjectStore, transientError, withFaults, type ObjectStore } from "../object/index.js";
 import { MountedVolume } from "./mount.js";
 import { Repository } from "./repo.js";
-import { Extents } from "./staging.js";
+import { Extents, StagingDir } from "./staging.js";
 
 const { O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC } = constants;
 const dirs: string[] = [];
@@ -172,6 +172,51 @@ describe("staging durability", () => {
     expect(Buffer.from(await snap.readFile("d/b.txt")).toString()).toBe("alpha");
     expect(Buffer.from(await snap.readFile("after.txt")).toString()).toBe("after the sync");
     await m.close();
+    await repo.close();
+  });
+
+  it("sets aside, and does not replay, the staged changes of a removed volume when one of the same name is mounted", async () => {
+    const dir = tempDir();
+    const repo = repoAt(dir);
+    const stagingRoot = join(dir, "staging");
+    await repo.createVolume("v");
+    const old = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await writeFile(old, "/old.txt", "of the removed volume");
+    await old.close();
+    // Removed without its staging (as before `Strata.deleteVolume`, or a crash in between), then made again.
+    const { createdAt } = await repo.volume("v");
+    await repo.deleteVolume("v");
+    await new Promise((r) => setTimeout(r, 5));
+    await repo.createVolume("v");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(await m.readdir("/")).toEqual([]);
+    await writeFile(m, "/new.txt", "mine");
+    await m.close();
+    // Kept aside, whole; the new volume's own changes are found again by its next mount.
+    const aside = join(`${stagingRoot}-removed`, "main", String(createdAt), "v");
+    expect(readdirSync(aside)).toContain("manifest.json");
+    expect(readFileSync(join(aside, "journal-1.log"), "utf8")).toContain("old.txt");
+    const again = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(await again.readdir("/")).toEqual(["new.txt"]);
+    expect(await readAll(again, "/new.txt")).toBe("mine");
+    await again.close();
+    await repo.close();
+  });
+
+  it("removes a volume's staging with it: refused while it is open or holds changes, unless they are discarded", async () => {
+    const dir = tempDir();
+    const repo = repoAt(dir);
+    const stagingRoot = join(dir, "staging");
+    await repo.createVolume("v");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await writeFile(m, "/a.txt", "staged");
+    expect(() => StagingDir.remove(stagingRoot, "main", "v", true)).toThrow(expect.objectContaining({ code: "ALREADY_EXISTS" }));
+    await m.close();
+    expect(() => StagingDir.remove(stagingRoot, "main", "v", false)).toThrow(expect.objectContaining({ code: "CONFLICT", message: expect.stringMatching(/changes staged/) }));
+    expect(existsSync(join(stagingRoot, "main", "v", "manifest.json"))).toBe(true);
+    StagingDir.remove(stagingRoot, "main", "v", true);
+    expect(existsSync(join(stagingRoot, "main", "v"))).toBe(false);
+    StagingDir.remove(stagingRoot, "main", "nothing-here", false);
     await repo.close();
   });
 

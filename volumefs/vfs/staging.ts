@@ -3,8 +3,10 @@
  *
  * Layout under `<stagingRoot>/<env>/<volume>/`:
  *   lock             {"pid","host","mount","time"}: the process that has the volume mounted
- *   manifest.json    {"v":1,"base":id|null,"first":N,"syncing"?:{"token","upTo"}}, replaced
- *                    atomically (write to a temp file, rename)
+ *   manifest.json    {"v":1,"base":id|null,"first":N,"syncing"?:{"token","upTo"},"volume"?:T},
+ *                    replaced atomically (write to a temp file, rename); T is the creation time
+ *                    of the volume the directory belongs to (a volume removed and made again
+ *                    under the same name is another volume: see `open`)
  *   journal-<N>.log  layer N: JSON lines, one metadata operation each (JournalOp), appended
  *                    with one write(2) before the operation is answered
  *   data/<content>   one sparse file per staged content: byte p of the file is byte p of the
@@ -81,6 +83,8 @@ export interface StagingManifest {
   first: number;
   /** A sync in flight: its token (the version's `syncId` label) and the last layer it holds. */
   syncing?: { token: string; upTo: number };
+  /** The creation time of the volume these layers belong to (absent in directories of earlier releases). */
+  volume?: number;
 }
 
 /** Who holds a staging directory. */
@@ -116,6 +120,8 @@ export class StagingDir {
   private journalFd: number | undefined;
   private closed = false;
   private readonly fds = new Map<string, number>();
+  /** The creation time of the volume, written into every manifest (see `open`). */
+  private incarnation: number | undefined;
 
   private constructor(dir: string, manifest: StagingManifest, layer: number) {
     this.dir = dir;
@@ -127,8 +133,13 @@ export class StagingDir {
   /**
    * Opens (creating) `<root>/<env>/<volume>/` and takes its lock. Throws ALREADY_EXISTS when a
    * live process (this one included) holds it; a lock left by a dead process is taken over.
+   *
+   * `incarnation` is the volume's creation time. A directory that names another was left by an
+   * earlier volume of the same name (removed, then made again): its changes are not this
+   * volume's, so it is set aside as `<root>-removed/<env>/<its time>/<volume>` (nothing in it is
+   * deleted) and a fresh directory is opened.
    */
-  static open(root: string, env: string, volume: string, mount: string, initialBase: string | null): StagingDir {
+  static open(root: string, env: string, volume: string, mount: string, initialBase: string | null, incarnation?: number): StagingDir {
     const dir = join(root, env, volume);
     mkdirSync(join(dir, "data"), { recursive: true });
     const lockPath = join(dir, "lock");
@@ -163,9 +174,20 @@ export class StagingDir {
     } catch {
       manifest = { v: 1, base: initialBase, first: 1 };
     }
+    if (incarnation !== undefined && manifest.volume !== undefined && manifest.volume !== incarnation) {
+      // Set aside under the lock (it moves along, and is then dropped), so no other mount replays it.
+      const aside = join(asideRoot(root, env), String(manifest.volume), volume);
+      mkdirSync(join(aside, ".."), { recursive: true });
+      rmSync(aside, { recursive: true, force: true });
+      renameSync(dir, aside);
+      rmSync(join(aside, "lock"), { force: true });
+      locallyLocked.delete(dir);
+      return StagingDir.open(root, env, volume, mount, initialBase, incarnation);
+    }
     const layers = listLayers(dir);
     const layer = Math.max(manifest.first, ...layers) + (layers.length > 0 ? 1 : 0);
     const s = new StagingDir(dir, manifest, layer);
+    s.incarnation = incarnation ?? manifest.volume;
     s.writeManifest(manifest, true);
     s.openJournal();
     return s;
@@ -217,6 +239,7 @@ export class StagingDir {
 
   /** Replaces the manifest atomically; `durable` fsyncs it (and the directory) first. */
   writeManifest(m: StagingManifest, durable = false): void {
+    if (this.incarnation !== undefined) m = { ...m, volume: this.incarnation };
     const path = join(this.dir, "manifest.json");
     const tmp = `${path}.tmp`;
     const fd = openSync(tmp, "w", 0o600);
@@ -363,14 +386,53 @@ export class StagingDir {
     if (this.journalFd !== undefined) fsyncSync(this.journalFd);
   }
 
-  /** Closes descriptors and releases the lock; idempotent. */
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
+  /**
+   * Removes `<root>/<env>/<volume>/` (the volume is being removed): refused with ALREADY_EXISTS
+   * while a live process has it mounted, and with CONFLICT while it holds staged changes, unless
+   * `discard`. The directory is renamed away under its lock before it is deleted, so a mount that
+   * starts meanwhile finds nothing of it.
+   */
+  static remove(root: string, env: string, volume: string, discard: boolean): void {
+    const dir = join(root, env, volume);
+    if (!existsSync(dir)) return;
+    let s: StagingDir;
+    try {
+      s = StagingDir.open(root, env, volume, "volume rm", null);
+    } catch (err) {
+      if (err instanceof VolumeError && err.code === "ALREADY_EXISTS") {
+        throw new VolumeError("ALREADY_EXISTS", `remove volume ${JSON.stringify(volume)}: it is mounted on this host`, { volume, cause: err, hint: "unmount it first (`strata unmount DIR`)" });
+      }
+      throw err;
+    }
+    const gone = join(asideRoot(root, env), `rm-${randomBytes(8).toString("hex")}`);
+    try {
+      if (!discard && s.hasOps()) {
+        throw new VolumeError("CONFLICT", `remove volume ${JSON.stringify(volume)}: changes staged for it on this host would be lost`, {
+          volume,
+          hint: `mount it and sync them (\`strata sync DIR\`), or remove it with \`strata volume rm ${volume} --discard\``,
+        });
+      }
+      s.closeFiles();
+      mkdirSync(join(gone, ".."), { recursive: true });
+      renameSync(dir, gone);
+    } finally {
+      s.close();
+    }
+    rmSync(gone, { recursive: true, force: true });
+  }
+
+  private closeFiles(): void {
     for (const fd of this.fds.values()) closeSync(fd);
     this.fds.clear();
     if (this.journalFd !== undefined) closeSync(this.journalFd);
     this.journalFd = undefined;
+  }
+
+  /** Closes descriptors and releases the lock; idempotent. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.closeFiles();
     try {
       const holder = JSON.parse(readFileSync(join(this.dir, "lock"), "utf8")) as StagingOwner;
       if (holder.pid === process.pid) unlinkSync(join(this.dir, "lock"));
@@ -379,6 +441,14 @@ export class StagingDir {
     }
     locallyLocked.delete(this.dir);
   }
+}
+
+/**
+ * Where staging directories of removed volumes go, beside the root: not under it, where any
+ * name could be a volume's.
+ */
+function asideRoot(root: string, env: string): string {
+  return join(`${root}-removed`, env);
 }
 
 function alreadyMounted(volume: string, holder: StagingOwner): VolumeError {
