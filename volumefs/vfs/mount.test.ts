@@ -449,6 +449,36 @@ describe("MountedVolume", () => {
     await m2.close();
   });
 
+  it("keeps the data file the kernel writes for an open handle (its backing file) out of the spares when a reload discards the file, until the handle is released", async () => {
+    const { open, repo, stagingRoot } = await setup();
+    const m = await open();
+    m.kernelWrites();
+    const data = join(stagingRoot, repo.env, "v", "data");
+    const names = (): string[] => fs.readdirSync(data);
+    const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
+    const fd = (await m.backingFd(fh))!;
+    try {
+      fs.writeSync(fd, "by the kernel");
+      const ofLog = names();
+      expect(ofLog).toHaveLength(1);
+      await m.reload({ discard: true });
+      await new Promise((r) => setTimeout(r, 200));
+      // Still its own file: not renamed into a spare that a new file takes.
+      expect(names()).toEqual(ofLog);
+      await writeFile(m, "/new", "x");
+      fs.writeSync(fd, " and more");
+      expect((await readAll(m, "/new")).toString()).toBe("x");
+      await m.release(fh);
+      // Released, it is let go of at the next base move.
+      await m.reload({ discard: true });
+      for (let waited = 0; names().includes(ofLog[0]!) && waited < 5000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+      expect(names()).not.toContain(ofLog[0]);
+    } finally {
+      fs.closeSync(fd);
+    }
+    await m.close();
+  });
+
   it("lets a read-only handle read on what it opened when a reload removes its file or discards its staged bytes", async () => {
     const { open, repo } = await setup();
     const m = await open();

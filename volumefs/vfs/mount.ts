@@ -626,7 +626,11 @@ export class MountedVolume implements MountFs {
     }
   }
 
-  /** Content ids reachable from the overlay and the open handles (with their lower layers). */
+  /**
+   * Content ids reachable from the overlay and the open handles (with their lower layers). A
+   * handle's backing file counts: the kernel writes that data file until the handle is
+   * released, whatever became of the file's name.
+   */
   private reachable(): Set<string> {
     const out = new Set<string>();
     const add = (c: StagedContent | undefined): void => {
@@ -640,7 +644,11 @@ export class MountedVolume implements MountFs {
       for (const child of n.children?.values() ?? []) walk(child);
     };
     walk(this.overlay.root);
-    for (const h of this.handles.values()) if (h.kind === "file") add(contentOf(h.orphan));
+    for (const h of this.handles.values()) {
+      if (h.kind !== "file") continue;
+      add(contentOf(h.orphan));
+      add(h.backedWrites);
+    }
     return out;
   }
 
