@@ -228,8 +228,11 @@ export class DiskChunkCache implements ChunkCache {
     this.bytes -= e.size;
   }
 
-  /** Marks `pack` most recently used here, and on disk at most once a minute. */
-  private touch(pack: string, fd: number): void {
+  /**
+   * Marks `pack` most recently used here, and on disk at most once a minute: the caller awaits
+   * that write while it holds `fd`, which may be closed right after it lets go.
+   */
+  private async touch(pack: string, fd: number): Promise<void> {
     const e = this.entries.get(pack);
     if (!e) return;
     this.entries.delete(pack);
@@ -237,7 +240,7 @@ export class DiskChunkCache implements ChunkCache {
     const now = Date.now();
     if (now - e.touched >= TOUCH_EVERY_MS) {
       e.touched = now;
-      futimes(fd, now / 1000, now / 1000, () => undefined);
+      await new Promise<void>((res) => futimes(fd, now / 1000, now / 1000, () => res()));
     }
   }
 
@@ -255,7 +258,7 @@ export class DiskChunkCache implements ChunkCache {
         const n = await pread(fd, buf, loc.offset);
         if (n !== loc.length || !verifyChunk(loc.id, buf)) return undefined;
         if (!this.entries.has(loc.pack)) this.learn(loc.pack, await allocated(fd));
-        this.touch(loc.pack, fd);
+        await this.touch(loc.pack, fd);
         return buf;
       });
     } catch (err) {

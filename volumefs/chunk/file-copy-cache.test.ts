@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { constants, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
+import { constants, existsSync, fstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
@@ -89,6 +89,28 @@ describe("FileCopyCache", () => {
       for (const f of fds) closeSync(f);
     }
     expect(readAll(cache.open(key)!, data.length).equals(data)).toBe(true);
+  });
+
+  it("reads nothing through a closed reader, and closes nothing a second time", async () => {
+    const d = dir();
+    const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });
+    const data = randomBytes(2 * MiB);
+    const key = FileCopyCache.key(["d".repeat(64)]);
+    expect(cache.startFill(key, data.length)!.write(0, [data])).toBe(true);
+    closeSync((await settle(cache, key))!);
+    const reader = cache.reader(key)!;
+    expect(Buffer.from((await reader.read(MiB, 16))!).equals(data.subarray(MiB, MiB + 16))).toBe(true);
+    reader.close();
+    await new Promise((r) => setTimeout(r, 20));
+    // Files opened now take the descriptor number the reader closed.
+    const fds = Array.from({ length: 4 }, (_, i) => openSync(join(d, `other${i}`), "w+"));
+    try {
+      expect(await reader.read(0, 16)).toBeUndefined();
+      await new Promise((r) => setTimeout(r, 20));
+      for (const f of fds) expect(fstatSync(f).size).toBe(0);
+    } finally {
+      for (const f of fds) closeSync(f);
+    }
   });
 
   it("keeps a copy given as many pieces at once, shuffled, byte-exact; a copy given up with writes queued keeps nothing", async () => {

@@ -432,6 +432,7 @@ export class CopyReader {
 
   /** Exactly `length` bytes at `position`, or undefined when the copy is shorter, unreadable or closed. */
   async read(position: number, length: number): Promise<Uint8Array | undefined> {
+    if (this.closed) return undefined;
     const buf = Buffer.allocUnsafe(length);
     let at = 0;
     this.reads++;

@@ -833,6 +833,17 @@ export class FuseDevice {
     this.finished = true;
     unanswered -= this.awaiting.size;
     this.awaiting.clear();
+    this.closeWhenIdle();
+  }
+
+  /**
+   * Closes the device once the session finished and no notification's write is still on the
+   * thread pool: a descriptor number closed under a pending write may name another file by the
+   * time the write runs, which would then take the notification's bytes.
+   */
+  private closeWhenIdle(): void {
+    if (!this.finished || this.writing > 0 || this.closedFd) return;
+    this.closedFd = true;
     try {
       fs.closeSync(this.fd);
     } catch {
@@ -842,6 +853,9 @@ export class FuseDevice {
   }
 
   private finished = false;
+  private closedFd = false;
+  /** Notification writes on the thread pool (`notifyNow`). */
+  private writing = 0;
   private readonly header = Buffer.alloc(OUT_HEADER);
 
   /** True once the kernel ended the session. */
@@ -897,8 +911,15 @@ export class FuseDevice {
    * Never rejects.
    */
   async notifyNow(code: number, ...payload: Uint8Array[]): Promise<void> {
-    if (this.ended) return;
-    await new Promise<void>((res) => fs.writev(this.fd, notification(code, payload), () => res()));
+    if (this.ended || this.finished) return;
+    this.writing++;
+    await new Promise<void>((res) =>
+      fs.writev(this.fd, notification(code, payload), () => {
+        this.writing--;
+        this.closeWhenIdle();
+        res();
+      }),
+    );
   }
 
   /**
@@ -911,6 +932,8 @@ export class FuseDevice {
    * id (and `fileFd`) may be closed once the open is answered. Throws VolumeError IO when refused.
    */
   openBacking(fileFd: number): number {
+    // After finish the number may name another file (another mount's device, even).
+    if (this.finished) throw VolumeError.IO("register a FUSE backing file", new Error("the session ended"));
     const map = Buffer.alloc(16); // struct fuse_backing_map { s32 fd; u32 flags; u64 padding; }
     map.writeInt32LE(fileFd, 0);
     const id = ioctls().call(this.fd, FUSE_DEV_IOC_BACKING_OPEN, map);
@@ -920,6 +943,7 @@ export class FuseDevice {
 
   /** Drops a backing file id (`openBacking`); files already open on it keep their backing. */
   closeBacking(id: number): void {
+    if (this.finished) return; // the connection's backing files went with it
     const arg = Buffer.alloc(4);
     arg.writeUInt32LE(id, 0);
     if (ioctls().call(this.fd, FUSE_DEV_IOC_BACKING_CLOSE, arg) < 0) {
