@@ -147,6 +147,14 @@ describe("DiskChunkCache", () => {
     await c.close();
   });
 
+  it("writes and reads with no descriptor kept for reuse (maxOpenFiles 0)", async () => {
+    const c = new DiskChunkCache({ dir, maxBytes: 1 << 24, maxOpenFiles: 0 });
+    const p = pack([4000, 5000]);
+    await c.putRange(p.id, 0, p.bytes, p.locs);
+    for (const l of p.locs) expect(same(await c.get(l), bytesOf(p, l))).toBe(true);
+    await c.close();
+  });
+
   it("serves concurrent readers and writers of the same packs without wrong bytes", async () => {
     const caches = [0, 1, 2].map(() => new DiskChunkCache({ dir, maxBytes: 1 << 20 }));
     const ps = Array.from({ length: 30 }, () => pack([20_000, 12_000, 30_000]));

@@ -85,9 +85,11 @@ class FdPool {
       e = entry;
       this.fds.set(path, entry);
       entry.fd.catch(() => this.fds.get(path) === entry && this.fds.delete(path));
-      this.trim();
     }
+    // Counted before the trim, which may pick this very entry (a pool of one): it is then closed
+    // after `f`, not before.
     e.users++;
+    this.trim();
     try {
       return await f(await e.fd);
     } finally {
