@@ -1307,13 +1307,13 @@ export class MountedVolume implements MountFs {
     const frozen = await this.exclusive(async () => {
       if (this.overlay.isEmpty()) return undefined;
       const upTo = staging.rotate();
-      const contents: StagedContent[] = [];
+      const contents = new Set<StagedContent>();
       const clone = this.repo.stage(this.base);
       const snapshots = new Map<string, StagedContent>();
       clone.root = this.freezeNode(this.overlay.root, contents, [], snapshots);
       const token = randomBytes(12).toString("hex");
       staging.writeManifest({ ...staging.manifest, syncing: { token, upTo } }, true);
-      return { upTo, clone, contents, token, base: this.base, snapshots: [...snapshots.values()] };
+      return { upTo, clone, contents: [...contents], token, base: this.base, snapshots: [...snapshots.values()] };
     });
     if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [], rebased: false };
     let res: { version: VersionRecord | null; changed: boolean; conflicts: string[] };
@@ -1369,13 +1369,13 @@ export class MountedVolume implements MountFs {
   }
 
   /**
-   * The sync's copy of the overlay below `n` (at `segs`), its staged contents frozen (and pushed
+   * The sync's copy of the overlay below `n` (at `segs`), its staged contents frozen (and added
    * to `frozen`). A direct content the kernel may still be writing (an open with a backing file)
    * cannot be frozen: the sync takes a copy of its file instead (`snapshots`, by content), and the
    * name keeps the live content, which the new journal layer says again (a `cow` line with `x`),
    * so that it shows over the version the sync makes.
    */
-  private freezeNode(n: OverlayNode, frozen: StagedContent[], segs: string[], snapshots: Map<string, StagedContent>): OverlayNode {
+  private freezeNode(n: OverlayNode, frozen: Set<StagedContent>, segs: string[], snapshots: Map<string, StagedContent>): OverlayNode {
     const out: OverlayNode = {};
     if (n.replace === null) out.replace = null;
     else if (n.replace !== undefined) {
@@ -1389,17 +1389,18 @@ export class MountedVolume implements MountFs {
           copy.makeDirect(true);
           copy.refresh();
           copy.frozen = true;
-          frozen.push(copy);
+          frozen.add(copy);
           snapshots.set(live.id, copy);
         }
         this.journal({ o: "cow", p: segs.join("/"), c: c.id, x: 1 });
         c = copy;
       }
       if (c) {
-        if (!c.frozen) {
-          c.frozen = true;
-          frozen.push(c);
-        }
+        // Frozen already by a sync that failed, it is still this sync's: its upload is reset with
+        // the others' if this one fails too (the chunks an upload names are stored only by a
+        // sync that goes through).
+        c.frozen = true;
+        frozen.add(c);
         out.replace = { ...this.pendingEntry(n.replace.name, c, n.replace), mtime: c.mtime, size: c.size };
       } else out.replace = { ...n.replace };
     }

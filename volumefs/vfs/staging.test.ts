@@ -267,6 +267,29 @@ describe("staging durability", () => {
     await m2.close();
   });
 
+  it("stores every chunk of a version synced after two failed syncs in a row", async () => {
+    const dir = tempDir();
+    let failing = false;
+    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failing && op === "put" && key.startsWith("packs/") ? transientError("put") : undefined));
+    const repo = repoAt(dir, objects);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const big = "hello world ".repeat(20_000);
+    await writeFile(m, "/a.txt", big);
+    failing = true;
+    await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+    await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+    failing = false;
+    const r = await m.sync();
+    expect(r.changed).toBe(true);
+    await m.close();
+    // Read from the store alone: a fresh repository over the same objects, with no local cache.
+    const snap = repo.snapshot(await repo.version(r.version!));
+    expect(Buffer.from(await snap.readFile("a.txt")).toString()).toBe(big);
+    await repo.close();
+  });
+
   it("counts a sync as done when the commit went through but a later step failed", async () => {
     const dir = tempDir();
     let failRefs = false;
