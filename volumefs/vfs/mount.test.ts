@@ -414,6 +414,34 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
+  it("refuses changes and syncs once a journal write failed, and keeps what was journaled before it across a remount", async () => {
+    const { open } = await setup();
+    const m = await open();
+    await writeFile(m, "/a", "one");
+    // Fault injection: the disk is full for the next journal line.
+    const staging = (m as unknown as { staging: { append: (op: unknown) => void } }).staging;
+    const append = staging.append.bind(staging);
+    let fail = true;
+    staging.append = (op) => {
+      if (fail) {
+        fail = false;
+        throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+      }
+      append(op);
+    };
+    expect(await code(m.mkdir("/d", 0o755))).toBe("IO");
+    // The disk has room again, but the mount answered a change it could not journal: no more.
+    expect(await code(m.create("/b", 0o644, O_WRONLY | O_CREAT))).toBe("IO");
+    expect(await code(m.sync())).toBe("IO");
+    await m.close();
+    const m2 = await open();
+    expect(await m2.readdir("/")).toEqual(["a"]);
+    expect((await readAll(m2, "/a")).toString()).toBe("one");
+    await writeFile(m2, "/b", "two");
+    expect((await m2.sync()).changed).toBe(true);
+    await m2.close();
+  });
+
   it("reloads to the head, refusing while changes are staged unless discarded", async () => {
     const { open, repo, stagingRoot } = await setup();
     const m = await open();

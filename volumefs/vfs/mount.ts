@@ -334,6 +334,8 @@ export class MountedVolume implements MountFs {
   readonly pinned: boolean;
   private readonly params: ChunkParams;
   private closed = false;
+  /** Set when a journal append failed: see `journal`. */
+  private journalBroken: VolumeError | undefined;
   /** Set once a file grew large enough to be chunked in workers: their start-up then overlaps the writes, not the sync. */
   private workersWarm = false;
   /** The chunks of the staged files the last sync stored, by their staged tag (see sameBytes). */
@@ -400,11 +402,12 @@ export class MountedVolume implements MountFs {
         const scratch = this.repo.stage(base);
         for (const l of layers) if (l.layer <= m.syncing.upTo) for (const op of l.ops) await this.replayOp(scratch, op, "recover");
         layers = layers.filter((l) => l.layer > m.syncing!.upTo);
-        staging.dropLayers(m.syncing.upTo);
         base = committed;
         m = { v: 1, base: committed.id, first: m.syncing.upTo + 1 };
       } else m = { v: 1, base: m.base, first: m.first };
       staging.writeManifest(m, true);
+      // Only once the manifest no longer needs them (as runSync does).
+      staging.dropLayers(m.first - 1);
     }
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
@@ -663,6 +666,7 @@ export class MountedVolume implements MountFs {
 
   private checkWritable(op: string, path: string): void {
     if (this.closed) throw new VolumeError("BAD_HANDLE", `${op} ${JSON.stringify(path)}: the mount is closed`);
+    if (this.journalBroken) throw this.journalBroken;
     if (this.readOnly) {
       throw VolumeError.READ_ONLY(JSON.stringify(path), { op, volume: this.volume, hint: this.pinned ? "this mount shows an old version; mount the head to write" : "the volume is mounted read-only" });
     }
@@ -692,8 +696,22 @@ export class MountedVolume implements MountFs {
     if (p.kind !== "dir") throw VolumeError.NOT_A_DIRECTORY("/" + segs.slice(0, -1).join("/"), { op });
   }
 
+  /**
+   * Appends `op` to the journal. When that fails (a full disk), the change is already in memory
+   * but not on disk: from then on the mount refuses changes and syncs (`checkWritable`), so that
+   * nothing it answers is lost to a later crash; a remount starts again from the journal.
+   */
   private journal(op: JournalOp): void {
-    this.staging!.append(op);
+    if (this.journalBroken) throw this.journalBroken;
+    try {
+      this.staging!.append(op);
+    } catch (err) {
+      this.journalBroken = VolumeError.IO("append to the staging journal", err, {
+        volume: this.volume,
+        hint: "free disk space, then unmount and mount again: the changes journaled before this one are kept",
+      });
+      throw this.journalBroken;
+    }
   }
 
   private async change(op: JournalOp): Promise<void> {

@@ -225,13 +225,19 @@ export class StagingDir {
   /** Appends one operation to the current layer. */
   append(op: JournalOp): void {
     if (this.journalFd === undefined) throw new VolumeError("BAD_HANDLE", "append journal: staging is closed");
-    writeSync(this.journalFd, JSON.stringify(op) + "\n");
+    // Whole, or it throws: a short write (a nearly full disk) would glue the next line onto a
+    // torn one, and replay stops at the first line it cannot read.
+    const line = Buffer.from(JSON.stringify(op) + "\n");
+    for (let at = 0; at < line.length; ) at += writeSync(this.journalFd, line, at, line.length - at);
   }
 
   /** Ends the current layer and starts the next; returns the ended layer's number. */
   rotate(): number {
     const ended = this.layer;
-    if (this.journalFd !== undefined) closeSync(this.journalFd);
+    const old = this.journalFd;
+    // Not kept while the next layer's file opens (it may fail): a closed number may name another file.
+    this.journalFd = undefined;
+    if (old !== undefined) closeSync(old);
     this.layer++;
     this.openJournal();
     return ended;
