@@ -62,7 +62,7 @@ export class VolumeError extends StrataError {
     });
   }
   static UNKNOWN_VERSION(ref: string, volume?: string): VolumeError {
-    return new VolumeError("UNKNOWN_VERSION", `resolve version ${JSON.stringify(ref)}: no such version`, {
+    return new VolumeError("UNKNOWN_VERSION", `resolve version ${JSON.stringify(ref)}: no such version${volume ? ` of volume ${JSON.stringify(volume)}` : ""}`, {
       volume,
       hint: "list versions with `strata log NAME`",
     });

@@ -97,6 +97,23 @@ describe("Repository", () => {
     expect(() => w(".strata/x")).toThrow(/reserved/);
   });
 
+  it("resolves a version id only among the volume's own versions (a fork's include its source's before the fork)", async () => {
+    const repo = makeRepo();
+    await repo.createVolume("a");
+    await repo.createVolume("b");
+    const a1 = (await commit(repo, "a", (o) => put(o, "x", "a1"))).version!.id;
+    const b1 = (await commit(repo, "b", (o) => put(o, "y", "b1"))).version!.id;
+    await expect(repo.resolve("b", a1)).rejects.toMatchObject({ code: "UNKNOWN_VERSION", message: expect.stringMatching(/of volume "b"/) });
+    await expect(repo.resolve("b", a1.slice(0, 12))).rejects.toMatchObject({ code: "UNKNOWN_VERSION" });
+    await expect(repo.revert("b", a1)).rejects.toMatchObject({ code: "UNKNOWN_VERSION" });
+    expect((await repo.resolve("b"))!.id).toBe(b1);
+    await repo.fork("a", "f");
+    await commit(repo, "f", (o) => put(o, "x", "f1"));
+    expect((await repo.resolve("f", a1))!.id).toBe(a1);
+    expect((await repo.resolve("f", a1.slice(0, 8).toUpperCase()))!.id).toBe(a1);
+    await expect(repo.resolve("f", a1.slice(0, 3))).rejects.toMatchObject({ code: "INVALID_ARGUMENT", hint: expect.stringMatching(/at least 4/) });
+  });
+
   it("forks in constant time and keeps forks isolated", async () => {
     const repo = makeRepo();
     await repo.createVolume("base");

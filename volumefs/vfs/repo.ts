@@ -270,8 +270,14 @@ export class Repository {
       if (!cur) throw VolumeError.UNKNOWN_VERSION(ref, volume);
       return cur;
     }
-    if (!/^[0-9a-f]{4,64}$/.test(ref)) throw VolumeError.UNKNOWN_VERSION(ref, volume);
-    const ids = await this.meta.findVersions(ref, 2);
+    const hex = ref.toLowerCase();
+    if (/^[0-9a-f]{1,3}$/.test(hex)) {
+      throw new VolumeError("INVALID_ARGUMENT", `resolve version ${JSON.stringify(ref)}: too short a prefix`, { volume, hint: "give at least 4 hex characters of the version id (`strata log NAME` lists them)" });
+    }
+    if (!/^[0-9a-f]{4,64}$/.test(hex)) throw VolumeError.UNKNOWN_VERSION(ref, volume);
+    // Only versions of this volume: the store holds every volume's, and another's id (or a prefix
+    // that also starts one of them) must not stand for one of this volume's.
+    const ids = await this.inHistory(vol, await this.meta.findVersions(hex));
     if (ids.length === 0) throw VolumeError.UNKNOWN_VERSION(ref, volume);
     if (ids.length > 1) {
       throw new VolumeError("AMBIGUOUS_VERSION", `resolve version ${JSON.stringify(ref)}: more than one version starts with it`, {
@@ -280,6 +286,23 @@ export class Repository {
       });
     }
     return this.version(ids[0]!);
+  }
+
+  /** Those of `ids` in `vol`'s history (its head and the head's ancestors), up to two. */
+  private async inHistory(vol: VolumeRecord, ids: string[]): Promise<string[]> {
+    if (ids.length === 0 || !vol.head) return [];
+    const want = new Set(ids);
+    const found: string[] = [];
+    const seen = new Set<string>();
+    const queue = [vol.head];
+    while (queue.length > 0 && found.length < Math.min(2, want.size)) {
+      const id = queue.pop()!;
+      if (seen.has(id)) continue;
+      seen.add(id);
+      if (want.has(id)) found.push(id);
+      queue.push(...(await this.version(id)).parents);
+    }
+    return found;
   }
 
   /** A read-only view of a version (the empty tree for null). */
