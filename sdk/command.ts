@@ -46,6 +46,7 @@ export interface CommandSpec {
 /** Every command, in the order `strata --help` lists them. */
 export const commands = {
   volume: {
+    args: 2,
     group: "store",
     usage: "volume create NAME | volume ls [--json] | volume rm NAME [--discard]",
     summary: "create, list and remove volumes (rm refuses while changes are staged on this host, unless --discard)",

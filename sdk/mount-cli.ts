@@ -232,9 +232,16 @@ async function daemonize(abs: string, home: string, io: CliIO): Promise<number> 
     if (exited !== undefined) {
       // The mount process's own error (its last line and hint) is the answer, with its exit code.
       const own = (await readFile(logPath, "utf8").catch(() => "")).trim().split("\n").slice(-2);
-      if (exited !== 0 && exited !== null && /^strata: .*\([A-Z_]+\)$/.test(own[0] ?? "") && /^hint: /.test(own[1] ?? "")) {
-        io.stderr.write(`${own.join("\n")}\n`);
-        return exited;
+      const isError = (l: string | undefined) => /^strata: .*\([A-Z_]+\)$/.test(l ?? "");
+      if (exited !== 0 && exited !== null) {
+        if (isError(own[0]) && /^hint: /.test(own[1] ?? "")) {
+          io.stderr.write(`${own.join("\n")}\n`);
+          return exited;
+        }
+        if (isError(own[1])) {
+          io.stderr.write(`${own[1]}\n`);
+          return exited;
+        }
       }
       throw new VolumeError("IO", `mount ${abs}: the mount process exited with code ${exited}`, { hint: `see ${logPath}` });
     }

@@ -138,6 +138,7 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
   if (!argv.length) throw usage("run: missing command", commands.run.usage);
   const volumes = [...list(args.values.volume).map(parseVolume), ...list(args.values.fork).map(parseFork)];
   const egress = parseEgress(list(args.values.egress));
+  const env = parseEnv(list(args.values.env)); // before an agent is started for it
   const image = await resolveImageArg(str(args.values.image) ?? "debian-slim");
   const client = new SandboxClient({ env: io.env });
   let sb: Sandbox | undefined;
@@ -145,7 +146,7 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
     await client.agent();
     timing(io, "connected");
     sb = await client.create({
-      image, volumes, env: parseEnv(list(args.values.env)),
+      image, volumes, env,
       ...(str(args.values.name) ? { name: str(args.values.name) } : {}),
       ...(str(args.values.cpu) ? { cpu: str(args.values.cpu) } : {}),
       ...(str(args.values.memory) ? { memory: str(args.values.memory) } : {}),

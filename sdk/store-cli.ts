@@ -127,6 +127,9 @@ async function cmdPut(args: ParsedArgs, io: CliIO): Promise<void> {
       const dest = destIsDir ? [...destSegs, base].join("/") : destSegs.join("/");
       await collectLocal(src, dest, items, dirs, links, io);
     }
+    if (items.length + dirs.length + links.length === 0) {
+      throw new VolumeError("INVALID_ARGUMENT", `put: nothing to put from ${srcs.join(" ")}`, { hint: "give regular files, directories or symlinks (devices, fifos and sockets are skipped)" });
+    }
     const batch = vol.batch();
     for (const d of dirs) batch.mkdir(d.dest, { mode: d.mode });
     for (const it of items) batch.putLocalFile(it.dest, it.local, { mode: it.mode, mtime: it.mtime, size: it.size });
@@ -353,6 +356,7 @@ async function cmdVolume(args: ParsedArgs, io: CliIO): Promise<void> {
       });
       return;
     case "ls":
+      if (name) throw usageError(`volume ls: unexpected argument ${JSON.stringify(name)}`, commands.volume.usage);
       await withClient(io, async (c) => {
         const vols = await c.repo.listVolumes();
         if (args.values.json) {

@@ -3,7 +3,8 @@
  * (Ceph RGW started by the global setup). Most cases run the CLI in-process with captured
  * streams; the exit-code and no-stack-trace cases run the real program.
  */
-import { execFile } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
+import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, readlink, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -299,6 +300,24 @@ describe("the strata program", () => {
     expect(r.stderr).toMatch(/^strata: open volume "missing-volume": no such volume \(UNKNOWN_VOLUME\)\nhint: .+\n$/);
     const u = await proc(["ls"]);
     expect(u.code).toBe(2);
+  });
+
+  it("refuses extra arguments, a put that would put nothing, and a bad -e before it starts anything", async () => {
+    const extra = await proc(["volume", "create", "one", "two"]);
+    expect(extra.code).toBe(2);
+    expect(extra.stderr).toMatch(/^strata: volume: unexpected argument "two" \(USAGE\)\nhint: /);
+    expect((await proc(["volume", "ls", "x"])).code).toBe(2);
+    expect((await proc(["volume", "ls"])).stdout).not.toMatch(/^one/m);
+    expect((await proc(["volume", "create", "v"])).code).toBe(0);
+    const fifo = join(home, "fifo");
+    execFileSync("mkfifo", [fifo]);
+    const nothing = await proc(["put", "v", fifo, "/f"]);
+    expect(nothing.code).toBe(1);
+    expect(nothing.stderr).toMatch(/put: nothing to put from .*fifo \(INVALID_ARGUMENT\)\nhint: /);
+    const env = await proc(["run", "-e", "bad", "--", "true"]);
+    expect(env.code).toBe(2);
+    expect(env.stderr).toMatch(/^strata: run: bad -e "bad" \(USAGE\)/);
+    expect(existsSync(join(home, "agent.pid"))).toBe(false);
   });
 
   it("prints help for every command", async () => {

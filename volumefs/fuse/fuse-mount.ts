@@ -144,9 +144,10 @@ export async function forceUnmount(dir: string): Promise<boolean> {
 async function prepareDir(dir: string): Promise<void> {
   try {
     const st = await stat(dir);
-    if (!st.isDirectory()) throw VolumeError.NOT_A_DIRECTORY(dir, { op: "mount" });
+    if (!st.isDirectory()) throw VolumeError.NOT_A_DIRECTORY(dir, { op: "mount", hint: "mount on an empty directory (a missing one is made)" });
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOTDIR") throw VolumeError.NOT_A_DIRECTORY(dir, { op: "mount", cause: err, hint: "a file is in the way of the path; mount on an empty directory" });
     if (code === "ENOENT") {
       await mkdir(dir, { recursive: true });
       return;
