@@ -1,6 +1,6 @@
 import { spawn } from "node:child_process";
-import { constants, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { constants, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { hostname, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
@@ -219,6 +219,40 @@ describe("staging durability", () => {
     StagingDir.remove(stagingRoot, "main", "nothing-here", false);
     await repo.close();
   });
+
+  it("lets one process of many racing for a volume's staging hold it, also over a lock a dead process left", async () => {
+    const dir = tempDir();
+    const stagingRoot = join(dir, "staging");
+    mkdirSync(join(stagingRoot, "main", "v"), { recursive: true });
+    writeFileSync(join(stagingRoot, "main", "v", "lock"), JSON.stringify({ pid: 2 ** 22 + 4321, host: hostname(), mount: "dead", time: 1 }));
+    const script = join(dir, "racer.mts");
+    writeFileSync(
+      script,
+      `import { StagingDir } from ${JSON.stringify(pathToFileURL(resolve("volumefs/vfs/staging.ts")).href)};
+const [root, at] = process.argv.slice(2);
+while (Date.now() < Number(at)) {}
+try {
+  const s = StagingDir.open(root, "main", "v", "racer", null);
+  process.stdout.write("held\\n");
+  await new Promise((r) => setTimeout(r, 2000));
+  s.close();
+} catch (err) {
+  process.stdout.write((err as { code?: string }).code === "ALREADY_EXISTS" ? "refused\\n" : "error " + String(err) + "\\n");
+}
+`,
+    );
+    const at = Date.now() + 6000;
+    const outs = await Promise.all(
+      Array.from({ length: 6 }, () => {
+        const child = spawn(process.execPath, ["--import", "tsx", script, stagingRoot, String(at)], { cwd: resolve("."), stdio: ["ignore", "pipe", "inherit"] });
+        let out = "";
+        child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+        return new Promise<string>((ok) => child.on("exit", () => ok(out.trim())));
+      }),
+    );
+    expect(outs.filter((o) => o === "held")).toHaveLength(1);
+    expect(outs.filter((o) => o === "refused")).toHaveLength(5);
+  }, 30_000);
 
   it("keeps writes made after a sync when killed, on top of the synced version", async () => {
     const dir = tempDir();

@@ -31,13 +31,14 @@
  * Offsets are plain numbers (exact to 2^53), so files over 4 GiB work everywhere.
  */
 import { randomBytes } from "node:crypto";
-import { close as closeAsync, closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, open as openAsync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
+import { close as closeAsync, closeSync, constants, copyFileSync, fstatSync, fsyncSync, ftruncateSync, futimesSync, mkdirSync, open as openAsync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync, writeSync, existsSync } from "node:fs";
 import { rename, unlink } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { Chunker, DEFAULT_CHUNK_PARAMS, type ChunkParams } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
+import { tryLockExclusive } from "../native.js";
 import type { PendingWriter } from "./overlay.js";
 import type { ChunkRef } from "./tree.js";
 
@@ -122,6 +123,8 @@ export class StagingDir {
   private readonly fds = new Map<string, number>();
   /** The creation time of the volume, written into every manifest (see `open`). */
   private incarnation: number | undefined;
+  /** The open lock file whose flock(2) this process holds (see takeLock). */
+  private lockFd: number | undefined;
 
   private constructor(dir: string, manifest: StagingManifest, layer: number) {
     this.dir = dir;
@@ -145,28 +148,7 @@ export class StagingDir {
     const lockPath = join(dir, "lock");
     if (locallyLocked.has(dir)) throw alreadyMounted(volume, { pid: process.pid, host: hostname(), mount, time: 0 });
     const me: StagingOwner = { pid: process.pid, host: hostname(), mount, time: Date.now() };
-    for (let attempt = 0; ; attempt++) {
-      try {
-        const fd = openSync(lockPath, "wx");
-        writeSync(fd, JSON.stringify(me));
-        closeSync(fd);
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 3) throw VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
-      }
-      let holder: StagingOwner | undefined;
-      try {
-        holder = JSON.parse(readFileSync(lockPath, "utf8")) as StagingOwner;
-      } catch {
-        holder = undefined;
-      }
-      if (holder && holder.host === me.host && pidAlive(holder.pid) && holder.pid !== process.pid) throw alreadyMounted(volume, holder);
-      const tmp = `${lockPath}.${process.pid}.tmp`;
-      writeFileSync(tmp, JSON.stringify(me));
-      renameSync(tmp, lockPath);
-      const now = JSON.parse(readFileSync(lockPath, "utf8")) as StagingOwner;
-      if (now.pid === me.pid && now.time === me.time) break;
-    }
+    const lockFd = takeLock(lockPath, volume, me);
     locallyLocked.add(dir);
     let manifest: StagingManifest;
     try {
@@ -181,12 +163,14 @@ export class StagingDir {
       rmSync(aside, { recursive: true, force: true });
       renameSync(dir, aside);
       rmSync(join(aside, "lock"), { force: true });
+      if (lockFd !== undefined) closeSync(lockFd);
       locallyLocked.delete(dir);
       return StagingDir.open(root, env, volume, mount, initialBase, incarnation);
     }
     const layers = listLayers(dir);
     const layer = Math.max(manifest.first, ...layers) + (layers.length > 0 ? 1 : 0);
     const s = new StagingDir(dir, manifest, layer);
+    s.lockFd = lockFd;
     s.incarnation = incarnation ?? manifest.volume;
     s.writeManifest(manifest, true);
     s.openJournal();
@@ -445,6 +429,10 @@ export class StagingDir {
     } catch {
       // already gone
     }
+    // Let go of the flock only now: an opener still holding the unlinked file then sees that
+    // the path no longer names it, and tries again (see takeLock).
+    if (this.lockFd !== undefined) closeSync(this.lockFd);
+    this.lockFd = undefined;
     locallyLocked.delete(this.dir);
   }
 }
@@ -455,6 +443,75 @@ export class StagingDir {
  */
 function asideRoot(root: string, env: string): string {
   return join(`${root}-removed`, env);
+}
+
+/**
+ * Takes the lock of a staging directory: an exclusive flock(2) on `lockPath`, which the kernel
+ * lets go of when the holder closes it or dies, so two processes can never both hold it and a
+ * killed one leaves nothing to take over. The file then says who holds it (`me`). Returns the
+ * descriptor to keep open; throws ALREADY_EXISTS when a live process holds it. Where flock is
+ * not to be had (no koffi), an exclusively created file stands in, taken over from a dead pid.
+ */
+function takeLock(lockPath: string, volume: string, me: StagingOwner): number | undefined {
+  const fail = (err: unknown) => VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const fd = openSync(lockPath, constants.O_RDWR | constants.O_CREAT, 0o600);
+    let taken: boolean | undefined;
+    try {
+      taken = tryLockExclusive(fd);
+    } catch (err) {
+      closeSync(fd);
+      throw fail(err);
+    }
+    if (taken === undefined) {
+      closeSync(fd);
+      return takeLockFile(lockPath, volume, me);
+    }
+    if (!taken) {
+      closeSync(fd);
+      throw alreadyMounted(volume, readOwner(lockPath) ?? { pid: 0, host: me.host, mount: "", time: 0 });
+    }
+    // The holder we waited behind may have unlinked the path (or a remove renamed the directory)
+    // since we opened it: a lock on a file the path no longer names locks nothing.
+    if (statSync(lockPath, { throwIfNoEntry: false })?.ino !== fstatSync(fd).ino) {
+      closeSync(fd);
+      continue;
+    }
+    ftruncateSync(fd, 0);
+    writeSync(fd, JSON.stringify(me), 0);
+    return fd;
+  }
+  throw fail(new Error("the lock file kept changing"));
+}
+
+/** Who a lock file says holds it, if it says. */
+function readOwner(lockPath: string): StagingOwner | undefined {
+  try {
+    return JSON.parse(readFileSync(lockPath, "utf8")) as StagingOwner;
+  } catch {
+    return undefined;
+  }
+}
+
+/** takeLock without flock: an exclusively created file, taken over from a dead holder. */
+function takeLockFile(lockPath: string, volume: string, me: StagingOwner): undefined {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const fd = openSync(lockPath, "wx");
+      writeSync(fd, JSON.stringify(me));
+      closeSync(fd);
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 3) throw VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
+    }
+    const holder = readOwner(lockPath);
+    if (holder && holder.host === me.host && pidAlive(holder.pid) && holder.pid !== process.pid) throw alreadyMounted(volume, holder);
+    const tmp = `${lockPath}.${process.pid}.tmp`;
+    writeFileSync(tmp, JSON.stringify(me));
+    renameSync(tmp, lockPath);
+    const now = readOwner(lockPath);
+    if (now?.pid === me.pid && now.time === me.time) return;
+  }
 }
 
 function alreadyMounted(volume: string, holder: StagingOwner): VolumeError {
