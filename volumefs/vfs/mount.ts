@@ -397,7 +397,7 @@ export class MountedVolume implements MountFs {
     }
     let base = m.base ? await this.repo.version(m.base) : null;
     if (m.syncing) {
-      const committed = await this.findSynced(m.syncing.token);
+      const committed = await this.findSynced(m.syncing.token, m.base);
       if (committed) {
         const scratch = this.repo.stage(base);
         for (const l of layers) if (l.layer <= m.syncing.upTo) for (const op of l.ops) await this.replayOp(scratch, op, "recover");
@@ -418,13 +418,21 @@ export class MountedVolume implements MountFs {
     for (const c of this.contents.values()) c.refresh();
   }
 
-  private async findSynced(token: string): Promise<VersionRecord | null> {
+  /**
+   * The version a sync labelled `token` committed, if it did: searched from the head back to the
+   * sync's base (every version since, whoever committed it; not a fixed number of them).
+   */
+  private async findSynced(token: string, base: string | null): Promise<VersionRecord | null> {
     const vol = await this.repo.volume(this.volume);
-    let id = vol.head;
-    for (let n = 0; id && n < 200; n++) {
+    const seen = new Set<string>();
+    const queue = vol.head ? [vol.head] : [];
+    while (queue.length > 0) {
+      const id = queue.pop()!;
+      if (id === base || seen.has(id)) continue;
+      seen.add(id);
       const v = await this.repo.version(id);
       if (v.labels.syncId === token) return v;
-      id = v.parents[0] ?? null;
+      queue.push(...v.parents);
     }
     return null;
   }
@@ -1323,6 +1331,18 @@ export class MountedVolume implements MountFs {
   private async runSync(opts: MountSyncOptions): Promise<MountSyncResult & { rebased: boolean }> {
     const staging = this.staging!;
     const frozen = await this.exclusive(async () => {
+      // An earlier sync whose outcome could not be learned (see below) is settled first.
+      const open = staging.manifest.syncing;
+      if (open) {
+        if (await this.findSynced(open.token, staging.manifest.base)) {
+          throw new VolumeError("CONFLICT", `sync volume ${JSON.stringify(this.volume)}: an earlier sync of this mount went through, but the mount could not take it in`, {
+            volume: this.volume,
+            hint: "unmount and mount again: the mount then goes on from that version, with the changes made since",
+          });
+        }
+        const { syncing: _drop, ...rest } = staging.manifest;
+        staging.writeManifest(rest, true);
+      }
       if (this.overlay.isEmpty()) return undefined;
       const upTo = staging.rotate();
       const contents = new Set<StagedContent>();
@@ -1342,11 +1362,15 @@ export class MountedVolume implements MountFs {
         labels: { ...this.labels, ...(opts.labels ?? {}), syncId: frozen.token },
       });
     } catch (err) {
-      const committed = await this.findSynced(frozen.token).catch(() => null);
+      // undefined: whether the commit went through cannot be learned now (the store is down):
+      // the token stays in the manifest for the next sync, or the next mount, to settle.
+      const committed = await this.findSynced(frozen.token, frozen.base?.id ?? null).catch(() => undefined);
       if (!committed) {
         for (const c of frozen.contents) c.resetUpload();
-        const { syncing: _drop, ...rest } = staging.manifest;
-        staging.writeManifest(rest, true);
+        if (committed === null) {
+          const { syncing: _drop, ...rest } = staging.manifest;
+          staging.writeManifest(rest, true);
+        }
         // The copies of files still open for writing: the next sync copies them again.
         await this.exclusive(async () => {
           staging.recycleDataLater(frozen.snapshots.map((c) => ({ id: c.id, size: c.size })));

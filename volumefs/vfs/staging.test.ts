@@ -340,6 +340,38 @@ try {
     await m.close();
   });
 
+  it("keeps a sync's token when it cannot learn whether the commit went through, and settles it before the next sync", async () => {
+    const dir = tempDir();
+    let failRefs = false;
+    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failRefs && op === "put" && key.startsWith("refs/") ? transientError("put") : undefined));
+    const repo = repoAt(dir, objects);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await writeFile(m, "/a", "one");
+    // The commit goes through but its ref does not, and the lookup that would tell fails too.
+    failRefs = true;
+    const volume = repo.volume.bind(repo);
+    repo.volume = async (name: string) => {
+      if (failRefs) throw transientError("get");
+      return volume(name);
+    };
+    await expect(m.sync()).rejects.toBeDefined();
+    failRefs = false;
+    const manifest = () => JSON.parse(readFileSync(join(stagingRoot, "main", "v", "manifest.json"), "utf8"));
+    expect(manifest().syncing).toBeDefined();
+    const head = (await repo.volume("v")).head;
+    expect(head).not.toBeNull();
+    // The next sync finds that it did, and says how to take it in rather than sync again.
+    await expect(m.sync()).rejects.toMatchObject({ code: "CONFLICT", hint: expect.stringMatching(/unmount and mount again/) });
+    await m.close();
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(m2.baseId()).toBe(head);
+    expect((await m2.status()).staged).toEqual({ added: [], modified: [], removed: [] });
+    expect(manifest().syncing).toBeUndefined();
+    await m2.close();
+  });
+
   it("replays a journal whose sync committed before the manifest moved", async () => {
     const dir = tempDir();
     const g = gated(new MemoryObjectStore(), "versions/");

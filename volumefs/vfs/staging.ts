@@ -370,10 +370,23 @@ export class StagingDir {
     return existsSync(this.dataDir) ? readdirSync(this.dataDir) : [];
   }
 
-  /** Forces the current journal (and the given data files) to the disk. */
+  /** Forces the journal layers still to replay, the given data files and their names to the disk (an fsync(2) of a staged file). */
   fsync(ids: Iterable<string> = []): void {
     for (const id of ids) fsyncSync(this.fd(id));
+    // Every layer still to replay: the file's create line may sit in one before the current.
+    for (const n of listLayers(this.dir)) {
+      if (n < this.manifest.first || n === this.layer) continue;
+      const fd = openSync(join(this.dir, `journal-${n}.log`), "r");
+      try {
+        fsyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
+    }
     if (this.journalFd !== undefined) fsyncSync(this.journalFd);
+    // And the names of new journal and data files.
+    fsyncDir(this.dataDir);
+    fsyncDir(this.dir);
   }
 
   /**
