@@ -181,7 +181,9 @@ async function cmdGet(args: ParsedArgs, io: CliIO): Promise<void> {
     const destStat = await stat(dest).catch(() => undefined);
     if (destStat?.isDirectory()) dest = join(dest, srcPath === "" ? name : basename(srcPath));
     if (entry.kind !== "dir") {
-      await writeLocalFile(snap, entry, dest);
+      await writeLocalFile(snap, entry, dest).catch((err) => {
+        throw localWriteError(dest, err);
+      });
       return;
     }
     if (await lstat(dest).catch(() => undefined)) {
@@ -214,9 +216,25 @@ async function cmdGet(args: ParsedArgs, io: CliIO): Promise<void> {
       await rename(staging, dest);
     } catch (err) {
       await rm(staging, { recursive: true, force: true }).catch(() => undefined);
-      throw err;
+      throw localWriteError(dest, err);
     }
   });
+}
+
+/** A local file system's refusal of `get`'s write to `dest`, said of `dest` (not of a temporary name), with a hint. */
+function localWriteError(dest: string, err: unknown): unknown {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (err instanceof VolumeError || typeof code !== "string") return err;
+  const why: Record<string, [VolumeError["code"], string, string]> = {
+    ENOENT: ["NOT_FOUND", "its directory does not exist", "create the directory first, or pick another destination"],
+    ENOTDIR: ["NOT_A_DIRECTORY", "a file is in the way of its directory", "pick another destination"],
+    EROFS: ["READ_ONLY", "the file system is read-only", "pick a writable destination"],
+    EACCES: ["PERMISSION", "permission denied", "pick a destination you may write to"],
+    EPERM: ["PERMISSION", "operation not permitted", "pick a destination you may write to"],
+    ENOSPC: ["IO", "no space left on the device", "free some space and retry (nothing was left half-written)"],
+  };
+  const w = why[code];
+  return w ? new VolumeError(w[0], `get: write ${dest}: ${w[1]}`, { cause: err, path: dest, hint: w[2] }) : err;
 }
 
 async function cmdCat(args: ParsedArgs, io: CliIO): Promise<void> {

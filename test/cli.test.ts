@@ -302,7 +302,7 @@ describe("the strata program", () => {
     expect(u.code).toBe(2);
   });
 
-  it("refuses extra arguments, a put that would put nothing, and a bad -e before it starts anything", async () => {
+  it("refuses extra arguments, a put that would put nothing, a get into a missing directory, and a bad -e before it starts anything", async () => {
     const extra = await proc(["volume", "create", "one", "two"]);
     expect(extra.code).toBe(2);
     expect(extra.stderr).toMatch(/^strata: volume: unexpected argument "two" \(USAGE\)\nhint: /);
@@ -314,6 +314,12 @@ describe("the strata program", () => {
     const nothing = await proc(["put", "v", fifo, "/f"]);
     expect(nothing.code).toBe(1);
     expect(nothing.stderr).toMatch(/put: nothing to put from .*fifo \(INVALID_ARGUMENT\)\nhint: /);
+    await writeFile(join(home, "one.txt"), "1");
+    expect((await proc(["put", "v", join(home, "one.txt"), "/one.txt"])).code).toBe(0);
+    const missing = join(home, "no", "such", "dir", "one.txt");
+    const get = await proc(["get", "v", "/one.txt", missing]);
+    expect(get.code).toBe(1);
+    expect(get.stderr).toBe(`strata: get: write ${missing}: its directory does not exist (NOT_FOUND)\nhint: create the directory first, or pick another destination\n`);
     const env = await proc(["run", "-e", "bad", "--", "true"]);
     expect(env.code).toBe(2);
     expect(env.stderr).toMatch(/^strata: run: bad -e "bad" \(USAGE\)/);

@@ -60,7 +60,7 @@ export interface VersionFileHandle {
 const FILES = ["reload", "status", "sync", "version"] as const;
 
 /** The last sync's outcome, as /.strata/sync reads it. */
-export type LastSync = MountSyncResult | { error: { code: string; message: string } } | undefined;
+export type LastSync = MountSyncResult | { error: { code: string; message: string; hint?: string } } | undefined;
 
 /** The `/.strata/` directory of one mount. Paths are segments below `.strata`. */
 export class ControlDir {
@@ -72,7 +72,7 @@ export class ControlDir {
 
   /** Records a sync's outcome. */
   recordSync(r: MountSyncResult | Error): void {
-    this.last = r instanceof Error ? { error: { code: (r as VolumeError).code ?? "IO", message: r.message } } : { version: r.version, changed: r.changed, conflicts: r.conflicts };
+    this.last = r instanceof Error ? { error: { code: (r as VolumeError).code ?? "IO", message: r.message, ...((r as VolumeError).hint ? { hint: (r as VolumeError).hint } : {}) } } : { version: r.version, changed: r.changed, conflicts: r.conflicts };
   }
 
   private async content(name: string): Promise<Uint8Array> {

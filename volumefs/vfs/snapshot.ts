@@ -98,7 +98,7 @@ export class Snapshot {
   /** The entry at a path; throws NOT_FOUND. */
   async stat(path: string): Promise<Entry> {
     const e = await this.lookup(path);
-    if (!e) throw VolumeError.NOT_FOUND(JSON.stringify(path), { op: "stat", path });
+    if (!e) throw VolumeError.NOT_FOUND(JSON.stringify(path), { op: "stat", path, hint: "list what is there with `strata ls NAME [DIR]`" });
     return e;
   }
 
