@@ -32,7 +32,7 @@ export class AgentError extends StrataError {
   static NOT_FOUND(id: string, op = "find sandbox"): AgentError {
     return new AgentError("NOT_FOUND", `${op} ${JSON.stringify(id)}: no such sandbox`, {
       op,
-      hint: "list sandboxes with the runtime's list()",
+      hint: "list sandboxes with `strata sandbox ls`",
     });
   }
   /** A sandbox with this id already exists. */

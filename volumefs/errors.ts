@@ -40,7 +40,7 @@ export class VolumeError extends StrataError {
   }
   static INVALID_NAME(name: string, why: string): VolumeError {
     return new VolumeError("INVALID_NAME", `check volume name ${JSON.stringify(name)}: ${why}`, {
-      hint: "use 1-255 bytes of letters, digits, '.', '_' or '-', not '.' or '..'",
+      hint: "use 1-255 bytes with no '/' and no control characters, other than '.' and '..'",
     });
   }
   static INVALID_PATH(path: string, why: string): VolumeError {
