@@ -424,16 +424,7 @@ export class MountedVolume implements MountFs {
    */
   private async findSynced(token: string, base: string | null): Promise<VersionRecord | null> {
     const vol = await this.repo.volume(this.volume);
-    const seen = new Set<string>();
-    const queue = vol.head ? [vol.head] : [];
-    while (queue.length > 0) {
-      const id = queue.pop()!;
-      if (id === base || seen.has(id)) continue;
-      seen.add(id);
-      const v = await this.repo.version(id);
-      if (v.labels.syncId === token) return v;
-      queue.push(...v.parents);
-    }
+    for await (const v of this.repo.history(vol.head, base)) if (v.labels.syncId === token) return v;
     return null;
   }
 
@@ -1340,8 +1331,7 @@ export class MountedVolume implements MountFs {
             hint: "unmount and mount again: the mount then goes on from that version, with the changes made since",
           });
         }
-        const { syncing: _drop, ...rest } = staging.manifest;
-        staging.writeManifest(rest, true);
+        staging.settleSync();
       }
       if (this.overlay.isEmpty()) return undefined;
       const upTo = staging.rotate();
@@ -1367,10 +1357,7 @@ export class MountedVolume implements MountFs {
       const committed = await this.findSynced(frozen.token, frozen.base?.id ?? null).catch(() => undefined);
       if (!committed) {
         for (const c of frozen.contents) c.resetUpload();
-        if (committed === null) {
-          const { syncing: _drop, ...rest } = staging.manifest;
-          staging.writeManifest(rest, true);
-        }
+        if (committed === null) staging.settleSync();
         // The copies of files still open for writing: the next sync copies them again.
         await this.exclusive(async () => {
           staging.recycleDataLater(frozen.snapshots.map((c) => ({ id: c.id, size: c.size })));

@@ -290,19 +290,31 @@ export class Repository {
 
   /** Those of `ids` in `vol`'s history (its head and the head's ancestors), up to two. */
   private async inHistory(vol: VolumeRecord, ids: string[]): Promise<string[]> {
-    if (ids.length === 0 || !vol.head) return [];
     const want = new Set(ids);
     const found: string[] = [];
-    const seen = new Set<string>();
-    const queue = [vol.head];
-    while (queue.length > 0 && found.length < Math.min(2, want.size)) {
-      const id = queue.pop()!;
-      if (seen.has(id)) continue;
-      seen.add(id);
-      if (want.has(id)) found.push(id);
-      queue.push(...(await this.version(id)).parents);
+    if (want.size === 0) return found;
+    for await (const v of this.history(vol.head)) {
+      if (want.has(v.id)) found.push(v.id);
+      if (found.length === Math.min(2, want.size)) break;
     }
     return found;
+  }
+
+  /**
+   * The versions from `head` back through all their parents, each once, in no set order; not
+   * `stopAt` nor what lies only beyond it. Read lazily: a caller that stops early reads no more.
+   */
+  async *history(head: string | null, stopAt: string | null = null): AsyncGenerator<VersionRecord> {
+    const seen = new Set<string>();
+    const queue = head ? [head] : [];
+    while (queue.length > 0) {
+      const id = queue.pop()!;
+      if (id === stopAt || seen.has(id)) continue;
+      seen.add(id);
+      const v = await this.version(id);
+      yield v;
+      queue.push(...v.parents);
+    }
   }
 
   /** A read-only view of a version (the empty tree for null). */
@@ -327,16 +339,9 @@ export class Repository {
     const vol = await this.volume(volume);
     const all = new Map<string, VersionRecord>();
     const children = new Map<string, number>();
-    const queue = vol.head ? [vol.head] : [];
-    while (queue.length > 0) {
-      const id = queue.pop()!;
-      if (all.has(id)) continue;
-      const v = await this.version(id);
-      all.set(id, v);
-      for (const p of v.parents) {
-        children.set(p, (children.get(p) ?? 0) + 1);
-        queue.push(p);
-      }
+    for await (const v of this.history(vol.head)) {
+      all.set(v.id, v);
+      for (const p of v.parents) children.set(p, (children.get(p) ?? 0) + 1);
     }
     const out: VersionRecord[] = [];
     const ready = vol.head ? [all.get(vol.head)!] : [];

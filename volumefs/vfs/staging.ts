@@ -241,6 +241,12 @@ export class StagingDir {
     this.manifest = m;
   }
 
+  /** Drops the manifest's `syncing` (a sync known not to have committed), durably. */
+  settleSync(): void {
+    const { syncing: _drop, ...rest } = this.manifest;
+    this.writeManifest(rest, true);
+  }
+
   /** Deletes the journals of layers up to `upTo`. */
   dropLayers(upTo: number): void {
     for (const n of listLayers(this.dir)) if (n <= upTo) rmSync(join(this.dir, `journal-${n}.log`), { force: true });
@@ -466,7 +472,6 @@ function asideRoot(root: string, env: string): string {
  * not to be had (no koffi), an exclusively created file stands in, taken over from a dead pid.
  */
 function takeLock(lockPath: string, volume: string, me: StagingOwner): number | undefined {
-  const fail = (err: unknown) => VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
   for (let attempt = 0; attempt < 5; attempt++) {
     const fd = openSync(lockPath, constants.O_RDWR | constants.O_CREAT, 0o600);
     let taken: boolean | undefined;
@@ -474,7 +479,7 @@ function takeLock(lockPath: string, volume: string, me: StagingOwner): number | 
       taken = tryLockExclusive(fd);
     } catch (err) {
       closeSync(fd);
-      throw fail(err);
+      throw lockError(volume, err);
     }
     if (taken === undefined) {
       closeSync(fd);
@@ -494,7 +499,11 @@ function takeLock(lockPath: string, volume: string, me: StagingOwner): number | 
     writeSync(fd, JSON.stringify(me), 0);
     return fd;
   }
-  throw fail(new Error("the lock file kept changing"));
+  throw lockError(volume, new Error("the lock file kept changing"));
+}
+
+function lockError(volume: string, err: unknown): VolumeError {
+  return VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
 }
 
 /** Who a lock file says holds it, if it says. */
@@ -515,7 +524,7 @@ function takeLockFile(lockPath: string, volume: string, me: StagingOwner): undef
       closeSync(fd);
       return;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 3) throw VolumeError.IO(`lock staging of volume ${JSON.stringify(volume)}`, err);
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 3) throw lockError(volume, err);
     }
     const holder = readOwner(lockPath);
     if (holder && holder.host === me.host && pidAlive(holder.pid) && holder.pid !== process.pid) throw alreadyMounted(volume, holder);
