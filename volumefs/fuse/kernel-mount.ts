@@ -1088,18 +1088,12 @@ export class KernelSession {
 
   /** Drops a node's cached attributes, and its cached pages from `offset` on when offset ≥ 0. */
   private invalInode(id: number, offset: number): Promise<void> {
-    const b = Buffer.alloc(24);
-    b.writeBigUInt64LE(BigInt(id), 0);
-    b.writeBigInt64LE(BigInt(offset), 8);
-    return this.dev.notify(NOTIFY_INVAL_INODE, b);
+    return this.dev.notify(NOTIFY_INVAL_INODE, invalInodeOut(id, offset));
   }
 
   /** Drops the kernel's attributes of node `id` (not its pages), before the reply being made. */
   private invalAttrs(id: number): void {
-    const b = Buffer.alloc(24);
-    b.writeBigUInt64LE(BigInt(id), 0);
-    b.writeBigInt64LE(-1n, 8);
-    this.dev.notifySync(NOTIFY_INVAL_INODE, b);
+    this.dev.notifySync(NOTIFY_INVAL_INODE, invalInodeOut(id, -1));
   }
 
   /** Drops the kernel's entry of `name` in `parent`; `now`: not queued behind other notifications (see restale). */
@@ -1117,4 +1111,12 @@ function sized(v: Uint8Array, size: number): Uint8Array[] {
   if (size === 0) return [sizeOut(v.length)];
   if (v.length > size) throw Object.assign(new Error("buffer too small"), { code: "ERANGE" });
   return [v];
+}
+
+/** `struct fuse_notify_inval_inode_out`: the node, and the offset its pages are dropped from (−1: none, attributes only); length 0 (to the end). */
+function invalInodeOut(id: number, offset: number): Buffer {
+  const b = Buffer.alloc(24);
+  b.writeBigUInt64LE(BigInt(id), 0);
+  b.writeBigInt64LE(BigInt(offset), 8);
+  return b;
 }
