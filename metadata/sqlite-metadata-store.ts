@@ -12,7 +12,7 @@
  * better-sqlite3 is synchronous; the async methods run each statement on the caller's thread and
  * only ever await between retries. Schema: see migrations.ts.
  */
-import { mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, renameSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -224,6 +224,51 @@ export class SqliteMetadataStore implements MetadataStore {
         throw toMetadataError(op, err);
       }
     }
+  }
+
+  /**
+   * Checkpoints the database at `path` into its file, and refuses with BUSY while another
+   * connection has it open (a mount, an agent). A missing or unreadable database passes.
+   */
+  static checkpointAlone(path: string): void {
+    if (!existsSync(path)) return;
+    try {
+      const db = new (loadSqlite())(path, { fileMustExist: true, timeout: 1000 });
+      try {
+        db.pragma("wal_checkpoint(TRUNCATE)");
+      } finally {
+        db.close();
+      }
+    } catch {
+      return; // unreadable: nothing to checkpoint
+    }
+    // The last connection to close removes the WAL; one that stays means another holder.
+    if (existsSync(`${path}-wal`)) {
+      const op = `set aside metadata ${path}`;
+      throw new MetadataError("BUSY", `${op}: the database is open in another process`, {
+        op,
+        hint: "unmount this host's volumes and stop its agents (they hold the database), then try again",
+      });
+    }
+  }
+
+  /**
+   * Moves the database at `path` to `to`, with its WAL and shared-memory files, so that another
+   * database can take the path (`strata fsck --rebuild`). Nothing is deleted: commits still in the
+   * WAL are first checkpointed into the file, and a database SQLite cannot open is moved as found.
+   * Refuses with BUSY while another connection has the database open (a mount, an agent): it
+   * would go on writing into the moved file. Returns false when there was nothing at `path`.
+   */
+  static setAside(path: string, to: string): boolean {
+    if (!["-wal", "-shm", ""].some((s) => existsSync(path + s))) return false;
+    SqliteMetadataStore.checkpointAlone(path);
+    try {
+      // The WAL before the database: a crash between the two never leaves a database beside another's WAL.
+      for (const s of ["-wal", "-shm", ""]) if (existsSync(path + s)) renameSync(path + s, to + s);
+    } catch (err) {
+      throw toMetadataError(`set aside metadata ${path}`, err);
+    }
+    return true;
   }
 
   #live(op: string): Database.Database {

@@ -333,16 +333,20 @@ async function cmdFsck(args: ParsedArgs, io: CliIO): Promise<number> {
     const path = metadataPath(config);
     const objects = openObjectStore(config);
     // Build the new database beside the old one, then swap it in: a failed rebuild loses nothing.
+    SqliteMetadataStore.checkpointAlone(path); // refused early while in use, not after the rebuild
     const tmp = `${path}.rebuild-${process.pid}`;
     await rm(tmp, { force: true });
     const meta = SqliteMetadataStore.open({ path: tmp });
     try {
       const r = await rebuildMetadata(meta, objects, { onProgress });
       await meta.close();
-      for (const suffix of ["-wal", "-shm"]) await rm(path + suffix, { force: true });
+      // The old database is kept beside the new one, not deleted: it may hold what the bucket lacks.
+      const old = `${path}.before-rebuild-${new Date().toISOString().replace(/[:.]/g, "-")}`;
+      const kept = SqliteMetadataStore.setAside(path, old);
       await rename(tmp, path);
       if (onProgress) io.stderr.write("\n");
       out(io, `rebuilt metadata from ${objects.url}: ${r.volumes} volumes, ${r.versions} versions, ${r.packs} packs, ${r.chunks} chunks and trees`);
+      if (kept) out(io, `the old database is kept as ${old}`);
     } catch (err) {
       await meta.close().catch(() => undefined);
       for (const suffix of ["", "-wal", "-shm"]) await rm(tmp + suffix, { force: true });

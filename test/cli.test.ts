@@ -188,6 +188,43 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
       expect(v).toMatch(ID);
     });
 
+    it("refuses to rebuild the metadata while another process holds it, and keeps the old database", async () => {
+      const home = env.STRATA_HOME!;
+      const { readdir: ls } = await import("node:fs/promises");
+      const { SqliteMetadataStore } = await import("../metadata/index.js");
+      const before = await ok(cli, "log", "data", "--json");
+      const dbs = (await ls(home)).filter((f) => /^meta.*\.db$/.test(f));
+      expect(dbs).toHaveLength(1);
+      const db = dbs[0]!;
+      const held = SqliteMetadataStore.open({ path: join(home, db) });
+      const files = await ls(home);
+      try {
+        // A write leaves the WAL non-empty: commits the old code's rebuild deleted unread.
+        await held.createVolume({ env: "main", name: "held-only", head: null, forkedFrom: null, createdAt: Date.now() });
+        const r = await cli("fsck", "--rebuild");
+        expect(r.code).not.toBe(0);
+        expect(r.stderr).toMatch(/BUSY/);
+        expect(r.stderr).toMatch(/hint: unmount/);
+        expect(r.stderr.trim().split("\n").length).toBe(2);
+        expect(await ls(home)).toEqual(files);
+      } finally {
+        await held.close();
+      }
+      expect(await ok(cli, "log", "data", "--json")).toBe(before);
+      const r = await cli("fsck", "--rebuild");
+      expect(r.code).toBe(0);
+      const kept = (await ls(home)).filter((f) => !files.includes(f) && f.startsWith(`${db}.before-rebuild-`));
+      expect(kept).toHaveLength(1);
+      expect(r.stdout).toContain(`the old database is kept as ${join(home, kept[0]!)}`);
+      const old = SqliteMetadataStore.open({ path: join(home, kept[0]!) });
+      try {
+        expect((await old.listVolumes("main")).map((v) => v.name)).toContain("held-only");
+      } finally {
+        await old.close();
+      }
+      expect(await ok(cli, "log", "data", "--json")).toBe(before);
+    });
+
     it("rejects bad input with one line, a code and a hint", async () => {
       const cases: [string[], RegExp][] = [
         [["volume", "create", "a/b"], /INVALID_NAME/],
