@@ -2,7 +2,8 @@
  * fs: the mounted file system side by side with its peers, in one run, on the same Ceph RGW.
  *
  * Targets: raw local disk; a minimal JS FUSE pass-through to local disk (the ceiling of any
- * fuse-native file system here); the Strata mount on S3; `rclone mount --vfs-cache-mode writes`;
+ * fuse-native file system here); fuse-overlayfs on local disk (a native FUSE file system, for
+ * what FUSE itself costs on this machine); the Strata mount on S3; `rclone mount --vfs-cache-mode writes`;
  * `s3fs`. Scenarios, each as time and ratio to raw disk: a sequential write of one big file then
  * sync (until it is durable in the store), a cold read (page cache dropped, caches emptied, peers
  * remounted) and a warm read of it, small-file creates/s and stats/s, and a developer workload
@@ -10,8 +11,8 @@
  * && git commit`, then sync). Raw S3 PUT and GET of the same bytes are measured in the same run.
  *
  * Sizes: FS_BENCH_FILE_MB (1024), FS_BENCH_FILES (10000), FS_BENCH_DEV_COPIES (4),
- * FS_BENCH_TARGETS (all: raw,passthrough,strata,rclone,s3fs), FS_BENCH_STEP_TIMEOUT_S (120).
- * Needs root (drop_caches, mounts), rclone and s3fs (scripts/install-peers.sh).
+ * FS_BENCH_TARGETS (all: raw,passthrough,overlay,strata,rclone,s3fs), FS_BENCH_STEP_TIMEOUT_S (120).
+ * Needs root (drop_caches, mounts), rclone, s3fs and fuse-overlayfs (scripts/install-peers.sh).
  *
  * Run: `npm run bench -- fs`, or `node --import tsx bench/fs.ts`.
  */
@@ -34,7 +35,7 @@ const FILE_MB = Number(env.FS_BENCH_FILE_MB ?? 1024);
 const FILES = Number(env.FS_BENCH_FILES ?? 10_000);
 const DEV_COPIES = Number(env.FS_BENCH_DEV_COPIES ?? 4);
 const STEP_TIMEOUT_MS = Number(env.FS_BENCH_STEP_TIMEOUT_S ?? 120) * 1000;
-const ALL = ["raw", "passthrough", "strata", "rclone", "s3fs"];
+const ALL = ["raw", "passthrough", "overlay", "strata", "rclone", "s3fs"];
 const TARGETS = (env.FS_BENCH_TARGETS ?? ALL.join(",")).split(",").filter((t) => ALL.includes(t));
 
 /** One file system under test. */
@@ -165,6 +166,33 @@ function passthroughTarget(base: string): Target {
       await fuseUnmount(dir);
       child?.kill("SIGTERM");
       child = undefined;
+    },
+    async sync() {
+      await sh("sync");
+    },
+    async dropOwnCache() {},
+  };
+}
+
+/**
+ * fuse-overlayfs (C, libfuse 3) over local disk: a native FUSE file system that stages writes in
+ * a local upper directory as Strata does, without S3. What any FUSE daemon, not only ours, costs
+ * on this machine: the reference for the figures of the request-bound scenarios.
+ */
+function overlayTarget(base: string): Target {
+  const dir = join(base, "overlay");
+  const layers = ["lower", "upper", "work"].map((l) => join(base, `overlay-${l}`));
+  return {
+    name: "native FUSE overlay (fuse-overlayfs, local disk)",
+    dir,
+    async mount() {
+      for (const d of [dir, ...layers]) mkdirSync(d, { recursive: true });
+      const [lower, upper, work] = layers as [string, string, string];
+      await sh(`fuse-overlayfs -o lowerdir=${lower},upperdir=${upper},workdir=${work} ${JSON.stringify(dir)}`);
+      await waitFor(() => isMounted(dir), "fuse-overlayfs mount");
+    },
+    async unmount() {
+      await fuseUnmount(dir);
     },
     async sync() {
       await sh("sync");
@@ -511,6 +539,7 @@ export async function run(): Promise<unknown> {
     const targets: Record<string, () => Target> = {
       raw: () => rawTarget(base),
       passthrough: () => passthroughTarget(base),
+      overlay: () => overlayTarget(base),
       strata: () => strataTarget(base, s3),
       rclone: () => rcloneTarget(base, s3),
       s3fs: () => s3fsTarget(base, s3),
@@ -551,6 +580,7 @@ export async function run(): Promise<unknown> {
     const pct = (a?: number, b?: number) => (a && b ? (b / a) * 100 : NaN);
     const rawWriteUpload = rawDisk.writeSync?.seconds !== undefined && raw.put.seconds !== undefined ? rawDisk.writeSync.seconds + raw.put.seconds : undefined;
     const peers = results.filter((r) => r.name.startsWith("rclone") || r.name === "s3fs");
+    const native = results.find((r) => r.name.startsWith("native FUSE"));
     targets.push(
       `warm read ${pct(st.warm?.seconds, rawDisk.warm?.seconds).toFixed(0)}% of raw disk (target ≥ 50%)`,
       `cold read ${pct(st.cold?.seconds, st.coldGet?.seconds).toFixed(0)}% of a raw GET right before it (${fmt(st.coldGet, mbps)}; target ≥ 70%), ${pct(st.cold?.seconds, raw.get.seconds).toFixed(0)}% of the raw GET at the start of the run`,
@@ -558,6 +588,7 @@ export async function run(): Promise<unknown> {
       `${st.creates?.seconds ? Math.round(FILES / st.creates.seconds) : "n/a"} creates/s (target ≥ 1000)`,
       `${st.stats?.seconds ? Math.round(FILES / st.stats.seconds) : "n/a"} stats/s (target ≥ 20000)`,
       `developer workload ${st.dev?.seconds && rawDisk.dev?.seconds ? (st.dev.seconds / rawDisk.dev.seconds).toFixed(2) : "n/a"}× raw disk (target ≤ 3×)` +
+        (native?.dev?.seconds && rawDisk.dev?.seconds ? `; a native FUSE file system on local disk (fuse-overlayfs) took ${(native.dev.seconds / rawDisk.dev.seconds).toFixed(2)}× raw disk, Strata ${st.dev?.seconds ? (st.dev.seconds / native.dev.seconds).toFixed(2) : "n/a"}× of it` : "") +
         (peers.length > 0 ? `, peers: ${peers.map((p) => `${p.name} ${p.dev?.seconds ? `${p.dev.seconds.toFixed(1)} s` : fmt(p.dev, secs)}`).join(", ")}` : " (peers not run)"),
     );
   }
