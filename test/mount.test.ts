@@ -954,6 +954,44 @@ describe("whole-file copies read by the kernel (backing files)", () => {
     expect((await execAsync(process.execPath, [...CLI, "cat", "direct", "log.bin"], { env: e.env, encoding: "buffer", maxBuffer: 64 << 20 })).stdout.equals(Buffer.concat([a, b.subarray(0, 5)]))).toBe(true);
   }, 180_000);
 
+  it("never gives a data file a killed mount's program still writes to a new file: its later bytes stay out of every other file", async (ctx) => {
+    if (!(await backingOffered())) ctx.skip();
+    await e.strata("volume", "create", "zombie");
+    const mnt = join(e.base, "zombie-mnt");
+    const first = await e.mount("zombie", mnt);
+    // Two files the kernel writes through backing files, held open by this process: one
+    // unlinked while open (no name reaches it after the crash), one removed after it.
+    const held = openSync(join(mnt, "held.log"), "w");
+    const kept = openSync(join(mnt, "kept.log"), "w");
+    try {
+      writeSync(held, "held before\n");
+      writeSync(kept, "kept before\n");
+      rmSync(join(mnt, "held.log"));
+      first.kill("SIGKILL");
+      await exitOf(first);
+      await e.strata("unmount", mnt);
+      // The kernel goes on writing through the backing files with no mount at all.
+      writeSync(kept, "kept after the kill\n");
+      await e.mount("zombie", mnt);
+      expect(readFileSync(join(mnt, "kept.log"), "utf8")).toBe("kept before\nkept after the kill\n");
+      rmSync(join(mnt, "kept.log"));
+      await e.strata("sync", mnt);
+      await new Promise((r) => setTimeout(r, 300)); // freed data files are recycled in the background
+      const fresh = Array.from({ length: 8 }, (_, i) => `fresh ${i}\n`);
+      fresh.forEach((text, i) => writeFileSync(join(mnt, `new-${i}.txt`), text));
+      writeSync(held, "HELD AFTER\n");
+      writeSync(kept, "KEPT AFTER\n");
+    } finally {
+      closeSync(held);
+      closeSync(kept);
+    }
+    await e.unmount(mnt);
+    await e.mount("zombie", mnt);
+    for (let i = 0; i < 8; i++) expect(readFileSync(join(mnt, `new-${i}.txt`), "utf8")).toBe(`fresh ${i}\n`);
+    expect(readdirSync(mnt).sort()).toEqual(Array.from({ length: 8 }, (_, i) => `new-${i}.txt`));
+    await e.unmount(mnt);
+  }, 120_000);
+
   it("keeps both names of a hard-linked file held open for writing across a sync on one file (nlink 2), also after kill -9", async (ctx) => {
     if (!(await backingOffered())) ctx.skip();
     await e.strata("volume", "create", "linked-open");

@@ -507,6 +507,35 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
+  it("never makes a spare of a data file the kernel still wrote through when the mount closed: the next mount unlinks it once no name reaches it", async () => {
+    const { open, repo, stagingRoot } = await setup();
+    const m = await open();
+    m.kernelWrites();
+    const data = join(stagingRoot, repo.env, "v", "data");
+    const names = (): string[] => fs.readdirSync(data);
+    const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
+    const fd = (await m.backingFd(fh))!;
+    try {
+      fs.writeSync(fd, "by the kernel");
+      const [ofLog] = names();
+      // The session ends with the handle never released (an aborted connection).
+      await m.close();
+      const m2 = await open();
+      m2.kernelWrites();
+      await m2.unlink("/log");
+      await m2.sync();
+      for (let waited = 0; names().includes(ofLog!) && waited < 5000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+      await new Promise((r) => setTimeout(r, 20));
+      expect(names()).toEqual([]); // unlinked, not renamed into a spare
+      await writeFile(m2, "/new", "x");
+      fs.writeSync(fd, " and more");
+      expect((await readAll(m2, "/new")).toString()).toBe("x");
+      await m2.close();
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
   it("lets a read-only handle read on what it opened when a reload removes its file or discards its staged bytes", async () => {
     const { open, repo } = await setup();
     const m = await open();

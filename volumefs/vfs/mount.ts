@@ -1498,10 +1498,17 @@ export class MountedVolume implements MountFs {
     if (this.syncing) await this.syncing.catch(() => undefined);
     await this.lock.catch(() => undefined);
     this.closed = true;
-    for (const h of this.handles.values()) if (h.kind === "file") this.dropFill(h);
+    // Files the kernel writes through whose release never came (the session was aborted, or
+    // the process is going down with them open): their writers may outlive this mount.
+    const keptOpen: string[] = [];
+    for (const h of this.handles.values()) {
+      if (h.kind !== "file") continue;
+      this.dropFill(h);
+      if (h.backedWrites) keptOpen.push(h.backedWrites.id);
+    }
     for (const r of this.copyReaders.values()) r.close();
     this.copyReaders.clear();
     this.handles.clear();
-    this.staging?.close();
+    this.staging?.close(keptOpen);
   }
 }

@@ -2,7 +2,8 @@
  * The durable staging layer of a mount: the writes not yet synced, on local disk.
  *
  * Layout under `<stagingRoot>/<env>/<volume>/`:
- *   lock             {"pid","host","mount","time"}: the process that has the volume mounted
+ *   lock             {"pid","host","mount","time"}: the process that has the volume mounted;
+ *                    removed when it closes, so one found by an opener was left by a holder that died
  *   manifest.json    {"v":1,"base":id|null,"first":N,"syncing"?:{"token","upTo"},"volume"?:T},
  *                    replaced atomically (write to a temp file, rename); T is the creation time
  *                    of the volume the directory belongs to (a volume removed and made again
@@ -17,6 +18,11 @@
  *                    which the kernel may write itself (a backing file): its size and mtime are
  *                    the file's; empty files no content names are spares for new contents
  *                    (StagingDir.takeSpare)
+ *   kept-open        ids of data files that may still be open for writing in another process:
+ *                    those the kernel had opened as backing files for a mount that did not end
+ *                    cleanly (killed, or ended with files open). The kernel goes on writing
+ *                    through such a file without any mount, so it is never made a spare (a new
+ *                    file would get the old writer's bytes), only unlinked once no name reaches it
  *
  * Invariants:
  * - data bytes are written before the journal line that names them, and a journal line before
@@ -125,6 +131,8 @@ export class StagingDir {
   private incarnation: number | undefined;
   /** The open lock file whose flock(2) this process holds (see takeLock). */
   private lockFd: number | undefined;
+  /** Data files another process may still write through (the `kept-open` file): never spares. */
+  private readonly keptOpen = new Set<string>();
 
   private constructor(dir: string, manifest: StagingManifest, layer: number) {
     this.dir = dir;
@@ -148,6 +156,8 @@ export class StagingDir {
     const lockPath = join(dir, "lock");
     if (locallyLocked.has(dir)) throw alreadyMounted(volume, { pid: process.pid, host: hostname(), mount, time: 0 });
     const me: StagingOwner = { pid: process.pid, host: hostname(), mount, time: Date.now() };
+    // A clean close removes the lock file: one still there is a holder that died or left files open.
+    const unclean = existsSync(lockPath);
     const lockFd = takeLock(lockPath, volume, me);
     locallyLocked.add(dir);
     let manifest: StagingManifest;
@@ -172,9 +182,30 @@ export class StagingDir {
     const s = new StagingDir(dir, manifest, layer);
     s.lockFd = lockFd;
     s.incarnation = incarnation ?? manifest.volume;
+    s.loadKeptOpen(unclean);
     s.writeManifest(manifest, true);
     s.openJournal();
     return s;
+  }
+
+  /**
+   * Reads the `kept-open` ids still naming data files. After a holder died (its lock file is
+   * still there), every data file joins them: the dead mount's backing files are among them.
+   * Written durably before any file could be made a spare.
+   */
+  private loadKeptOpen(unclean: boolean): void {
+    const path = join(this.dir, "kept-open");
+    let listed: string[] = [];
+    try {
+      listed = readFileSync(path, "utf8").split("\n");
+    } catch {
+      // none
+    }
+    const present = new Set(this.listData());
+    for (const id of listed) if (present.has(id)) this.keptOpen.add(id);
+    if (unclean) for (const id of present) this.keptOpen.add(id);
+    if (this.keptOpen.size === 0 && listed.length === 0) return;
+    this.replaceFile("kept-open", [...this.keptOpen].join("\n"), true);
   }
 
   private openJournal(): void {
@@ -230,15 +261,20 @@ export class StagingDir {
   /** Replaces the manifest atomically; `durable` fsyncs it (and the directory) first. */
   writeManifest(m: StagingManifest, durable = false): void {
     if (this.incarnation !== undefined) m = { ...m, volume: this.incarnation };
-    const path = join(this.dir, "manifest.json");
+    this.replaceFile("manifest.json", JSON.stringify(m), durable);
+    this.manifest = m;
+  }
+
+  /** Replaces file `name` of the directory atomically (a temp file, then a rename). */
+  private replaceFile(name: string, text: string, durable: boolean): void {
+    const path = join(this.dir, name);
     const tmp = `${path}.tmp`;
     const fd = openSync(tmp, "w", 0o600);
-    writeSync(fd, JSON.stringify(m));
+    writeSync(fd, text);
     if (durable) fsyncSync(fd);
     closeSync(fd);
     renameSync(tmp, path);
     if (durable) fsyncDir(this.dir);
-    this.manifest = m;
   }
 
   /** Drops the manifest's `syncing` (a sync known not to have committed), durably. */
@@ -324,7 +360,7 @@ export class StagingDir {
     // Once closed, a file is left for the next mount (which finds it unreachable).
     if (this.closed) return;
     const path = this.dataPath(file.id);
-    if (this.spares.length < SPARES_MAX) {
+    if (this.spares.length < SPARES_MAX && !this.keptOpen.has(file.id)) {
       const bytes = file.size !== undefined && file.size <= SMALL_SPARE_BYTES && this.spareBytes + file.size <= SPARE_BYTES_MAX ? file.size : 0;
       this.spareBytes += bytes;
       try {
@@ -438,8 +474,16 @@ export class StagingDir {
   }
 
   /** Closes descriptors and releases the lock; idempotent. */
-  close(): void {
+  /**
+   * Closes the directory and lets go of its lock. `keptOpen`: data files the kernel opened as
+   * backing files for writing whose release never came (the session ended with them open):
+   * other processes may go on writing them, so they are added to `kept-open`.
+   */
+  close(keptOpen: Iterable<string> = []): void {
     if (this.closed) return;
+    const n = this.keptOpen.size;
+    for (const id of keptOpen) this.keptOpen.add(id);
+    if (this.keptOpen.size > n) this.replaceFile("kept-open", [...this.keptOpen].join("\n"), true);
     this.closed = true;
     this.closeFiles();
     try {
