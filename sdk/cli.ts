@@ -36,9 +36,14 @@ function helpText(): string {
 /** Runs the CLI with `argv` (without node and the script); resolves to the exit code. */
 export async function runCli(argv: string[], io: CliIO): Promise<number> {
   const [name, ...rest] = argv;
-  if (!name || name === "--help" || name === "-h" || name === "help") {
+  if (name === "--help" || name === "-h" || name === "help") {
     out(io, helpText());
-    return name ? 0 : EXIT_USAGE;
+    return 0;
+  }
+  if (!name) {
+    // A usage error: the help goes where errors go, and stdout stays empty for a script.
+    io.stderr.write(`strata: missing command (USAGE)\n${helpText()}\n`);
+    return EXIT_USAGE;
   }
   const cmd: CommandSpec | undefined = Object.hasOwn(commands, name) ? commands[name as CommandName] : undefined;
   try {
@@ -55,6 +60,13 @@ export async function runCli(argv: string[], io: CliIO): Promise<number> {
       parsed = { positionals: p.positionals, values: p.values as ParsedArgs["values"] };
     } catch (err) {
       throw new StrataError("USAGE", `${name}: ${(err as Error).message.split("\n")[0]!.replace(/\.$/, "")}`, { hint: `usage: strata ${cmd.usage}` });
+    }
+    // `--at ""` or `--cache-size=` would fall back to the default as if the option were absent.
+    for (const [opt, v] of Object.entries(parsed.values)) {
+      if (opt === "message") continue; // an empty message is a message
+      if ((Array.isArray(v) ? v : [v]).some((x) => x === "")) {
+        throw new StrataError("USAGE", `${name}: option ${opt.length === 1 ? "-" : "--"}${opt} has an empty value`, { hint: `usage: strata ${cmd.usage}` });
+      }
     }
     if (cmd.args !== undefined && parsed.positionals.length > cmd.args) {
       throw new StrataError("USAGE", `${name}: unexpected argument ${JSON.stringify(parsed.positionals[cmd.args])}`, { hint: `usage: strata ${cmd.usage}` });

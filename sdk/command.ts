@@ -60,7 +60,7 @@ export const commands = {
   fork: { args: 2, group: "store", usage: "fork SRC DST [--at V]", summary: "make a new volume from a version of another, in constant time", options: { at: { type: "string" } } },
   log: { args: 1, group: "store", usage: "log NAME [--json]", summary: "list versions, newest first", options: { json: { type: "boolean" } } },
   diff: { args: 3, group: "store", usage: "diff NAME V1 [V2] [--json]", summary: "paths added, modified and removed from V1 to V2 (default the head)", options: { json: { type: "boolean" } } },
-  revert: { args: 2, group: "store", usage: "revert NAME V", summary: "make a new version whose tree is V's" },
+  revert: { args: 2, group: "store", usage: "revert NAME V", summary: "make a new version whose tree is V's; prints its id (the head's when it has that tree already)" },
   fsck: { args: 0, group: "store", usage: "fsck [--rebuild] [--json]", summary: "check every version is complete; --rebuild remakes the metadata from the bucket", options: { rebuild: { type: "boolean" }, json: { type: "boolean" } } },
   demo: { args: 0, group: "store", usage: "demo", summary: "a short tour on the embedded default store" },
   mount: {
@@ -145,6 +145,16 @@ export type CommandName = keyof typeof commands;
 
 /** The code of one group's commands, as its module exports it (`export const run`). */
 export type GroupRun<G extends CommandGroup> = { [K in CommandName as (typeof commands)[K]["group"] extends G ? K : never]: CommandRun };
+
+/**
+ * A path (or name) as a text line shows it: quoted as JSON when it holds control characters, so
+ * that a name with a newline or an escape sequence can neither split a line nor drive the
+ * terminal. `--json` output needs no such care.
+ */
+export function shownName(p: string): string {
+  // eslint-disable-next-line no-control-regex
+  return /[\u0000-\u001f\u007f-\u009f]/.test(p) ? JSON.stringify(p) : p;
+}
 
 /** A usage error (exit 2): `message`, and the command's usage line as the hint. */
 export function usageError(message: string, use: string): StrataError {

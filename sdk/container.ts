@@ -134,7 +134,8 @@ export function parseGpu(v: string | GpuRequest): GpuRequest {
   return { type: m[1]!, count: m[2] ? Number(m[2]) : 1 };
 }
 
-function createRequest(o: SandboxCreateOptions) {
+/** The agent's create request for `o`; bad options fail here, before any agent is asked. */
+export function createRequest(o: SandboxCreateOptions) {
   const cpu = o.cpu === undefined ? undefined : Number(o.cpu);
   if (cpu !== undefined && !(cpu > 0)) throw new StrataError("INVALID_ARGUMENT", `parse cpu ${JSON.stringify(o.cpu)}: want a positive number`);
   return {
@@ -245,8 +246,9 @@ export class SandboxClient {
 
   /** Creates and starts a sandbox; resolves once it can exec. */
   async create(opts: SandboxCreateOptions = {}): Promise<Sandbox> {
+    const req = createRequest(opts); // bad options fail before an agent is started for them
     const agent = await this.agent();
-    const rec = await agent.create(createRequest(opts));
+    const rec = await agent.create(req);
     return new Sandbox(agent, rec.id);
   }
 

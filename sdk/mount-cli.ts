@@ -8,7 +8,7 @@
  * volumefs/vfs/control.ts), so they work the same from inside a sandbox that sees only DIR.
  */
 import { processAlive } from "./process.js";
-import { commands, usageError, stringOpt, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
+import { commands, shownName, usageError, stringOpt, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
 import { spawn } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
 import { mkdir, open, readFile, rm, stat, writeFile } from "node:fs/promises";
@@ -170,7 +170,11 @@ async function cmdMount(args: ParsedArgs, io: CliIO): Promise<number> {
   const overrides: Partial<StrataConfig> = {};
   const cacheDir = str(args.values["cache-dir"]);
   const cacheSize = str(args.values["cache-size"]);
-  if (cacheDir) overrides.cacheDir = resolve(cacheDir);
+  if (cacheDir) {
+    overrides.cacheDir = resolve(cacheDir);
+    const st = await stat(overrides.cacheDir).catch(() => undefined);
+    if (st && !st.isDirectory()) throw VolumeError.NOT_A_DIRECTORY(overrides.cacheDir, { op: "mount: --cache-dir", hint: "give a directory for the cache (a missing one is made)" });
+  }
   if (cacheSize) overrides.cacheBytes = parseSize(cacheSize, "--cache-size");
   const config = loadConfig(io.env, overrides);
   if (args.values.daemon === true) return daemonize(abs, config.home, io);
@@ -324,9 +328,9 @@ async function cmdStatus(args: ParsedArgs, io: CliIO): Promise<void> {
     return;
   }
   io.stdout.write(`volume ${out.volume}\nbase   ${out.base ?? "(empty)"}\n`);
-  for (const p of out.staged.added) io.stdout.write(`A ${p}\n`);
-  for (const p of out.staged.modified) io.stdout.write(`M ${p}\n`);
-  for (const p of out.staged.removed) io.stdout.write(`D ${p}\n`);
+  for (const p of out.staged.added) io.stdout.write(`A ${shownName(p)}\n`);
+  for (const p of out.staged.modified) io.stdout.write(`M ${shownName(p)}\n`);
+  for (const p of out.staged.removed) io.stdout.write(`D ${shownName(p)}\n`);
 }
 
 /** The code of the mount commands, for cli.ts. */

@@ -11,7 +11,7 @@ import { dirname, isAbsolute, join, resolve } from "node:path";
 import { parseEgressEntry, type ImageSpec, type SandboxRecord, type VolumeMountRequest } from "../agent/index.js";
 import { StrataError } from "../metadata/index.js";
 import { commands, usageError, stringOpt, timing, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
-import { SandboxClient, type Sandbox } from "./container.js";
+import { createRequest, SandboxClient, type Sandbox, type SandboxCreateOptions } from "./container.js";
 import { Image } from "./image.js";
 import { connectLocalAgent } from "./local-agent.js";
 
@@ -140,20 +140,22 @@ async function cmdRun(args: ParsedArgs, io: CliIO): Promise<number> {
   const egress = parseEgress(list(args.values.egress));
   const env = parseEnv(list(args.values.env)); // before an agent is started for it
   const image = await resolveImageArg(str(args.values.image) ?? "debian-slim");
+  const opts: SandboxCreateOptions = {
+    image, volumes, env,
+    ...(str(args.values.name) ? { name: str(args.values.name) } : {}),
+    ...(str(args.values.cpu) ? { cpu: str(args.values.cpu) } : {}),
+    ...(str(args.values.memory) ? { memory: str(args.values.memory) } : {}),
+    ...(str(args.values.gpu) ? { gpu: str(args.values.gpu) } : {}),
+    ...(str(args.values.lifetime) ? { lifetime: str(args.values.lifetime) } : {}),
+    ...(egress ? { network: { egress } } : {}),
+  };
+  createRequest(opts); // a bad --cpu, --memory, --gpu or --lifetime fails before an agent is started for it
   const client = new SandboxClient({ env: io.env });
   let sb: Sandbox | undefined;
   try {
     await client.agent();
     timing(io, "connected");
-    sb = await client.create({
-      image, volumes, env,
-      ...(str(args.values.name) ? { name: str(args.values.name) } : {}),
-      ...(str(args.values.cpu) ? { cpu: str(args.values.cpu) } : {}),
-      ...(str(args.values.memory) ? { memory: str(args.values.memory) } : {}),
-      ...(str(args.values.gpu) ? { gpu: str(args.values.gpu) } : {}),
-      ...(str(args.values.lifetime) ? { lifetime: str(args.values.lifetime) } : {}),
-      ...(egress ? { network: { egress } } : {}),
-    });
+    sb = await client.create(opts);
     timing(io, "created");
     const r = await stream(sb, argv, io, args.values.interactive === true);
     const stopped = await sb.stop({ sync: args.values["no-sync"] !== true });

@@ -13,7 +13,7 @@ import { fsck, rebuildMetadata, splitPath, VolumeError, type Snapshot } from "..
 import { Strata, metadataPath, openObjectStore } from "./client.js";
 import { loadConfig } from "./config.js";
 import { runDemo } from "./demo.js";
-import { commands, usageError, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
+import { commands, shownName, usageError, type CliIO, type GroupRun, type ParsedArgs } from "./command.js";
 import { Volume } from "./volume.js";
 
 function client(io: CliIO): Strata {
@@ -265,7 +265,8 @@ async function cmdLs(args: ParsedArgs, io: CliIO): Promise<void> {
       return;
     }
     for (const i of items) {
-      const shown = i.kind === "dir" ? i.path + "/" : i.kind === "symlink" ? `${i.path} -> ${i.target}` : i.path;
+      const name = shownName(i.path);
+      const shown = i.kind === "dir" ? name + "/" : i.kind === "symlink" ? `${name} -> ${shownName(i.target ?? "")}` : name;
       out(io, `${modeString(i.kind, i.mode)} ${String(i.size).padStart(12)} ${i.mtime.toISOString().slice(0, 19).replace("T", " ")} ${shown}`);
     }
   });
@@ -303,7 +304,7 @@ async function cmdLog(args: ParsedArgs, io: CliIO): Promise<void> {
     }
     for (const v of versions) {
       const prov = Object.entries(v.labels).map(([k, val]) => `${k}=${val}`).join(" ");
-      out(io, `${v.id.slice(0, 16)}  ${new Date(v.time).toISOString()}  ${String(v.files).padStart(7)} files ${humanBytes(v.bytes).padStart(10)}  ${v.message}${prov ? `  [${prov}]` : ""}`);
+      out(io, `${v.id.slice(0, 16)}  ${new Date(v.time).toISOString()}  ${String(v.files).padStart(7)} files ${humanBytes(v.bytes).padStart(10)}  ${shownName(v.message)}${prov ? `  [${prov}]` : ""}`);
     }
   });
 }
@@ -314,9 +315,9 @@ async function cmdDiff(args: ParsedArgs, io: CliIO): Promise<void> {
   await withClient(io, async (c) => {
     const d = await c.repo.diff(name, a, b);
     if (args.values.json) return json(io, d);
-    for (const p of d.added) out(io, `A ${p}`);
-    for (const p of d.modified) out(io, `M ${p}`);
-    for (const p of d.removed) out(io, `D ${p}`);
+    for (const p of d.added) out(io, `A ${shownName(p)}`);
+    for (const p of d.modified) out(io, `M ${shownName(p)}`);
+    for (const p of d.removed) out(io, `D ${shownName(p)}`);
   });
 }
 

@@ -243,6 +243,10 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
         [["frobnicate"], /USAGE/],
         [["cat", "data", "src/a.txt", "extra"], /unexpected argument "extra" \(USAGE\)/],
         [["status", work, "extra"], /unexpected argument "extra" \(USAGE\)/],
+        [["cat", "data", "src/a.txt", "--at", ""], /option --at has an empty value \(USAGE\)/],
+        [["ls", "data", "--at="], /option --at has an empty value \(USAGE\)/],
+        [["mount", "data", join(work, "mnt-never"), "--cache-size="], /option --cache-size has an empty value \(USAGE\)/],
+        [["mount", "data", join(work, "mnt-never"), "--cache-dir", join(work, "single.txt")], /--cache-dir .*single.txt": not a directory \(NOT_A_DIRECTORY\)/],
       ];
       const before = JSON.parse(await ok(cli, "log", "data", "--json")).length;
       for (const [args, code] of cases) {
@@ -254,6 +258,23 @@ function contract(name: string, setup: () => Promise<{ env: NodeJS.ProcessEnv; c
         expect(r.stdout).toBe("");
       }
       expect(JSON.parse(await ok(cli, "log", "data", "--json")).length).toBe(before);
+    });
+
+    it("prints names with control characters quoted, one line each", async () => {
+      const src = join(work, "odd");
+      await mkdir(src, { recursive: true });
+      await writeFile(join(src, "two\nlines"), "x");
+      await writeFile(join(src, "esc\u001b[31mred"), "y");
+      await writeFile(join(src, "plain"), "z");
+      const before = JSON.parse(await ok(cli, "log", "data", "--json"))[0].id;
+      await ok(cli, "put", "data", src, "odd");
+      const names = (await ok(cli, "ls", "data", "odd")).trimEnd().split("\n").map((l) => l.split(" ").pop());
+      expect(names.sort()).toEqual([JSON.stringify("odd/esc\u001b[31mred"), "odd/plain", JSON.stringify("odd/two\nlines")].sort());
+      const diff = (await ok(cli, "diff", "data", before)).trimEnd().split("\n");
+      expect(diff).toHaveLength(3);
+      expect(diff).toContain(`A ${JSON.stringify("odd/two\nlines")}`);
+      // --json carries the names as they are.
+      expect(JSON.parse(await ok(cli, "ls", "data", "odd", "--json")).map((i: { path: string }) => i.path)).toContain("odd/two\nlines");
     });
   });
 }
@@ -337,9 +358,16 @@ describe("the strata program", () => {
     expect(r.stderr).toMatch(/^strata: open volume "missing-volume": no such volume \(UNKNOWN_VOLUME\)\nhint: .+\n$/);
     const u = await proc(["ls"]);
     expect(u.code).toBe(2);
+    const none = await proc([]);
+    expect(none.code).toBe(2);
+    expect(none.stdout).toBe("");
+    expect(none.stderr).toMatch(/^strata: missing command \(USAGE\)\nusage: strata COMMAND/);
+    const help = await proc(["--help"]);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toMatch(/^usage: strata COMMAND/);
   });
 
-  it("refuses extra arguments, a put that would put nothing, a get into a missing directory, and a bad -e before it starts anything", async () => {
+  it("refuses extra arguments, a put that would put nothing, a get into a missing directory, and a bad -e, --cpu, --memory, --gpu or --lifetime before it starts anything", async () => {
     const extra = await proc(["volume", "create", "one", "two"]);
     expect(extra.code).toBe(2);
     expect(extra.stderr).toMatch(/^strata: volume: unexpected argument "two" \(USAGE\)\nhint: /);
@@ -360,6 +388,17 @@ describe("the strata program", () => {
     const env = await proc(["run", "-e", "bad", "--", "true"]);
     expect(env.code).toBe(2);
     expect(env.stderr).toMatch(/^strata: run: bad -e "bad" \(USAGE\)/);
+    for (const [opt, bad, said] of [
+      ["--cpu", "0", /parse cpu "0"/],
+      ["--memory", "lots", /parse memory "lots"/],
+      ["--gpu", "a100:0", /parse gpu "a100:0"/],
+      ["--lifetime", "soon", /parse lifetime "soon"/],
+    ] as const) {
+      const r = await proc(["run", opt, bad, "--", "true"]);
+      expect(r.code, opt).toBe(1);
+      expect(r.stderr, opt).toMatch(said);
+      expect(r.stderr, opt).toMatch(/\(INVALID_ARGUMENT\)\n/);
+    }
     expect(existsSync(join(home, "agent.pid"))).toBe(false);
   });
 

@@ -253,6 +253,10 @@ describe("Repository", () => {
     expect(rv.parents).toEqual([r2.version!.id]);
     expect(await text(repo, "v", "x")).toBe("1");
     expect(await repo.diff("v", r1.version!.id, r2.version!.id)).toEqual({ added: [], modified: ["x"], removed: [] });
+    // Reverting to what the head already has changes nothing, so it makes no version.
+    expect((await repo.revert("v", "head")).id).toBe(rv.id);
+    expect((await repo.revert("v", r1.version!.id)).id).toBe(rv.id);
+    expect((await repo.log("v")).map((v) => v.id)).toEqual([rv.id, r2.version!.id, r1.version!.id]);
   });
 
   it("leaves the head intact when the store fails at any step of a sync", async () => {

@@ -371,6 +371,11 @@ export class Repository {
     if (!target) throw VolumeError.UNKNOWN_VERSION(ref, volume);
     for (let attempt = 0; attempt < 20; attempt++) {
       const vol = await this.volume(volume);
+      if (vol.head) {
+        // The head has the tree already: a version would change nothing, so none is made.
+        const head = vol.head === target.id ? target : await this.version(vol.head);
+        if (head.root === target.root) return head;
+      }
       const version = await this.putVersion({
         root: target.root,
         parents: vol.head ? [vol.head] : [],
