@@ -37,14 +37,34 @@ export async function buildDir(onto: Snapshot, dir: DirEntry, node: OverlayNode,
   return { ...dir, tree: enc.id, files: enc.files, bytes: enc.bytes, ...(node.mtime !== undefined ? { mtime: node.mtime } : {}) };
 }
 
+/** What a rebase of an overlay onto a moved head found (`findConflicts`). */
+export interface RebasePlan {
+  /** Paths changed on both sides, to settle by the sync's policy. */
+  conflicts: string[];
+  /**
+   * Directories both sides made where there was none, with the same attributes: one directory
+   * holding both sides' entries, whose own collisions are among `conflicts`. The sync builds
+   * them on the head's directory (`Overlay.mergeDir`).
+   */
+  merged: string[];
+  /** Paths staged without a change (a hard link's source, say): the head's entry stands (`Overlay.drop`). */
+  unchanged: string[];
+}
+
+/** Whether two directories carry the same attributes (mode, owner, xattrs), whatever they hold. */
+function sameDirAttrs(a: DirEntry, b: DirEntry): boolean {
+  const bare = (d: DirEntry): DirEntry => ({ ...d, tree: "", files: 0, bytes: 0, mtime: 0 });
+  return sameEntry(bare(a), bare(b));
+}
+
 /**
  * Paths where the overlay (staged over `base`) collides with what happened between `base` and
  * `head`: a path we changed that they changed to something else, or a path we changed below a
  * directory they removed or replaced. Changing a path to the same result on both sides is not a
- * conflict.
+ * conflict, nor is a directory both sides made (their entries meet in it, path by path).
  */
-export async function findConflicts(overlay: Overlay, base: Snapshot, head: Snapshot): Promise<string[]> {
-  const conflicts: string[] = [];
+export async function findConflicts(overlay: Overlay, base: Snapshot, head: Snapshot): Promise<RebasePlan> {
+  const plan: RebasePlan = { conflicts: [], merged: [], unchanged: [] };
   const at = async (s: Snapshot, segs: string[]): Promise<Entry | undefined | "blocked"> => {
     try {
       return await s.lookupSegments(segs);
@@ -60,18 +80,28 @@ export async function findConflicts(overlay: Overlay, base: Snapshot, head: Snap
       const eh = await at(head, p);
       const theyChanged = eb === "blocked" || eh === "blocked" ? eb !== eh : !sameEntry(eb, eh);
       const explicit = child.replace !== undefined && !child.implicit;
+      const leaf = !child.children || child.children.size === 0;
       let conflict = false;
       if (explicit) {
+        const ours = child.replace === null ? undefined : child.replace;
+        if (leaf && !isPending(ours) && eb !== "blocked" && sameEntry(ours as Entry | undefined, eb)) {
+          plan.unchanged.push(p.join("/"));
+          continue;
+        }
         if (theyChanged || parentGone) {
-          const ours = child.replace === null ? undefined : child.replace;
-          const same = !isPending(ours) && eh !== "blocked" && (!child.children || child.children.size === 0) && sameEntry(ours as Entry | undefined, eh);
+          if (!parentGone && eb === undefined && ours?.kind === "dir" && eh !== "blocked" && eh?.kind === "dir" && sameDirAttrs(ours, eh)) {
+            plan.merged.push(p.join("/"));
+            await walk(child, p, false);
+            continue;
+          }
+          const same = !isPending(ours) && eh !== "blocked" && leaf && sameEntry(ours as Entry | undefined, eh);
           conflict = !same;
         }
       } else if (child.replace === undefined) {
         conflict = parentGone || (eb !== "blocked" && eb?.kind === "dir" && (eh === "blocked" || eh?.kind !== "dir"));
       }
       if (conflict) {
-        conflicts.push(p.join("/"));
+        plan.conflicts.push(p.join("/"));
         continue;
       }
       const gone = child.implicit ? false : child.replace === undefined && eb !== "blocked" && eb?.kind === "dir" && (eh === "blocked" || eh?.kind !== "dir");
@@ -79,5 +109,5 @@ export async function findConflicts(overlay: Overlay, base: Snapshot, head: Snap
     }
   };
   await walk(overlay.root, [], false);
-  return conflicts;
+  return plan;
 }

@@ -280,6 +280,17 @@ export class Overlay {
   }
 
   /** Drops the change at a path and everything staged below it (used by the "theirs" policy). */
+  /**
+   * Makes the directory staged at `segs` take the base's directory there as what it starts
+   * from, as a parent made by a write does: a rebase's directory both sides made (the base is
+   * then the head it is rebased onto, whose directory has the same attributes).
+   */
+  mergeDir(segs: readonly string[]): void {
+    let node: OverlayNode | undefined = this.root;
+    for (const name of segs) node = node?.children?.get(name);
+    if (node?.replace?.kind === "dir") node.implicit = true;
+  }
+
   drop(segs: readonly string[]): void {
     let node: OverlayNode | undefined = this.root;
     const parents: [OverlayNode, string][] = [];

@@ -224,6 +224,55 @@ describe("Repository", () => {
     }
   });
 
+  it("merges a directory both sides made: only the names both made in it are conflicts", async () => {
+    for (const policy of ["fail", "ours", "theirs"] as const) {
+      const repo = makeRepo();
+      await repo.createVolume("v");
+      await commit(repo, "v", (o) => put(o, "base.txt", "base"));
+      const base = await repo.resolve("v");
+      const mine = repo.stage(base);
+      await mine.mkdir(w("results"));
+      await put(mine, "results/mine.txt", "mine");
+      await put(mine, "results/both.txt", policy === "fail" ? "same" : "mine");
+      await commit(repo, "v", async (o) => {
+        await o.mkdir(w("results"));
+        await put(o, "results/theirs.txt", "theirs");
+        await put(o, "results/both.txt", policy === "fail" ? "same" : "theirs");
+      });
+      // Same bytes on both sides under "fail": nothing collides.
+      const r = await repo.sync("v", base, mine, { onConflict: policy });
+      expect(r.conflicts).toEqual(policy === "fail" ? [] : ["results/both.txt"]);
+      expect(await text(repo, "v", "results/mine.txt")).toBe("mine");
+      expect(await text(repo, "v", "results/theirs.txt")).toBe("theirs");
+      expect(await text(repo, "v", "results/both.txt")).toBe({ fail: "same", ours: "mine", theirs: "theirs" }[policy]);
+    }
+    // A directory made with other attributes than theirs is one conflict, settled whole.
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    const mine = repo.stage(null);
+    await mine.mkdir(w("results"), 0o700);
+    await put(mine, "results/mine.txt", "mine");
+    await commit(repo, "v", (o) => o.mkdir(w("results"), 0o755));
+    await expect(repo.sync("v", null, mine)).rejects.toMatchObject({ code: "CONFLICT", details: { paths: ["results"] } });
+  });
+
+  it("takes their change of a path staged without a change (a hard link's source)", async () => {
+    for (const policy of ["fail", "ours"] as const) {
+      const repo = makeRepo();
+      await repo.createVolume("v");
+      await commit(repo, "v", (o) => put(o, "src.txt", "old"));
+      const base = await repo.resolve("v");
+      const mine = repo.stage(base);
+      await put(mine, "src.txt", "old"); // what base has, to the byte and attribute
+      await put(mine, "dst.txt", "old");
+      await commit(repo, "v", (o) => put(o, "src.txt", "theirs"));
+      const r = await repo.sync("v", base, mine, { onConflict: policy });
+      expect(r.conflicts).toEqual([]);
+      expect(await text(repo, "v", "src.txt")).toBe("theirs");
+      expect(await text(repo, "v", "dst.txt")).toBe("old");
+    }
+  });
+
   it("sees a write under a directory removed by the other side as a conflict", async () => {
     const repo = makeRepo();
     await repo.createVolume("v");

@@ -455,7 +455,9 @@ export class Repository {
         }
         head = res.head ? await this.version(res.head) : null;
         onto = this.snapshot(head);
-        const conflicts = await findConflicts(overlay, overlay.base, onto);
+        const { conflicts, merged, unchanged } = await findConflicts(overlay, overlay.base, onto);
+        for (const p of unchanged) overlay.drop(p.split("/"));
+        for (const p of merged) overlay.mergeDir(p.split("/"));
         if (conflicts.length > 0) {
           if (policy === "fail") {
             throw new VolumeError("CONFLICT", `sync volume ${JSON.stringify(volume)}: ${conflicts.length} path(s) changed on both sides: ${conflicts.slice(0, 5).join(", ")}${conflicts.length > 5 ? ", …" : ""}`, {
