@@ -383,6 +383,74 @@ describe("MountedVolume", () => {
     await m.close();
   });
 
+  it("never lays changes made during a sync over another writer's version unchecked: the sync runs again and rebases them path by path", async () => {
+    /** Runs `fn` once the mount has frozen its changes, before the repository's sync (the changes are "during the sync"). */
+    const during = (repo: Repository, fn: () => Promise<void>): void => {
+      const sync = repo.sync.bind(repo);
+      repo.sync = async (...a: Parameters<Repository["sync"]>) => {
+        repo.sync = sync;
+        await fn();
+        return sync(...a);
+      };
+    };
+    {
+      // A write to a file the other writer changed: a conflict, not their bytes overwritten.
+      const { open, repo } = await setup();
+      await commitElsewhere(repo, { "shared.txt": "base" });
+      const m = await open();
+      await writeFile(m, "/mine.txt", "mine");
+      await commitElsewhere(repo, { "shared.txt": "THEIRS" });
+      during(repo, () => writeFile(m, "/shared.txt", "ours"));
+      const err = await m.sync({ onConflict: "fail" }).catch((e: VolumeError) => e);
+      expect(err).toMatchObject({ code: "CONFLICT", details: { paths: ["shared.txt"] } });
+      expect(Buffer.from(await repo.snapshot(await repo.resolve("v")).readFile("shared.txt")).toString()).toBe("THEIRS");
+      expect((await readAll(m, "/shared.txt")).toString()).toBe("ours");
+      const r = await m.sync({ onConflict: "theirs" });
+      expect(r.conflicts).toEqual(["shared.txt"]);
+      expect((await readAll(m, "/shared.txt")).toString()).toBe("THEIRS");
+      expect((await readAll(m, "/mine.txt")).toString()).toBe("mine");
+      await m.close();
+    }
+    {
+      // A directory made during the sync where the other writer made one with files: both kept.
+      const { open, repo } = await setup();
+      const m = await open();
+      await writeFile(m, "/mine.txt", "mine");
+      await commitElsewhere(repo, { theirs1: "T1" });
+      const theirs = repo.stage(await repo.resolve("v"));
+      await theirs.mkdir(["results"]);
+      await theirs.put(["results", "theirs.txt"], { kind: "file", name: "theirs.txt", mode: 0o644, mtime: 1, size: 1, pending: { kind: "bytes", data: Buffer.from("T") } });
+      await repo.sync("v", await repo.resolve("v"), theirs);
+      during(repo, async () => {
+        await m.mkdir("/results", 0o755);
+        await writeFile(m, "/results/ours.txt", "O");
+      });
+      const r = await m.sync({ onConflict: "fail" });
+      expect(r.conflicts).toEqual([]);
+      const head = repo.snapshot(await repo.resolve("v"));
+      expect(Buffer.from(await head.readFile("results/theirs.txt")).toString()).toBe("T");
+      expect(Buffer.from(await head.readFile("results/ours.txt")).toString()).toBe("O");
+      expect((await m.readdir("/results")).sort()).toEqual(["ours.txt", "theirs.txt"]);
+      await m.close();
+    }
+    {
+      // A file made during the sync under a directory the other writer replaced by a file: refused, kept staged.
+      const { open, repo } = await setup();
+      const first = repo.stage(null);
+      await first.mkdir(["d"]);
+      await repo.sync("v", null, first);
+      const m = await open();
+      await writeFile(m, "/mine.txt", "mine");
+      await commitElsewhere(repo, { d: null });
+      await commitElsewhere(repo, { d: "now a file" });
+      during(repo, () => writeFile(m, "/d/new.txt", "answered"));
+      await expect(m.sync({ onConflict: "fail" })).rejects.toMatchObject({ code: "CONFLICT" });
+      expect((await readAll(m, "/d/new.txt")).toString()).toBe("answered");
+      expect((await m.status()).staged.added).toContain("d/new.txt");
+      await m.close();
+    }
+  });
+
   it("keeps a write made during a sync staged, and syncs it next", async () => {
     const { open, repo } = await setup();
     const m = await open();

@@ -73,6 +73,8 @@ export interface MountedVolumeOptions {
 const COPY_START_WITHIN = 8 * 2 ** 20;
 /** Whole copies kept open for reads the kernel does not make from them itself. */
 const COPY_READERS = 8;
+/** Runs of a sync that found the head moved and changes made while it ran (see runSync). */
+const SYNC_ATTEMPTS = 3;
 
 type UploadPending = Extract<PendingContent, { kind: "upload" }> & { content: StagedContent };
 
@@ -661,6 +663,16 @@ export class MountedVolume implements MountFs {
     const run = this.lock.then(fn, fn);
     this.lock = run.catch(() => undefined);
     return run;
+  }
+
+  /** Takes the lock `exclusive` runs under, until the returned function is called. */
+  private async acquire(): Promise<() => void> {
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const turn = this.lock.then(() => undefined, () => undefined);
+    this.lock = turn.then(() => held);
+    await turn;
+    return release;
   }
 
   private checkWritable(op: string, path: string): void {
@@ -1302,7 +1314,14 @@ export class MountedVolume implements MountFs {
     const prev = this.syncing;
     const run = (async () => {
       if (prev) await prev.catch(() => undefined);
-      return this.runSync(opts);
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await this.runSync(opts);
+        } catch (err) {
+          // Writes made while it ran met a moved head: the next attempt takes them in (see runSync).
+          if (!(err instanceof VolumeError && (err.details as { writtenDuringSync?: boolean } | undefined)?.writtenDuringSync) || attempt >= SYNC_ATTEMPTS) throw err;
+        }
+      }
     })();
     this.syncing = run;
     try {
@@ -1341,21 +1360,41 @@ export class MountedVolume implements MountFs {
       clone.root = this.freezeNode(this.overlay.root, contents, [], snapshots);
       const token = randomBytes(12).toString("hex");
       staging.writeManifest({ ...staging.manifest, syncing: { token, upTo } }, true);
-      return { upTo, clone, contents: [...contents], token, base: this.base, snapshots: [...snapshots.values()] };
+      // The new layer's lines so far are the freeze's own (live files re-stated over the version).
+      return { upTo, clone, contents: [...contents], token, base: this.base, snapshots: [...snapshots.values()], lines: staging.appended };
     });
     if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [], rebased: false };
     let res: { version: VersionRecord | null; changed: boolean; conflicts: string[] };
+    // Changes made while the sync runs are journalled over the mount's view before it; replayed
+    // over a version that took in another writer's, they would overwrite it unchecked. So the
+    // head may be rebased onto only when none were made, and none can be until the replay below:
+    // the lock is held from the first rebase to the end. Else the sync ends with nothing
+    // committed and runs again, the changes then among those it rebases path by path.
+    let release: (() => void) | undefined;
+    const beforeRebase = async (): Promise<void> => {
+      release ??= await this.acquire();
+      if (staging.appended > frozen.lines) {
+        throw new VolumeError("CONFLICT", `sync volume ${JSON.stringify(this.volume)}: the head moved, and files changed while the sync ran`, {
+          volume: this.volume,
+          details: { writtenDuringSync: true },
+          hint: "sync again once the writers pause",
+        });
+      }
+    };
     try {
       res = await this.repo.sync(this.volume, frozen.base, frozen.clone, {
         message: opts.message,
         onConflict: opts.onConflict,
         labels: { ...this.labels, ...(opts.labels ?? {}), syncId: frozen.token },
+        beforeRebase,
       });
     } catch (err) {
       // undefined: whether the commit went through cannot be learned now (the store is down):
       // the token stays in the manifest for the next sync, or the next mount, to settle.
       const committed = await this.findSynced(frozen.token, frozen.base?.id ?? null).catch(() => undefined);
       if (!committed) {
+        release?.();
+        release = undefined;
         for (const c of frozen.contents) c.resetUpload();
         if (committed === null) staging.settleSync();
         // The copies of files still open for writing: the next sync copies them again.
@@ -1367,7 +1406,7 @@ export class MountedVolume implements MountFs {
       }
       res = { version: committed, changed: true, conflicts: [] as string[] };
     }
-    await this.exclusive(async () => {
+    const settle = async (): Promise<void> => {
       this.stored = new Map(frozen.contents.filter((c) => c.uploaded).map((c) => [stagedTag(c), c.uploaded!.chunks]));
       for (const c of this.contents.values()) {
         if (c.lower?.kind === "content" && c.lower.content.uploaded) {
@@ -1390,7 +1429,14 @@ export class MountedVolume implements MountFs {
       // After the commit, off the sync's path: a sync of many new files stored as many data files.
       staging.recycleDataLater(dead.map((id) => ({ id, size: this.contents.get(id)?.size })));
       for (const id of dead) this.contents.delete(id);
-    });
+    };
+    if (release) {
+      try {
+        await settle();
+      } finally {
+        release();
+      }
+    } else await this.exclusive(settle);
     const parents = res.version?.parents ?? [];
     const ours = frozen.base ? parents.length === 1 && parents[0] === frozen.base.id : parents.length === 0;
     const rebased = res.version !== null && res.version.id !== frozen.base?.id && !ours;

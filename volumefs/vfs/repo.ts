@@ -53,6 +53,12 @@ export interface SyncOptions {
   maxRebases?: number;
   /** Called as files are uploaded: files done, files in all. */
   onProgress?: (done: number, total: number) => void;
+  /**
+   * Called each time the head is found to have moved, before the overlay is rebased onto it; a
+   * throw ends the sync with nothing committed (a mount refuses to rebase over writes made while
+   * the sync ran: see MountedVolume.sync).
+   */
+  beforeRebase?: () => Promise<void>;
 }
 
 /** What a sync did. */
@@ -453,6 +459,7 @@ export class Repository {
           await this.writeRef(res.volume);
           return { version, changed: true, conflicts: settled, rebased: head?.id !== base?.id, stats };
         }
+        await opts.beforeRebase?.();
         head = res.head ? await this.version(res.head) : null;
         onto = this.snapshot(head);
         const { conflicts, merged, unchanged } = await findConflicts(overlay, overlay.base, onto);

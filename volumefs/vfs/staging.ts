@@ -244,7 +244,11 @@ export class StagingDir {
     // torn one, and replay stops at the first line it cannot read.
     const line = Buffer.from(JSON.stringify(op) + "\n");
     for (let at = 0; at < line.length; ) at += writeSync(this.journalFd, line, at, line.length - at);
+    this.appended++;
   }
+
+  /** Lines appended to the current layer. */
+  appended = 0;
 
   /** Ends the current layer and starts the next; returns the ended layer's number. */
   rotate(): number {
@@ -255,6 +259,7 @@ export class StagingDir {
     if (old !== undefined) closeSync(old);
     this.layer++;
     this.openJournal();
+    this.appended = 0;
     return ended;
   }
 
