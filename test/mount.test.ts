@@ -13,6 +13,7 @@ import {
   existsSync,
   constants,
   fstatSync,
+  fsyncSync,
   ftruncateSync,
   linkSync,
   lstatSync,
@@ -375,6 +376,13 @@ describe("strata mount on the file store", () => {
     const v1 = (await e.strata("sync", mnt)).trim();
     writeFileSync(join(mnt, "new.txt"), "new\n");
     writeFileSync(join(mnt, "keep.txt"), "two\n");
+    // fsync(2) of the directory (the last step of an atomic replace) is answered after it forced the names to the disk.
+    const dirFd = openSync(mnt, "r");
+    try {
+      fsyncSync(dirFd);
+    } finally {
+      closeSync(dirFd);
+    }
     const st = JSON.parse(await e.strata("status", mnt, "--json"));
     expect(st.volume).toBe("st");
     expect(st.base).toBe(v1);

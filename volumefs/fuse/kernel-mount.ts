@@ -766,7 +766,7 @@ export class KernelSession {
         this.dirs.delete(u64(b, 0));
         return this.dev.reply(req.unique, 0);
       case Op.FSYNCDIR:
-        return this.dev.reply(req.unique, 0);
+        return this.run(req, "fsyncdir", async () => (await this.fs.fsyncdir?.(), []));
       default:
         return this.dev.reply(req.unique, -E.ENOSYS);
     }

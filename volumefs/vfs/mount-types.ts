@@ -98,6 +98,8 @@ export interface MountFs {
   /** close(2) of a descriptor. Must need no work: adapters may tell the kernel to skip it (durability is `fsync`'s). */
   flush(fh: number): Promise<void>;
   fsync(fh: number, datasync: boolean): Promise<void>;
+  /** Optional: fsync(2) of a directory, which forces its names (their journal lines) to the disk. */
+  fsyncdir?(): Promise<void>;
   release(fh: number): Promise<void>;
   /**
    * Optional: a descriptor of a local file holding exactly the bytes of open file `fh`, which

@@ -1107,6 +1107,11 @@ export class MountedVolume implements MountFs {
     this.staging.fsync(c && c.hasFile ? [c.id] : []);
   }
 
+  /** Forces every journal layer still to replay, and the staging directory, to the disk: names made, renamed or removed included. */
+  async fsyncdir(): Promise<void> {
+    this.staging?.fsync();
+  }
+
   /** Closes a handle; idempotent for unknown handles is not given: BAD_HANDLE. */
   async release(fh: number): Promise<void> {
     const h = this.handle(fh);
