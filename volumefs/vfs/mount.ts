@@ -1225,6 +1225,9 @@ export class MountedVolume implements MountFs {
       // stages nothing: no journal line, and a stored file stays stored.
       const same = (v: number | undefined, cur: number): boolean => v === undefined || v === cur;
       if (patch.mtime === undefined && same(patch.mode, e.mode & 0o7777) && same(patch.uid, e.uid ?? 0) && same(patch.gid, e.gid ?? 0)) return;
+      // A staged file's mtime is its content's. A content a sync froze (running, or failed) keeps
+      // the sync's: a new time goes on a copy of it, as a write's bytes do (and so in a replay).
+      if (patch.mtime !== undefined && contentOf(e)?.frozen) await this.writable({ segs });
       await this.change({ o: "attr", p: segs.join("/"), ...patch });
     });
   }

@@ -301,6 +301,29 @@ try {
     await m2.close();
   });
 
+  it("keeps a time set on a staged file after a failed sync, in the mount, a replay and the next version", async () => {
+    const dir = tempDir();
+    let failing = false;
+    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failing && op === "put" && !key.startsWith("refs/") ? transientError("put") : undefined));
+    const repo = repoAt(dir, objects);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await writeFile(m, "/f", "hello");
+    failing = true;
+    await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+    failing = false;
+    await m.utimens("/f", 0, 5_000_000);
+    expect((await m.getattr("/f")).mtime).toBe(5_000_000);
+    await m.close();
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect((await m2.getattr("/f")).mtime).toBe(5_000_000);
+    expect(await readAll(m2, "/f")).toBe("hello");
+    const r = await m2.sync();
+    expect((await repo.snapshot(await repo.version(r.version!)).lookup("f"))?.mtime).toBe(5_000_000);
+    await m2.close();
+  });
+
   it("stores every chunk of a version synced after two failed syncs in a row", async () => {
     const dir = tempDir();
     let failing = false;
