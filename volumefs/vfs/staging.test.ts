@@ -324,6 +324,21 @@ try {
     await m2.close();
   });
 
+  it("gives a file the kernel writes itself the exact millisecond it was set to, after a replay too", async () => {
+    const dir = tempDir();
+    const repo = repoAt(dir);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    m.kernelWrites(); // new files' contents are their whole data files (direct)
+    await writeFile(m, "/f", "x");
+    await m.utimens("/f", 0, 1_000_000_000_234); // 1000000000.234 s is not exact as a float
+    await m.close();
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect((await m2.getattr("/f")).mtime).toBe(1_000_000_000_234);
+    await m2.close();
+  });
+
   it("stores every chunk of a version synced after two failed syncs in a row", async () => {
     const dir = tempDir();
     let failing = false;

@@ -803,7 +803,9 @@ export class StagedContent {
       const fd = this.staging.fd(this.id, false);
       const st = fstatSync(fd);
       size = st.size;
-      mtime = Math.floor(st.mtimeMs);
+      // Rounded: a time set as whole milliseconds goes through futimes as float seconds and can
+      // come back a nanosecond short (…233.999 for …234).
+      mtime = Math.round(st.mtimeMs);
       if (this.backedWriters === 0 && size > 0 && size <= INLINE_MAX) {
         const bytes = Buffer.allocUnsafe(size);
         if (readAll(fd, bytes, 0, size, 0) === size) this.inline = bytes;
