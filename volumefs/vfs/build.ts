@@ -26,7 +26,8 @@ export async function buildDir(onto: Snapshot, dir: DirEntry, node: OverlayNode,
       e = child.replace;
     }
     if (child.children && child.children.size > 0) {
-      const asDir: DirEntry = e?.kind === "dir" ? e : emptyDir(name, e?.mode ?? 0o755);
+      // Not a file's mode where the head has a file (a rebase under "ours" of a write below it).
+      const asDir: DirEntry = e?.kind === "dir" ? e : emptyDir(name, 0o755);
       e = await buildDir(onto, asDir, child, emit);
     }
     if (e === undefined) entries.delete(name);
@@ -49,6 +50,15 @@ export interface RebasePlan {
   merged: string[];
   /** Paths staged without a change (a hard link's source, say): the head's entry stands (`Overlay.drop`). */
   unchanged: string[];
+}
+
+/** Whether every change staged below `node` removes a name. */
+function onlyRemovals(node: OverlayNode): boolean {
+  for (const child of node.children?.values() ?? []) {
+    if (child.replace === null) continue;
+    if (child.replace !== undefined || !onlyRemovals(child)) return false;
+  }
+  return true;
 }
 
 /** Whether two directories carry the same attributes (mode, owner, xattrs), whatever they hold. */
@@ -99,6 +109,11 @@ export async function findConflicts(overlay: Overlay, base: Snapshot, head: Snap
         }
       } else if (child.replace === undefined) {
         conflict = parentGone || (eb !== "blocked" && eb?.kind === "dir" && (eh === "blocked" || eh?.kind !== "dir"));
+        // Only removals below a directory they removed too: nothing of ours is left to keep.
+        if (conflict && eh === undefined && onlyRemovals(child)) {
+          plan.unchanged.push(p.join("/"));
+          continue;
+        }
       }
       if (conflict) {
         plan.conflicts.push(p.join("/"));

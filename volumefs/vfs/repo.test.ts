@@ -273,6 +273,40 @@ describe("Repository", () => {
     }
   });
 
+  it("takes a directory both sides removed names of, as removed, and keeps ours a directory where they made a file", async () => {
+    for (const policy of ["fail", "ours"] as const) {
+      const repo = makeRepo();
+      await repo.createVolume("v");
+      await commit(repo, "v", async (o) => {
+        await put(o, "d/x", "x");
+        await put(o, "d/y", "y");
+        await put(o, "keep", "k");
+      });
+      const base = await repo.resolve("v");
+      const mine = repo.stage(base);
+      await mine.remove(w("d/x"));
+      await commit(repo, "v", (o) => o.remove(w("d"), { recursive: true }));
+      const r = await repo.sync("v", base, mine, { onConflict: policy });
+      expect(r.conflicts).toEqual([]);
+      expect(await repo.snapshot(await repo.resolve("v")).lookup("d")).toBeUndefined();
+    }
+    const repo = makeRepo();
+    await repo.createVolume("v");
+    await commit(repo, "v", (o) => put(o, "d/x", "x"));
+    const base = await repo.resolve("v");
+    const mine = repo.stage(base);
+    await put(mine, "d/y", "Y");
+    await commit(repo, "v", async (o) => {
+      await o.remove(w("d"), { recursive: true });
+      await put(o, "d", "a file");
+    });
+    const r = await repo.sync("v", base, mine, { onConflict: "ours" });
+    expect(r.conflicts).toEqual(["d"]);
+    const d = await repo.snapshot(await repo.resolve("v")).lookup("d");
+    expect(d).toMatchObject({ kind: "dir", mode: 0o755 });
+    expect(await text(repo, "v", "d/y")).toBe("Y");
+  });
+
   it("sees a write under a directory removed by the other side as a conflict", async () => {
     const repo = makeRepo();
     await repo.createVolume("v");
