@@ -518,6 +518,17 @@ export class MountedVolume implements MountFs {
   }
 
   private async apply(ov: Overlay, op: JournalOp, mode: "live" | "recover" | "rebase"): Promise<void> {
+    // Directories' mtimes take the line's time, live and in a replay alike (lines of older
+    // mounts may have none: then now).
+    ov.time = "t" in op ? op.t : undefined;
+    try {
+      await this.applyOp(ov, op, mode);
+    } finally {
+      ov.time = undefined;
+    }
+  }
+
+  private async applyOp(ov: Overlay, op: JournalOp, mode: "live" | "recover" | "rebase"): Promise<void> {
     switch (op.o) {
       case "create": {
         const segs = op.p.split("/");
@@ -1129,7 +1140,7 @@ export class MountedVolume implements MountFs {
       const e = await this.mustLookup(segs, "unlink");
       if (e.kind === "dir") throw VolumeError.IS_A_DIRECTORY(path, { op: "unlink" });
       this.orphanHandles(segs, e);
-      await this.change({ o: "rm", p: segs.join("/") });
+      await this.change({ o: "rm", p: segs.join("/"), t: Date.now() });
     });
   }
 
@@ -1150,7 +1161,7 @@ export class MountedVolume implements MountFs {
       const e = await this.mustLookup(segs, "rmdir");
       if (e.kind !== "dir") throw VolumeError.NOT_A_DIRECTORY(path, { op: "rmdir" });
       if ((await this.overlay.readdir(segs)).length > 0) throw new VolumeError("NOT_EMPTY", `rmdir ${JSON.stringify(path)}: directory not empty`, { path });
-      await this.change({ o: "rm", p: segs.join("/") });
+      await this.change({ o: "rm", p: segs.join("/"), t: Date.now() });
     });
   }
 
@@ -1169,7 +1180,7 @@ export class MountedVolume implements MountFs {
       // Two names of one file (hard links): rename(2) leaves both.
       if (target && contentOf(target) !== undefined && contentOf(target) === contentOf(e)) return;
       if (target && target.kind !== "dir" && e.kind !== "dir") this.orphanHandles(d, target);
-      await this.change({ o: "mv", p: s.join("/"), d: d.join("/") });
+      await this.change({ o: "mv", p: s.join("/"), d: d.join("/"), t: Date.now() });
       const sk = s.join("/");
       for (const h of this.handles.values()) {
         if (h.kind !== "file" || !h.segs) continue;
@@ -1208,7 +1219,7 @@ export class MountedVolume implements MountFs {
       // A stored file is staged first (no bytes copied), so that both names show one content: a
       // write through either shows in the other until a sync, as for a staged file's links.
       if (e.kind === "file" && !contentOf(e)) await this.writable({ segs: s });
-      await this.change({ o: "link", p: s.join("/"), d: d.join("/") });
+      await this.change({ o: "link", p: s.join("/"), d: d.join("/"), t: Date.now() });
     });
   }
 

@@ -161,12 +161,18 @@ export class Overlay {
     if (!cur) this.namesChanged(segs);
   }
 
-  /** The directory holding `segs` had a name made, removed or renamed: its mtime is now. */
+  /**
+   * When names change, for the directories' mtimes: the time of the journal line being applied,
+   * so that a replay gives the times the mount answered; now when unset.
+   */
+  time: number | undefined;
+
+  /** The directory holding `segs` had a name made, removed or renamed: its mtime is now (`time`). */
   private namesChanged(segs: readonly string[]): void {
     if (segs.length < 2) return;
     let node: OverlayNode | undefined = this.root;
     for (const name of segs.slice(0, -1)) node = node?.children?.get(name);
-    if (node) node.mtime = Date.now();
+    if (node) node.mtime = this.time ?? Date.now();
   }
 
   /** Creates a directory; a no-op when one is there. Parents are created as needed. */

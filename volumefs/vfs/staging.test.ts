@@ -339,6 +339,29 @@ try {
     await m2.close();
   });
 
+  it("gives directories the mtimes the mount answered, after a replay too", async () => {
+    const dir = tempDir();
+    const repo = repoAt(dir);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const dirs = ["/made", "/removed", "/renamed-from", "/renamed-to", "/linked"];
+    for (const d of dirs) await m.mkdir(d, 0o755);
+    await writeFile(m, "/made/f", "f");
+    await writeFile(m, "/removed/f", "f");
+    await writeFile(m, "/renamed-from/f", "f");
+    await new Promise((r) => setTimeout(r, 5));
+    await m.unlink("/removed/f");
+    await m.rename("/renamed-from/f", "/renamed-to/f");
+    await m.link("/made/f", "/linked/g");
+    const live = await Promise.all(dirs.map(async (d) => (await m.getattr(d)).mtime));
+    await m.close();
+    await new Promise((r) => setTimeout(r, 20));
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(await Promise.all(dirs.map(async (d) => (await m2.getattr(d)).mtime))).toEqual(live);
+    await m2.close();
+  });
+
   it("stores every chunk of a version synced after two failed syncs in a row", async () => {
     const dir = tempDir();
     let failing = false;

@@ -56,10 +56,10 @@ export type JournalOp =
   | { o: "m"; c: string }
   | { o: "tr"; c: string; s: number; t: number }
   | { o: "mkdir"; p: string; m: number; t: number; u?: number; g?: number }
-  | { o: "rm"; p: string }
-  | { o: "mv"; p: string; d: string }
+  | { o: "rm"; p: string; t?: number }
+  | { o: "mv"; p: string; d: string; t?: number }
   | { o: "sym"; p: string; target: string; t: number; u?: number; g?: number }
-  | { o: "link"; p: string; d: string }
+  | { o: "link"; p: string; d: string; t?: number }
   | { o: "attr"; p: string; mode?: number; mtime?: number; uid?: number; gid?: number }
   | { o: "xattr"; p: string; k: string; v: string | null };
 
