@@ -620,12 +620,11 @@ export class MountedVolume implements MountFs {
       }
       case "attr": {
         const segs = op.p.split("/");
-        await ov.setAttr(segs, { mode: op.mode, mtime: op.mtime, uid: op.uid, gid: op.gid });
-        if (op.mtime !== undefined && mode !== "rebase") {
-          const c = contentOf(await ov.lookup(segs));
-          // In a replay a direct content's mtime is its file's (`refresh`), later writes included.
-          if (c && !c.frozen && !(c.direct && mode === "recover")) c.setMtime(op.mtime);
-        }
+        const c = contentOf(await ov.lookup(segs));
+        // One file's attributes, whichever of its hard links names it.
+        for (const name of this.linkedNames(ov, segs, c)) await ov.setAttr(name, { mode: op.mode, mtime: op.mtime, uid: op.uid, gid: op.gid });
+        // In a replay a direct content's mtime is its file's (`refresh`), later writes included.
+        if (op.mtime !== undefined && mode !== "rebase" && c && !c.frozen && !(c.direct && mode === "recover")) c.setMtime(op.mtime);
         return;
       }
       case "xattr": {
@@ -635,10 +634,30 @@ export class MountedVolume implements MountFs {
         const x = { ...(e.xattrs ?? {}) };
         if (op.v === null) delete x[op.k];
         else x[op.k] = Buffer.from(op.v, "base64");
-        await ov.setAttr(segs, { xattrs: x });
+        for (const name of this.linkedNames(ov, segs, contentOf(e))) await ov.setAttr(name, { xattrs: x });
         return;
       }
     }
+  }
+
+  /**
+   * `segs` and every other path of `ov` whose staged entry shows content `c`: the names of one
+   * file's hard links, which share its attributes as they share its bytes. A walk of the staged
+   * names, only for a content linked under more than one name.
+   */
+  private linkedNames(ov: Overlay, segs: string[], c: StagedContent | undefined): string[][] {
+    if (!c?.linked || c.names < 2) return [segs];
+    const out: string[][] = [segs];
+    const self = segs.join("/");
+    const walk = (n: OverlayNode, at: string[]): void => {
+      for (const [name, child] of n.children ?? []) {
+        const p = [...at, name];
+        if (child.replace && contentOf(child.replace) === c && p.join("/") !== self) out.push(p);
+        walk(child, p);
+      }
+    };
+    walk(ov.root, []);
+    return out;
   }
 
   /**

@@ -362,6 +362,34 @@ try {
     await m2.close();
   });
 
+  it("shows a change of one hard link's mode, owner or xattrs in the other, after a replay and in the next version", async () => {
+    const dir = tempDir();
+    const repo = repoAt(dir);
+    await repo.createVolume("v");
+    const stagingRoot = join(dir, "staging");
+    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    await m.mkdir("/d", 0o755);
+    await writeFile(m, "/h1", "bytes");
+    await m.link("/h1", "/d/h2");
+    await m.chmod("/h1", 0o600);
+    await m.chown("/d/h2", 5, 6);
+    await m.setxattr("/h1", "user.k", Buffer.from("v"), 0);
+    const shown = async (mv: MountedVolume): Promise<unknown[]> =>
+      Promise.all(["/h1", "/d/h2"].map(async (p) => {
+        const a = await mv.getattr(p);
+        return { mode: a.mode, uid: a.uid, gid: a.gid, k: Buffer.from((await mv.xattr(p, "user.k")) ?? []).toString() };
+      }));
+    const want = { mode: 0o600, uid: 5, gid: 6, k: "v" };
+    expect(await shown(m)).toEqual([want, want]);
+    await m.close();
+    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    expect(await shown(m2)).toEqual([want, want]);
+    const r = await m2.sync();
+    const snap = repo.snapshot(await repo.version(r.version!));
+    for (const p of ["h1", "d/h2"]) expect(await snap.lookup(p)).toMatchObject({ mode: 0o600, uid: 5, gid: 6 });
+    await m2.close();
+  });
+
   it("stores every chunk of a version synced after two failed syncs in a row", async () => {
     const dir = tempDir();
     let failing = false;
