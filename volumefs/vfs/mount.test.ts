@@ -64,6 +64,21 @@ async function commitElsewhere(repo: Repository, files: Record<string, string | 
   return (await repo.sync("v", await repo.resolve("v"), next)).version;
 }
 
+/**
+ * A mount whose new files the kernel writes itself, with "/log" made and its backing file open
+ * (`fd`, as the kernel holds it); `names` lists the staging's data files.
+ */
+async function kernelWrittenLog() {
+  const { open, repo, stagingRoot } = await setup();
+  const m = await open();
+  m.kernelWrites();
+  const data = join(stagingRoot, repo.env, "v", "data");
+  const names = (): string[] => fs.readdirSync(data);
+  const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
+  const fd = (await m.backingFd(fh))!;
+  return { open, m, names, fh, fd };
+}
+
 async function code(p: Promise<unknown>): Promise<string | undefined> {
   try {
     await p;
@@ -546,13 +561,7 @@ describe("MountedVolume", () => {
   });
 
   it("keeps the data file the kernel writes for an open handle (its backing file) out of the spares when a reload discards the file, until the handle is released", async () => {
-    const { open, repo, stagingRoot } = await setup();
-    const m = await open();
-    m.kernelWrites();
-    const data = join(stagingRoot, repo.env, "v", "data");
-    const names = (): string[] => fs.readdirSync(data);
-    const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
-    const fd = (await m.backingFd(fh))!;
+    const { m, names, fh, fd } = await kernelWrittenLog();
     try {
       fs.writeSync(fd, "by the kernel");
       const ofLog = names();
@@ -576,13 +585,7 @@ describe("MountedVolume", () => {
   });
 
   it("never makes a spare of a data file the kernel still wrote through when the mount closed: the next mount unlinks it once no name reaches it", async () => {
-    const { open, repo, stagingRoot } = await setup();
-    const m = await open();
-    m.kernelWrites();
-    const data = join(stagingRoot, repo.env, "v", "data");
-    const names = (): string[] => fs.readdirSync(data);
-    const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
-    const fd = (await m.backingFd(fh))!;
+    const { open, m, names, fh, fd } = await kernelWrittenLog();
     try {
       fs.writeSync(fd, "by the kernel");
       const [ofLog] = names();

@@ -272,27 +272,39 @@ try {
     await repo.close();
   });
 
-  it("leaves the previous version and the staged changes when the store fails mid-sync", async () => {
+  /** Volume "v" on a file store in a new directory; `open` mounts it. */
+  async function local(): Promise<{ repo: Repository; open(): Promise<MountedVolume> }> {
     const dir = tempDir();
-    let failing = false;
-    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failing && op === "put" && !key.startsWith("refs/") ? transientError("put") : undefined));
-    const repo = repoAt(dir, objects);
+    const repo = repoAt(dir);
     await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    return { repo, open: () => MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") }) };
+  }
+
+  /** Volume "v" on a memory store whose puts (refs aside) fail while `store.failing`; `open` mounts it. */
+  async function flaky(): Promise<{ repo: Repository; store: { failing: boolean }; open(): Promise<MountedVolume> }> {
+    const dir = tempDir();
+    const store = { failing: false };
+    const repo = repoAt(dir, withFaults(new MemoryObjectStore(), (op, key) => (store.failing && op === "put" && !key.startsWith("refs/") ? transientError("put") : undefined)));
+    await repo.createVolume("v");
+    return { repo, store, open: () => MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") }) };
+  }
+
+  it("leaves the previous version and the staged changes when the store fails mid-sync", async () => {
+    const { repo, store, open } = await flaky();
+    const m = await open();
     await writeFile(m, "/a", "one");
     const v1 = (await m.sync()).version;
     await writeFile(m, "/a", "two");
     await writeFile(m, "/b", "new");
-    failing = true;
+    store.failing = true;
     await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
     expect((await repo.volume("v")).head).toBe(v1);
     expect(await readAll(m, "/a")).toBe("two");
     expect((await m.status()).staged).toEqual({ added: ["b"], modified: ["a"], removed: [] });
     await m.close();
-    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const m2 = await open();
     expect(await readAll(m2, "/a")).toBe("two");
-    failing = false;
+    store.failing = false;
     const r = await m2.sync();
     expect(r.changed).toBe(true);
     const snap = repo.snapshot(await repo.version(r.version!));
@@ -302,21 +314,16 @@ try {
   });
 
   it("keeps a time set on a staged file after a failed sync, in the mount, a replay and the next version", async () => {
-    const dir = tempDir();
-    let failing = false;
-    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failing && op === "put" && !key.startsWith("refs/") ? transientError("put") : undefined));
-    const repo = repoAt(dir, objects);
-    await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const { repo, store, open } = await flaky();
+    const m = await open();
     await writeFile(m, "/f", "hello");
-    failing = true;
+    store.failing = true;
     await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
-    failing = false;
+    store.failing = false;
     await m.utimens("/f", 0, 5_000_000);
     expect((await m.getattr("/f")).mtime).toBe(5_000_000);
     await m.close();
-    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const m2 = await open();
     expect((await m2.getattr("/f")).mtime).toBe(5_000_000);
     expect(await readAll(m2, "/f")).toBe("hello");
     const r = await m2.sync();
@@ -325,26 +332,20 @@ try {
   });
 
   it("gives a file the kernel writes itself the exact millisecond it was set to, after a replay too", async () => {
-    const dir = tempDir();
-    const repo = repoAt(dir);
-    await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const { repo, open } = await local();
+    const m = await open();
     m.kernelWrites(); // new files' contents are their whole data files (direct)
     await writeFile(m, "/f", "x");
     await m.utimens("/f", 0, 1_000_000_000_234); // 1000000000.234 s is not exact as a float
     await m.close();
-    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const m2 = await open();
     expect((await m2.getattr("/f")).mtime).toBe(1_000_000_000_234);
     await m2.close();
   });
 
   it("gives directories the mtimes the mount answered, after a replay too", async () => {
-    const dir = tempDir();
-    const repo = repoAt(dir);
-    await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const { repo, open } = await local();
+    const m = await open();
     const dirs = ["/made", "/removed", "/renamed-from", "/renamed-to", "/linked"];
     for (const d of dirs) await m.mkdir(d, 0o755);
     await writeFile(m, "/made/f", "f");
@@ -357,17 +358,14 @@ try {
     const live = await Promise.all(dirs.map(async (d) => (await m.getattr(d)).mtime));
     await m.close();
     await new Promise((r) => setTimeout(r, 20));
-    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const m2 = await open();
     expect(await Promise.all(dirs.map(async (d) => (await m2.getattr(d)).mtime))).toEqual(live);
     await m2.close();
   });
 
   it("shows a change of one hard link's mode, owner or xattrs in the other, after a replay and in the next version", async () => {
-    const dir = tempDir();
-    const repo = repoAt(dir);
-    await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const { repo, open } = await local();
+    const m = await open();
     await m.mkdir("/d", 0o755);
     await writeFile(m, "/h1", "bytes");
     await m.link("/h1", "/d/h2");
@@ -382,7 +380,7 @@ try {
     const want = { mode: 0o600, uid: 5, gid: 6, k: "v" };
     expect(await shown(m)).toEqual([want, want]);
     await m.close();
-    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const m2 = await open();
     expect(await shown(m2)).toEqual([want, want]);
     const r = await m2.sync();
     const snap = repo.snapshot(await repo.version(r.version!));
