@@ -35,7 +35,7 @@ import { isPending, Overlay, type OverlayNode, type PendingContent, type Pending
 import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
 import type { Repository } from "./repo.js";
 import { StagedContent, StagingDir, type JournalOp, type Lower } from "./staging.js";
-import { EMPTY_TREE, type ChunkRef, type FileEntry } from "./tree.js";
+import { EMPTY_TREE, type ChunkRef, type DirEntry, type FileEntry } from "./tree.js";
 
 /** Options of MountedVolume.open. */
 export interface MountedVolumeOptions {
@@ -850,7 +850,7 @@ export class MountedVolume implements MountFs {
     const segs = segsOf(path);
     if (segs[0] === RESERVED_NAME) return this.control.getattr(segs.slice(1));
     if (segs.length === 0) {
-      const r = this.overlay.base.rootEntry;
+      const r = (await this.overlay.lookup([])) as DirEntry; // with the time a name in it last changed
       return { ...entryAttr(r, false), mode: this.readOnly ? 0o555 : 0o755 };
     }
     return this.attrOf(segs, await this.mustLookup(segs, "stat"));

@@ -87,7 +87,7 @@ export class Overlay {
   }
 
   private async resolve(segs: readonly string[]): Promise<Resolved> {
-    let entry: StagedEntry | undefined = this.base.rootEntry;
+    let entry: StagedEntry | undefined = withNamesTime(this.base.rootEntry, this.root);
     let node: OverlayNode | undefined = this.root;
     for (let i = 0; i < segs.length; i++) {
       if (!entry) return { entry: undefined, node: undefined };
@@ -169,7 +169,7 @@ export class Overlay {
 
   /** The directory holding `segs` had a name made, removed or renamed: its mtime is now (`time`). */
   private namesChanged(segs: readonly string[]): void {
-    if (segs.length < 2) return;
+    if (segs.length === 0) return;
     let node: OverlayNode | undefined = this.root;
     for (const name of segs.slice(0, -1)) node = node?.children?.get(name);
     if (node) node.mtime = this.time ?? Date.now();
