@@ -545,19 +545,18 @@ export class MountedVolume implements MountFs {
         const segs = op.p.split("/");
         const cur = await ov.lookup(segs);
         if (!cur) throw VolumeError.NOT_FOUND(op.p);
-        if (op.x) {
-          // A second such line for one content is another name of it (a hard link).
-          let named = cowNamed.get(ov);
-          if (!named) cowNamed.set(ov, (named = new Set()));
-          const again = named.has(op.c) ? this.contents.get(op.c) : undefined;
-          if (again) {
-            again.names++;
-            again.linked = true;
-            await ov.put(segs, this.pendingEntry(segs.at(-1)!, again, cur));
-            return;
-          }
-          named.add(op.c);
+        // A second such line for one content is another name of it (a hard link), moved to the
+        // content with the first (see writable, and freezeNode for `x` lines).
+        let named = cowNamed.get(ov);
+        if (!named) cowNamed.set(ov, (named = new Set()));
+        const again = named.has(op.c) ? this.contents.get(op.c) : undefined;
+        if (again) {
+          again.names++;
+          again.linked = true;
+          await ov.put(segs, this.pendingEntry(segs.at(-1)!, again, cur));
+          return;
         }
+        named.add(op.c);
         let c = mode === "rebase" ? this.contents.get(op.c) : undefined;
         if (!c && op.x) {
           // A direct content that stayed open for writing through a sync (see freezeNode): the
@@ -804,8 +803,19 @@ export class MountedVolume implements MountFs {
     const id = randomBytes(8).toString("hex");
     const c = this.cowOf(e, id);
     if (segs) {
+      // A frozen content's other names (hard links) move to the copy with this one: one file,
+      // as it was before a sync froze it (which may have failed, or be running).
+      const others = cur ? this.linkedNames(this.overlay, segs, cur).slice(1) : [];
       await this.overlay.put(segs, this.pendingEntry(segs.at(-1)!, c, e));
       this.journal({ o: "cow", p: segs.join("/"), c: id, ...(cur ? { f: cur.id } : {}) });
+      for (const o of others) {
+        await this.overlay.put(o, this.pendingEntry(o.at(-1)!, c, await this.overlay.lookup(o)));
+        this.journal({ o: "cow", p: o.join("/"), c: id, f: cur!.id });
+      }
+      if (others.length > 0) {
+        c.names = others.length + 1;
+        c.linked = true;
+      }
     } else target.h!.orphan = this.pendingEntry(e.name, c, e);
     return c;
   }

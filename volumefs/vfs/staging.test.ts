@@ -390,6 +390,28 @@ try {
     await m2.close();
   });
 
+  it("keeps hard links one file through a failed sync: a write through one name shows in the other, nlink stays right, after a replay too", async () => {
+    const { store, open } = await flaky();
+    const m = await open();
+    await writeFile(m, "/a", "hello");
+    await m.link("/a", "/b");
+    store.failing = true;
+    await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+    store.failing = false;
+    const fh = await m.open("/a", O_WRONLY);
+    await m.write(fh, Buffer.from("J"), 0);
+    await m.release(fh);
+    const shown = async (mv: MountedVolume): Promise<unknown[]> =>
+      Promise.all(["/a", "/b"].map(async (p) => ({ bytes: await readAll(mv, p), nlink: (await mv.getattr(p)).nlink })));
+    expect(await shown(m)).toEqual([{ bytes: "Jello", nlink: 2 }, { bytes: "Jello", nlink: 2 }]);
+    await m.close();
+    const m2 = await open();
+    expect(await shown(m2)).toEqual([{ bytes: "Jello", nlink: 2 }, { bytes: "Jello", nlink: 2 }]);
+    await m2.unlink("/a");
+    expect((await m2.getattr("/b")).nlink).toBe(1);
+    await m2.close();
+  });
+
   it("stores every chunk of a version synced after two failed syncs in a row", async () => {
     const dir = tempDir();
     let failing = false;
