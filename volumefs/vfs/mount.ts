@@ -546,11 +546,13 @@ export class MountedVolume implements MountFs {
         const cur = await ov.lookup(segs);
         if (!cur) throw VolumeError.NOT_FOUND(op.p);
         // A second such line for one content is another name of it (a hard link), moved to the
-        // content with the first (see writable, and freezeNode for `x` lines).
+        // content with the first (see writable, and freezeNode for `x` lines); or the same name
+        // said again, by the freeze of a later sync (when the earlier one failed).
         let named = cowNamed.get(ov);
         if (!named) cowNamed.set(ov, (named = new Set()));
         const again = named.has(op.c) ? this.contents.get(op.c) : undefined;
         if (again) {
+          if (contentOf(cur) === again) return;
           again.names++;
           again.linked = true;
           await ov.put(segs, this.pendingEntry(segs.at(-1)!, again, cur));

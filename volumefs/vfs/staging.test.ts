@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { constants, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, constants, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { hostname, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -409,6 +409,30 @@ try {
     expect(await shown(m2)).toEqual([{ bytes: "Jello", nlink: 2 }, { bytes: "Jello", nlink: 2 }]);
     await m2.unlink("/a");
     expect((await m2.getattr("/b")).nlink).toBe(1);
+    await m2.close();
+  });
+
+  it("counts a file held open for writing across two failed syncs as one name after a replay", async () => {
+    const { store, open } = await flaky();
+    const m = await open();
+    m.kernelWrites();
+    const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
+    const fd = (await m.backingFd(fh))!;
+    try {
+      writeSync(fd, "one");
+      store.failing = true;
+      // Each freeze says the open file's name again in the journal.
+      for (let i = 0; i < 2; i++) await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+      store.failing = false;
+      expect((await m.getattr("/log")).nlink).toBe(1);
+      await m.release(fh);
+    } finally {
+      closeSync(fd);
+    }
+    await m.close();
+    const m2 = await open();
+    expect((await m2.getattr("/log")).nlink).toBe(1);
+    expect(await readAll(m2, "/log")).toBe("one");
     await m2.close();
   });
 
