@@ -285,7 +285,6 @@ export class Overlay {
     return out;
   }
 
-  /** Drops the change at a path and everything staged below it (used by the "theirs" policy). */
   /**
    * Makes the directory staged at `segs` take the base's directory there as what it starts
    * from, as a parent made by a write does: a rebase's directory both sides made (the base is
@@ -297,6 +296,7 @@ export class Overlay {
     if (node?.replace?.kind === "dir") node.implicit = true;
   }
 
+  /** Drops the change at a path and everything staged below it (the "theirs" policy, and unchanged paths of a rebase). */
   drop(segs: readonly string[]): void {
     let node: OverlayNode | undefined = this.root;
     const parents: [OverlayNode, string][] = [];

@@ -280,13 +280,17 @@ try {
     return { repo, open: () => MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") }) };
   }
 
-  /** Volume "v" on a memory store whose puts (refs aside) fail while `store.failing`; `open` mounts it. */
-  async function flaky(): Promise<{ repo: Repository; store: { failing: boolean }; open(): Promise<MountedVolume> }> {
+  /**
+   * Volume "v" on a memory store whose puts of the keys `fails` picks (default: all but refs) fail
+   * while `store.failing`; `open` mounts it.
+   */
+  async function flaky(fails: (key: string) => boolean = (key) => !key.startsWith("refs/")): Promise<{ repo: Repository; store: { failing: boolean }; stagingRoot: string; open(): Promise<MountedVolume> }> {
     const dir = tempDir();
     const store = { failing: false };
-    const repo = repoAt(dir, withFaults(new MemoryObjectStore(), (op, key) => (store.failing && op === "put" && !key.startsWith("refs/") ? transientError("put") : undefined)));
+    const repo = repoAt(dir, withFaults(new MemoryObjectStore(), (op, key) => (store.failing && op === "put" && fails(key) ? transientError("put") : undefined)));
     await repo.createVolume("v");
-    return { repo, store, open: () => MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") }) };
+    const stagingRoot = join(dir, "staging");
+    return { repo, store, stagingRoot, open: () => MountedVolume.open({ repo, volume: "v", stagingRoot }) };
   }
 
   it("leaves the previous version and the staged changes when the store fails mid-sync", async () => {
@@ -437,19 +441,14 @@ try {
   });
 
   it("stores every chunk of a version synced after two failed syncs in a row", async () => {
-    const dir = tempDir();
-    let failing = false;
-    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failing && op === "put" && key.startsWith("packs/") ? transientError("put") : undefined));
-    const repo = repoAt(dir, objects);
-    await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const { repo, store, open } = await flaky((key) => key.startsWith("packs/"));
+    const m = await open();
     const big = "hello world ".repeat(20_000);
     await writeFile(m, "/a.txt", big);
-    failing = true;
+    store.failing = true;
     await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
     await expect(m.sync()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
-    failing = false;
+    store.failing = false;
     const r = await m.sync();
     expect(r.changed).toBe(true);
     await m.close();
@@ -460,14 +459,10 @@ try {
   });
 
   it("counts a sync as done when the commit went through but a later step failed", async () => {
-    const dir = tempDir();
-    let failRefs = false;
-    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failRefs && op === "put" && key.startsWith("refs/") ? transientError("put") : undefined));
-    const repo = repoAt(dir, objects);
-    await repo.createVolume("v");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot: join(dir, "staging") });
+    const { repo, store, open } = await flaky((key) => key.startsWith("refs/"));
+    const m = await open();
     await writeFile(m, "/a", "one");
-    failRefs = true;
+    store.failing = true;
     const r = await m.sync();
     expect((await repo.volume("v")).head).toBe(r.version);
     expect((await m.status()).staged).toEqual({ added: [], modified: [], removed: [] });
@@ -476,23 +471,18 @@ try {
   });
 
   it("keeps a sync's token when it cannot learn whether the commit went through, and settles it before the next sync", async () => {
-    const dir = tempDir();
-    let failRefs = false;
-    const objects = withFaults(new MemoryObjectStore(), (op, key) => (failRefs && op === "put" && key.startsWith("refs/") ? transientError("put") : undefined));
-    const repo = repoAt(dir, objects);
-    await repo.createVolume("v");
-    const stagingRoot = join(dir, "staging");
-    const m = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const { repo, store, stagingRoot, open } = await flaky((key) => key.startsWith("refs/"));
+    const m = await open();
     await writeFile(m, "/a", "one");
     // The commit goes through but its ref does not, and the lookup that would tell fails too.
-    failRefs = true;
+    store.failing = true;
     const volume = repo.volume.bind(repo);
     repo.volume = async (name: string) => {
-      if (failRefs) throw transientError("get");
+      if (store.failing) throw transientError("get");
       return volume(name);
     };
     await expect(m.sync()).rejects.toBeDefined();
-    failRefs = false;
+    store.failing = false;
     const manifest = () => JSON.parse(readFileSync(join(stagingRoot, "main", "v", "manifest.json"), "utf8"));
     expect(manifest().syncing).toBeDefined();
     const head = (await repo.volume("v")).head;
@@ -500,7 +490,7 @@ try {
     // The next sync finds that it did, and says how to take it in rather than sync again.
     await expect(m.sync()).rejects.toMatchObject({ code: "CONFLICT", hint: expect.stringMatching(/unmount and mount again/) });
     await m.close();
-    const m2 = await MountedVolume.open({ repo, volume: "v", stagingRoot });
+    const m2 = await open();
     expect(m2.baseId()).toBe(head);
     expect((await m2.status()).staged).toEqual({ added: [], modified: [], removed: [] });
     expect(manifest().syncing).toBeUndefined();

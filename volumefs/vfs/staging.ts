@@ -194,18 +194,23 @@ export class StagingDir {
    * Written durably before any file could be made a spare.
    */
   private loadKeptOpen(unclean: boolean): void {
-    const path = join(this.dir, "kept-open");
     let listed: string[] = [];
     try {
-      listed = readFileSync(path, "utf8").split("\n");
+      listed = readFileSync(join(this.dir, "kept-open"), "utf8").split("\n").filter((id) => id !== "");
     } catch {
       // none
     }
+    if (listed.length === 0 && !unclean) return; // the common case: no data directory listing at start-up
     const present = new Set(this.listData());
     for (const id of listed) if (present.has(id)) this.keptOpen.add(id);
     if (unclean) for (const id of present) this.keptOpen.add(id);
-    if (this.keptOpen.size === 0 && listed.length === 0) return;
-    this.replaceFile("kept-open", [...this.keptOpen].join("\n"), true);
+    if (this.keptOpen.size !== listed.length || unclean) this.saveKeptOpen();
+  }
+
+  /** Writes `kept-open` durably (removes it when it lists nothing). */
+  private saveKeptOpen(): void {
+    if (this.keptOpen.size === 0) rmSync(join(this.dir, "kept-open"), { force: true });
+    else this.replaceFile("kept-open", [...this.keptOpen].join("\n"), true);
   }
 
   private openJournal(): void {
@@ -478,17 +483,16 @@ export class StagingDir {
     this.journalFd = undefined;
   }
 
-  /** Closes descriptors and releases the lock; idempotent. */
   /**
-   * Closes the directory and lets go of its lock. `keptOpen`: data files the kernel opened as
-   * backing files for writing whose release never came (the session ended with them open):
-   * other processes may go on writing them, so they are added to `kept-open`.
+   * Closes descriptors and lets go of the lock; idempotent. `keptOpen`: data files the kernel
+   * opened as backing files for writing whose release never came (the session ended with them
+   * open): other processes may go on writing them, so they are added to `kept-open`.
    */
   close(keptOpen: Iterable<string> = []): void {
     if (this.closed) return;
     const n = this.keptOpen.size;
     for (const id of keptOpen) this.keptOpen.add(id);
-    if (this.keptOpen.size > n) this.replaceFile("kept-open", [...this.keptOpen].join("\n"), true);
+    if (this.keptOpen.size > n) this.saveKeptOpen();
     this.closed = true;
     this.closeFiles();
     try {
