@@ -13,6 +13,7 @@
  */
 import { VolumeError } from "../errors.js";
 import type { HashedParts, ObjectStore } from "../object/types.js";
+import { hold, pin, type BufferHold } from "../object/buffer-lease.js";
 import type { ChunkLocation, MetadataStore } from "../../metadata/index.js";
 import { Chunker, cutPoints, DEFAULT_CHUNK_PARAMS, SegmentJoiner } from "./chunker.js";
 import { chunkId, verifyChunk } from "./hash.js";
@@ -486,6 +487,12 @@ interface Range {
   members: ChunkLocation[];
 }
 
+/** Bytes a caller keeps for good: their buffer, if leased, never goes back (see buffer-lease.ts). */
+function pinned(data: Uint8Array): Uint8Array {
+  pin(data);
+  return data;
+}
+
 /**
  * Reads and writes chunks and trees as packs in an ObjectStore, indexed by a MetadataStore.
  *
@@ -559,7 +566,13 @@ export class ChunkStore {
    * for an id the chunk index does not know, CORRUPT when the bytes do not hash to `id`.
    */
   async read(id: string): Promise<Uint8Array> {
-    return this.running(id) ?? this.track(id, this.load([id]).then((m) => m.get(id)!));
+    const running = this.running(id);
+    if (running) return running.then(pinned);
+    const loaded = this.load([id]);
+    this.track(id, loaded.then((l) => l.found.get(id)!));
+    const l = await loaded;
+    l.release();
+    return pinned(l.found.get(id)!);
   }
 
   /** The bytes of a chunk a read or a cache write has in memory now, if any. */
@@ -569,9 +582,11 @@ export class ChunkStore {
 
   /**
    * The bytes of each of `ids` from the cache, else from their packs (written to the cache unless
-   * `keep` is false). Throws NOT_FOUND for an id the index does not know.
+   * `keep` is false), and the release of the holds on the received buffers (see buffer-lease.ts),
+   * for the caller to call once it handed the bytes on. Throws NOT_FOUND for an id the index does
+   * not know.
    */
-  private async load(ids: string[], keep = true): Promise<Map<string, Uint8Array>> {
+  private async load(ids: string[], keep = true): Promise<{ found: Map<string, Uint8Array>; release: () => void }> {
     const locs = await this.meta.getChunks(ids);
     const unknown = ids.find((id) => !locs.has(id));
     if (unknown) throw VolumeError.NOT_FOUND(`chunk ${unknown}`, { op: "read chunk" });
@@ -584,8 +599,9 @@ export class ChunkStore {
         else absent.push(loc);
       }),
     );
-    for (const c of await this.fetch(absent, keep)) found.set(c.id, c.data);
-    return found;
+    const holds: BufferHold[] = [];
+    for (const c of await this.fetch(absent, keep, holds)) found.set(c.id, c.data);
+    return { found, release: () => holds.forEach((h) => h.release()) };
   }
 
   private async cached(loc: ChunkLocation): Promise<Uint8Array | undefined> {
@@ -602,23 +618,33 @@ export class ChunkStore {
     return p;
   }
 
-  private async fetchRange(r: Range): Promise<{ bytes: Uint8Array; chunks: { id: string; data: Uint8Array }[] }> {
+  /**
+   * The range's bytes and its members' views of them. With `leased`, the store may lease the
+   * buffer (see buffer-lease.ts): `hold` is then the caller's hold on it.
+   */
+  private async fetchRange(r: Range, leased: boolean): Promise<{ bytes: Uint8Array; chunks: { id: string; data: Uint8Array }[]; hold?: BufferHold }> {
     const key = packKey(r.pack);
     // The store may hash the chunks as it receives them (while they are in the CPU's cache).
     const hashed: HashedParts = { parts: r.members.map((m) => ({ offset: m.offset - r.offset, length: m.length })) };
-    const bytes = await this.objects.get(key, { offset: r.offset, length: r.length }, { blake3: hashed });
-    if (bytes.length !== r.length) {
-      throw new VolumeError("CORRUPT", `read pack ${r.pack}: short read (${bytes.length} of ${r.length} bytes)`, { op: "read chunk", path: key });
+    const lease: { hold?: BufferHold } | undefined = leased ? {} : undefined;
+    const bytes = await this.objects.get(key, { offset: r.offset, length: r.length }, lease ? { blake3: hashed, lease } : { blake3: hashed });
+    try {
+      if (bytes.length !== r.length) {
+        throw new VolumeError("CORRUPT", `read pack ${r.pack}: short read (${bytes.length} of ${r.length} bytes)`, { op: "read chunk", path: key });
+      }
+      const out: { id: string; data: Uint8Array }[] = [];
+      for (const [k, m] of r.members.entries()) {
+        // Views, not copies: the members of one range are read (and evicted) together.
+        const data = bytes.subarray(m.offset - r.offset, m.offset - r.offset + m.length);
+        const ok = hashed.digests ? hashed.digests[k] === m.id : verifyChunk(m.id, data);
+        if (!ok) throw VolumeError.CORRUPT(`chunk ${m.id}`, { op: "read chunk", path: key });
+        out.push({ id: m.id, data });
+      }
+      return { bytes, chunks: out, hold: lease?.hold };
+    } catch (err) {
+      lease?.hold?.release();
+      throw err;
     }
-    const out: { id: string; data: Uint8Array }[] = [];
-    for (const [k, m] of r.members.entries()) {
-      // Views, not copies: the members of one range are read (and evicted) together.
-      const data = bytes.subarray(m.offset - r.offset, m.offset - r.offset + m.length);
-      const ok = hashed.digests ? hashed.digests[k] === m.id : verifyChunk(m.id, data);
-      if (!ok) throw VolumeError.CORRUPT(`chunk ${m.id}`, { op: "read chunk", path: key });
-      out.push({ id: m.id, data });
-    }
-    return { bytes, chunks: out };
   }
 
   private coalesce(locs: ChunkLocation[]): Range[] {
@@ -646,11 +672,15 @@ export class ChunkStore {
     return ranges;
   }
 
-  /** Fetches the located chunks with coalesced ranged GETs in parallel, verifies them, and caches them when `keep`. */
-  private async fetch(locs: ChunkLocation[], keep = true): Promise<{ id: string; data: Uint8Array }[]> {
+  /**
+   * Fetches the located chunks with coalesced ranged GETs in parallel, verifies them, and caches
+   * them when `keep`. The holds on the received buffers go to `holds`.
+   */
+  private async fetch(locs: ChunkLocation[], keep: boolean, holds: BufferHold[]): Promise<{ id: string; data: Uint8Array }[]> {
     const limiter = new Limiter(this.readConcurrency);
     const ranges = this.coalesce(locs);
-    const parts = await Promise.all(ranges.map((r) => limiter.run(() => this.fetchRange(r))));
+    const parts = await Promise.all(ranges.map((r) => limiter.run(() => this.fetchRange(r, true))));
+    for (const p of parts) if (p.hold) holds.push(p.hold);
     if (keep) ranges.forEach((r, k) => this.cacheBehind(r, parts[k]!.bytes, parts[k]!.chunks));
     return parts.flatMap((p) => p.chunks);
   }
@@ -666,9 +696,11 @@ export class ChunkStore {
     const mine = chunks.filter((c) => !this.writing.has(c.id));
     for (const c of mine) this.writing.set(c.id, Promise.resolve(c.data));
     this.writingBytes += bytes.length;
+    const held = hold(bytes);
     const done = (): void => {
       for (const c of mine) this.writing.delete(c.id);
       this.writingBytes -= bytes.length;
+      held?.release();
     };
     cache.putRange(r.pack, r.offset, bytes, r.members).then(done, done);
   }
@@ -689,7 +721,11 @@ export class ChunkStore {
       if (pos >= end) break;
       pos = next;
     }
-    const got = await this.readChunks(want.map((w) => w.ref));
+    const holds = new Map<string, BufferHold>();
+    const got = await this.readChunks(
+      want.map((w) => w.ref),
+      { holds },
+    );
     const outEnd = Math.min(end, want.length > 0 ? want[want.length - 1]!.start + want[want.length - 1]!.ref.length : offset);
     const out = Buffer.allocUnsafe(Math.max(0, outEnd - offset));
     for (const w of want) {
@@ -698,6 +734,7 @@ export class ChunkStore {
       const to = Math.min(outEnd, w.start + w.ref.length);
       out.set(data.subarray(from - w.start, to - w.start), from - offset);
     }
+    for (const h of holds.values()) h.release();
     return out;
   }
 
@@ -707,25 +744,46 @@ export class ChunkStore {
    * ranged GET). Throws NOT_FOUND / CORRUPT as `read` does, and CORRUPT when a chunk's length is
    * not the one its ref gives. With `keep: false` chunks fetched from packs are not written to the
    * cache: the caller keeps them elsewhere (a whole-file copy).
+   *
+   * The bytes may be views of a leased buffer (see buffer-lease.ts). With `holds`, the caller
+   * gets a hold per chunk there (by id), to release once it no longer uses the chunk; the views
+   * are good until the current task ends without one. Without `holds`, the buffers are pinned:
+   * the bytes are the caller's for good.
    */
-  async readChunks(refs: readonly ChunkRef[], opts: { keep?: boolean } = {}): Promise<Map<string, Uint8Array>> {
+  async readChunks(refs: readonly ChunkRef[], opts: { keep?: boolean; holds?: Map<string, BufferHold> } = {}): Promise<Map<string, Uint8Array>> {
     const got = new Map<string, Uint8Array>();
+    const holds = opts.holds;
+    // Taken in the task the bytes arrive in, before their buffer could go back.
+    const take = (id: string, data: Uint8Array): void => {
+      got.set(id, data);
+      if (!holds) return pin(data);
+      const h = hold(data);
+      if (h && !holds.has(id)) holds.set(id, h);
+      else h?.release();
+    };
     const missing: string[] = [];
     const waits: Promise<void>[] = [];
     for (const id of new Set(refs.map((r) => r.id))) {
       const running = this.running(id);
-      if (running) waits.push(running.then((data) => void got.set(id, data), () => void missing.push(id)));
+      if (running) waits.push(running.then((data) => take(id, data), () => void missing.push(id)));
       else missing.push(id);
     }
-    await Promise.all(waits);
-    if (missing.length > 0) {
-      const p = this.load(missing, opts.keep !== false);
-      for (const id of missing) this.track(id, p.then((m) => m.get(id)!));
-      for (const [id, data] of await p) got.set(id, data);
-    }
-    for (const r of refs) {
-      const data = got.get(r.id)!;
-      if (data.length !== r.length) throw VolumeError.CORRUPT(`chunk ${r.id}`, { op: "read chunk", details: { expected: r.length, got: data.length } });
+    try {
+      await Promise.all(waits);
+      if (missing.length > 0) {
+        const loaded = this.load(missing, opts.keep !== false);
+        for (const id of missing) this.track(id, loaded.then((l) => l.found.get(id)!));
+        const l = await loaded;
+        for (const [id, data] of l.found) take(id, data);
+        l.release();
+      }
+      for (const r of refs) {
+        const data = got.get(r.id)!;
+        if (data.length !== r.length) throw VolumeError.CORRUPT(`chunk ${r.id}`, { op: "read chunk", details: { expected: r.length, got: data.length } });
+      }
+    } catch (err) {
+      if (holds) for (const h of holds.values()) h.release();
+      throw err;
     }
     return got;
   }
@@ -744,7 +802,7 @@ export class ChunkStore {
     if (!loc) throw VolumeError.NOT_FOUND(`tree ${id}`, { op: "read tree" });
     const {
       chunks: [got],
-    } = await this.fetchRange({ pack: loc.pack, offset: loc.offset, length: loc.length, members: [loc] });
+    } = await this.fetchRange({ pack: loc.pack, offset: loc.offset, length: loc.length, members: [loc] }, false);
     await this.meta.putTrees([{ id, data: got!.data }]);
     return got!.data;
   }

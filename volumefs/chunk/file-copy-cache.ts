@@ -31,6 +31,7 @@ import { join } from "node:path";
 import { hash } from "blake3";
 import { koffi } from "../native.js";
 import { pread } from "./disk-chunk-cache.js";
+import { holdAll } from "../object/buffer-lease.js";
 
 export interface FileCopyCacheOptions {
   /** The directory of the copies; created if missing. */
@@ -375,7 +376,12 @@ export class CopyFill {
     } else {
       // One write per call (a read's worth, up to 1 MiB): the page cache then holds the copy in
       // large folios, which later reads go through about half again as fast as 64 KiB ones.
-      writev(this.fd, pieces as Uint8Array[], offset, (err, written) => done(err, written, n));
+      // The pieces may be views of a leased buffer: it stays as it is until the write ends.
+      const held = holdAll(pieces);
+      writev(this.fd, pieces as Uint8Array[], offset, (err, written) => {
+        held.release();
+        done(err, written, n);
+      });
     }
     this.cover(offset, offset + n);
     return true;

@@ -30,3 +30,4 @@ export {
   type FaultyStore,
 } from "./wrappers.js";
 export { checkKey } from "./keys.js";
+export { hold, holdAll, pin, recycledBuffers, type BufferHold } from "./buffer-lease.js";

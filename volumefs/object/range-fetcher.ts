@@ -18,6 +18,7 @@ import { createHash, createHmac, type Hash, type Hmac } from "node:crypto";
 import { Worker } from "node:worker_threads";
 import { SignatureV4 } from "@smithy/signature-v4";
 import { packagePath } from "../native.js";
+import { lease, type BufferHold } from "./buffer-lease.js";
 import { rangeHeader } from "./keys.js";
 import type { ByteRange } from "./types.js";
 
@@ -45,6 +46,42 @@ try {
 }
 const HEAD_MAX = 16384;
 const pools = new Map();
+/** Bodies the main thread gave back (see buffer-lease.ts), to receive the next ones into. */
+const spare = [];
+let spareBytes = 0;
+
+const fromSpare = new WeakSet();
+
+/** Whether \`body\` was received into a buffer given back. */
+function spareTaken(body) {
+  return fromSpare.has(body.buffer);
+}
+
+/** A buffer of \`length\` bytes for a body: a spare one not much larger, else a new one. */
+function bodyOf(length) {
+  if (length >= workerData.pooledBytes) {
+    let best = -1;
+    for (let i = 0; i < spare.length; i++) {
+      const n = spare[i].byteLength;
+      if (n >= length && n <= length + (length >> 2) + (1 << 20) && (best < 0 || n < spare[best].byteLength)) best = i;
+    }
+    if (best >= 0) {
+      const ab = spare.splice(best, 1)[0];
+      spareBytes -= ab.byteLength;
+      fromSpare.add(ab);
+      return Buffer.from(ab, 0, length);
+    }
+    // Rounded up to a MiB, so that bodies of nearby lengths can take each other's buffers.
+    return Buffer.from(new ArrayBuffer(Math.ceil(length / (1 << 20)) * (1 << 20)), 0, length);
+  }
+  return Buffer.allocUnsafeSlow(length);
+}
+
+function keepSpare(ab) {
+  spare.push(ab);
+  spareBytes += ab.byteLength;
+  while (spareBytes > workerData.spareBytes) spareBytes -= spare.shift().byteLength;
+}
 
 function pool(host, port, maxSockets) {
   const key = host + ":" + port;
@@ -125,7 +162,8 @@ class Conn {
     }
     const extra = this.headLen - end - 4;
     if (extra > length) return this.abort("body longer than its content-length");
-    this.body = Buffer.allocUnsafeSlow(length);
+    this.body = bodyOf(length);
+    this.spared = spareTaken(this.body);
     this.head.copy(this.body, 0, end + 4, this.headLen);
     this.at = extra;
     if (this.at === length) this.done();
@@ -139,7 +177,7 @@ class Conn {
     const body = this.body;
     this.job = this.body = undefined;
     this.sock.setTimeout(0);
-    job.answer({ buffer: body.buffer, digests: digestsOf(body, job.parts) }, [body.buffer]);
+    job.answer({ buffer: body.buffer, length: body.length, spare: this.spared, digests: digestsOf(body, job.parts) }, [body.buffer]);
     if (!this.keep) return this.sock.destroy();
     const next = this.p.queue.shift();
     if (next) this.start(next, true);
@@ -180,6 +218,7 @@ function digestsOf(body, parts) {
 }
 
 parentPort.on("message", (m) => {
+  if (m.recycle) return keepSpare(m.recycle);
   const u = new URL(m.url);
   const p = pool(u.hostname, Number(u.port || 80), m.maxSockets);
   let answered = false;
@@ -242,10 +281,19 @@ export interface RangeFetcherOptions {
 interface Reply {
   id: number;
   buffer?: ArrayBuffer;
+  /** The body's length: its first bytes of `buffer`. */
+  length?: number;
+  /** The body was received into a buffer given back. */
+  spare?: boolean;
   digests?: string[];
   status?: number;
   error?: string;
 }
+
+/** Bodies this large are received into buffers the worker takes back when leased (see buffer-lease.ts). */
+const POOLED_BYTES = 1 << 20;
+/** Bytes of given-back bodies the worker keeps for the next ones. */
+const SPARE_BYTES = 96 << 20;
 
 /** Seconds a presigned request stays valid: it is sent at once. */
 const PRESIGN_SECONDS = 900;
@@ -261,6 +309,8 @@ export class RangeFetcher {
   private broken = false;
   /** Requests the worker answered with a body (for tests and diagnostics). */
   served = 0;
+  /** Bodies the worker received into a buffer given back (for tests and diagnostics). */
+  reusedBodies = 0;
 
   constructor(opts: RangeFetcherOptions) {
     this.endpoint = new URL(opts.endpoint);
@@ -273,9 +323,18 @@ export class RangeFetcher {
    * Bytes [offset, offset + length) of `bucket`/`key` (fewer when the object ends first), or
    * undefined when the caller should make the request itself. With `parts` (offsets from
    * `offset`), also the blake3 hex digest of each, computed by the worker right after it received
-   * the bytes, when it could.
+   * the bytes, when it could. With `leased`, a large body's buffer is leased (see buffer-lease.ts):
+   * `hold` is then the caller's hold on it, to release when done, and the buffer goes back to the
+   * worker for a later body once no other holder is left.
    */
-  async get(bucket: string, key: string, offset: number, length: number, parts?: readonly ByteRange[]): Promise<{ bytes: Uint8Array; digests?: string[] } | undefined> {
+  async get(
+    bucket: string,
+    key: string,
+    offset: number,
+    length: number,
+    parts?: readonly ByteRange[],
+    leased = false,
+  ): Promise<{ bytes: Uint8Array; digests?: string[]; hold?: BufferHold } | undefined> {
     if (this.broken || length <= 0) return undefined;
     const path = `${this.endpoint.pathname.replace(/\/$/, "")}/${bucket}/${key}`.split("/").map(uriEscape).join("/");
     const range = rangeHeader(offset, length);
@@ -305,15 +364,23 @@ export class RangeFetcher {
     });
     if (!reply.buffer) return undefined;
     this.served++;
-    const bytes = Buffer.from(reply.buffer);
-    return reply.digests?.length === parts?.length ? { bytes, digests: reply.digests } : { bytes };
+    if (reply.spare) this.reusedBodies++;
+    const got: { bytes: Uint8Array; digests?: string[]; hold?: BufferHold } = { bytes: Buffer.from(reply.buffer, 0, reply.length ?? reply.buffer.byteLength) };
+    if (reply.digests?.length === parts?.length) got.digests = reply.digests;
+    if (leased && reply.buffer.byteLength >= POOLED_BYTES) got.hold = lease(reply.buffer, this.giveBack);
+    return got;
+  }
+
+  /** Buffers given back: the worker receives later bodies into them. */
+  private readonly giveBack = (buffer: ArrayBuffer): void => {
+    if (this.worker && !this.broken) this.worker.postMessage({ recycle: buffer }, [buffer]);
   }
 
   private start(): Worker | undefined {
     if (this.worker || this.broken) return this.worker;
     let w: Worker;
     try {
-      w = new Worker(WORKER_SOURCE, { eval: true, workerData: { blake3: packagePath("blake3") } });
+      w = new Worker(WORKER_SOURCE, { eval: true, workerData: { blake3: packagePath("blake3"), pooledBytes: POOLED_BYTES, spareBytes: SPARE_BYTES } });
     } catch {
       this.broken = true;
       return undefined;

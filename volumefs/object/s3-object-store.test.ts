@@ -6,6 +6,7 @@ import { makeTestS3Store, s3Skipped, s3TestConfig } from "../../test/support/s3.
 import { describeObjectStore } from "./conformance.js";
 import { S3ObjectStore } from "./s3-object-store.js";
 import type { HashedParts } from "./types.js";
+import { hold, recycledBuffers, type BufferHold } from "./buffer-lease.js";
 
 const maybe = s3Skipped() ? describe.skip : describe;
 
@@ -94,6 +95,55 @@ maybe("S3ObjectStore against Ceph RGW", () => {
     } finally {
       s.close();
       sdkOnly.close();
+      await fx.cleanup();
+    }
+  });
+
+  it("receives later bodies into the leased bodies given back, never into one still held", async () => {
+    const fx = await makeTestS3Store({ prefix: "leased gets" });
+    const s = fx.s3;
+    const nextTask = (): Promise<void> => new Promise((r) => setImmediate(r));
+    try {
+      const data = randomBytes(8 * 2 ** 20);
+      await s.put("big", data);
+      const range = (k: number) => ({ offset: k * 2 ** 21, length: 2 ** 21 });
+      const want = (k: number) => data.subarray(k * 2 ** 21, (k + 1) * 2 ** 21);
+      const get = async (k: number) => {
+        const lease: { hold?: BufferHold } = {};
+        const bytes = await s.get("big", range(k), { lease });
+        expect(Buffer.from(bytes).equals(want(k))).toBe(true);
+        expect(lease.hold).toBeDefined();
+        return { bytes, hold: lease.hold! };
+      };
+      const recycled = recycledBuffers();
+      const a = await get(0);
+      const kept = hold(a.bytes.subarray(1000, 3000))!;
+      a.hold.release();
+      const b = await get(1);
+      b.hold.release();
+      await nextTask();
+      expect(recycledBuffers()).toBe(recycled + 1); // b's; a is still held
+      expect(s.fetcher!.reusedBodies).toBe(0);
+
+      const c = await get(2); // received into b's buffer
+      expect(s.fetcher!.reusedBodies).toBe(1);
+      const d = await get(3); // a new one: a's is held, c's not given back yet
+      expect(s.fetcher!.reusedBodies).toBe(1);
+      expect(Buffer.from(a.bytes.subarray(1000, 3000)).equals(want(0).subarray(1000, 3000))).toBe(true);
+      kept.release();
+      c.hold.release();
+      d.hold.release();
+      await nextTask();
+      expect(recycledBuffers()).toBe(recycled + 4);
+      for (const k of [0, 1, 2, 3]) await get(k).then((x) => x.hold.release());
+      expect(s.fetcher!.reusedBodies).toBeGreaterThanOrEqual(4);
+
+      // Without the option, the bytes are the caller's: nothing is leased, nothing goes back.
+      const mine = await s.get("big", range(1));
+      expect(hold(mine)).toBeUndefined();
+      await nextTask();
+      expect(Buffer.from(mine).equals(want(1))).toBe(true);
+    } finally {
       await fx.cleanup();
     }
   });

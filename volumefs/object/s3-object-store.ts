@@ -456,9 +456,10 @@ export class S3ObjectStore implements ObjectStore {
       }
       Range = rangeHeader(range.offset, range.length);
       if (this.fetcher && range.length >= this.workerGetBytes) {
-        const got = await this.fetcher.get(this.bucket, this.prefix + key, range.offset, range.length, opts?.blake3?.parts);
+        const got = await this.fetcher.get(this.bucket, this.prefix + key, range.offset, range.length, opts?.blake3?.parts, opts?.lease !== undefined);
         if (got) {
           if (got.digests && opts?.blake3) opts.blake3.digests = got.digests;
+          if (got.hold && opts?.lease) opts.lease.hold = got.hold;
           return got.bytes;
         }
       }

@@ -11,6 +11,8 @@
  *   IO for local file-system failures. Transient ones carry `retryable: true`.
  */
 
+import type { BufferHold } from "./buffer-lease.js";
+
 /** Options of a put. */
 export interface PutOptions {
   /** Create only: fail with PRECONDITION_FAILED if the key already exists (If-None-Match: *). */
@@ -34,6 +36,13 @@ export interface GetOptions {
    * check the bytes checks them itself when `digests` stays unset.
    */
   blake3?: HashedParts;
+  /**
+   * Set by a caller that can say when it is done with the bytes: a store that received them into
+   * a buffer it wants back (the S3 store's GET worker) then sets `hold`, and the buffer goes back
+   * once the caller releases it and no other holder is left (see buffer-lease.ts). Without this
+   * option the bytes are the caller's for good.
+   */
+  lease?: { hold?: BufferHold };
 }
 
 /** See GetOptions.blake3. */

@@ -86,7 +86,10 @@ export interface MountFs {
   create(path: string, mode: number, flags: number): Promise<number>;
   /** Up to `length` bytes at `position`; fewer at end of file. */
   read(fh: number, length: number, position: number): Promise<Uint8Array>;
-  /** The bytes `read` gives, as consecutive pieces (the adapter writes them without joining them). Optional. */
+  /**
+   * The bytes `read` gives, as consecutive pieces (the adapter writes them without joining them),
+   * good only until the current task ends: the adapter writes them out at once. Optional.
+   */
   readv?(fh: number, length: number, position: number): Promise<Uint8Array[]>;
   /**
    * Writes `data` at `position` (at the end with O_APPEND); returns bytes written. `data` is

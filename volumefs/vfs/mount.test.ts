@@ -7,7 +7,8 @@ import { afterEach, describe, expect, it } from "vitest";
 import { SqliteMetadataStore, type VersionRecord } from "../../metadata/index.js";
 import { FileCopyCache } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
-import { MemoryObjectStore, type ObjectStore } from "../object/index.js";
+import { MemoryObjectStore, recycledBuffers, type ObjectStore } from "../object/index.js";
+import { makeTestS3Store, s3Skipped } from "../../test/support/s3.js";
 import { MountedVolume, type MountedVolumeOptions } from "./mount.js";
 import { Repository } from "./repo.js";
 
@@ -1026,4 +1027,63 @@ describe("MountedVolume reading a large stored file", () => {
     expect(gets).toBeLessThanOrEqual(32);
     await m.close();
   }, 120_000);
+});
+
+const s3describe = s3Skipped() ? describe.skip : describe;
+
+s3describe("MountedVolume reading from S3 into buffers it gives back to the GET worker", () => {
+  it("reads the right bytes, and makes a right whole copy, while its readers' buffers go back and come again with later bodies", async () => {
+    const fx = await makeTestS3Store({ prefix: "leased reads" });
+    try {
+      const { dir, open, stagingRoot } = await setup(fx.store);
+      const data = randomBytes(40 << 20);
+      const w = await open();
+      await writeFile(w, "/f", data);
+      await w.sync();
+      await w.close();
+
+      // A new repository: no chunk in any memory. A reader's cache of 4 MiB: what it fetched
+      // goes (and its buffers back to the worker) while other reads still come in.
+      const repo = new Repository({ meta: SqliteMetadataStore.open({ path: join(dir, "meta.db") }), objects: fx.store });
+      const files = join(dir, "files");
+      const m = await MountedVolume.open({ repo, volume: "v", stagingRoot, copies: new FileCopyCache({ dir: files, maxBytes: 256 << 20 }), cacheBytes: 4 << 20, readaheadBytes: 1 << 20 });
+      const recycled = recycledBuffers();
+      const reused = fx.s3.fetcher!.reusedBodies;
+      const wrong: string[] = [];
+      // Checked in the task the pieces came in: that is as long as a reply keeps them.
+      const check = (pieces: Uint8Array[], at: number, n: number): void => {
+        const got = Buffer.concat(pieces);
+        if (!got.equals(data.subarray(at, Math.min(data.length, at + n)))) wrong.push(`${at}+${n}: ${got.length} bytes`);
+      };
+      const whole = async (): Promise<void> => {
+        const fh = await m.open("/f", O_RDONLY);
+        for (let at = 0; at < data.length; at += 128 << 10) check(await m.readv(fh, 128 << 10, at), at, 128 << 10);
+        await m.release(fh);
+      };
+      const random = async (seed: number): Promise<void> => {
+        const rand = rng(seed);
+        const fh = await m.open("/f", O_RDONLY);
+        for (let i = 0; i < 60; i++) {
+          const at = Math.floor(rand() * data.length);
+          const n = 1 + Math.floor(rand() * (3 << 20));
+          check(await m.readv(fh, n, at), at, n);
+        }
+        await m.release(fh);
+      };
+      await Promise.all([whole(), random(1), random(2), random(3)]);
+      expect(wrong).toEqual([]);
+      expect(recycledBuffers()).toBeGreaterThan(recycled);
+      expect(fx.s3.fetcher!.reusedBodies).toBeGreaterThan(reused);
+
+      // The whole reader's copy was written from views of those buffers: the writes held them.
+      const writing = () => fs.readdirSync(files, { recursive: true, encoding: "utf8" }).filter((p) => /(^|\/)tmp\/./.test(p));
+      for (let i = 0; i < 250 && writing().length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+      const copies = fs.readdirSync(files, { recursive: true, withFileTypes: true }).filter((e) => e.isFile() && /^[0-9a-f]{64}$/.test(e.name));
+      expect(copies.length).toBeGreaterThan(0);
+      for (const e of copies) expect(readFileSync(join(e.parentPath ?? e.path, e.name)).equals(data)).toBe(true);
+      await m.close();
+    } finally {
+      await fx.cleanup();
+    }
+  }, 180_000);
 });

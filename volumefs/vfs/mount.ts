@@ -28,6 +28,7 @@ import { constants, openSync } from "node:fs";
 import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill, type CopyReader } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
+import { hold, pin, type BufferHold } from "../object/index.js";
 import { isCode, type VersionRecord } from "../../metadata/index.js";
 import { chunksTag, ControlDir, entryAttr, hasXattrs, type ControlHandle, type VersionFileHandle } from "./control.js";
 import { opensToChange, type FileAttr, type MountFs, type MountStatus, type MountSyncOptions, type MountSyncResult } from "./mount-types.js";
@@ -142,12 +143,19 @@ function concat(parts: Uint8Array[]): Uint8Array {
   return parts.length === 0 ? new Uint8Array(0) : Buffer.concat(parts);
 }
 
+interface CachedChunk {
+  p: Promise<Uint8Array>;
+  length: number;
+  hold?: BufferHold;
+}
+
 /**
  * A cache of recently read chunks with per-handle sequential readahead, over the chunk store
  * (host chunk cache, then ranged GETs of packs).
  */
 export class ChunkReader {
-  private readonly cache = new Map<string, { p: Promise<Uint8Array>; length: number }>();
+  /** By chunk id, oldest first; `hold` keeps a leased buffer's bytes as they are (buffer-lease.ts). */
+  private readonly cache = new Map<string, CachedChunk>();
   private bytes = 0;
   private readonly offsets = new WeakMap<readonly ChunkRef[], number[]>();
 
@@ -185,31 +193,53 @@ export class ChunkReader {
       let total = 0;
       // One request of the store per run: as much as one ranged GET takes.
       while (j < to && !this.cache.has(chunks[j]!.id) && total < this.store.maxReadBytes) total += chunks[j++]!.length;
-      const run = chunks.slice(i, j);
-      const all = this.store.readChunks(run, { keep });
-      for (const c of run) {
-        const p = all.then((m) => m.get(c.id)!);
-        p.catch(() => this.drop(c.id, p));
-        this.put(c.id, p, c.length);
-      }
+      this.load(chunks.slice(i, j), keep);
       i = j;
     }
   }
 
-  private put(id: string, p: Promise<Uint8Array>, length: number): void {
-    if (this.cache.has(id)) return;
-    this.cache.set(id, { p, length });
+  /** Reads `run` from the store into the cache, in one request; its promise of the chunks. */
+  private load(run: readonly ChunkRef[], keep: boolean): Promise<Map<string, Uint8Array>> {
+    const holds = new Map<string, BufferHold>();
+    const all = this.store.readChunks(run, { keep, holds });
+    const mine = new Map<string, CachedChunk>();
+    for (const c of run) {
+      if (this.cache.has(c.id)) continue;
+      const p = all.then((m) => m.get(c.id)!);
+      p.catch(() => this.drop(c.id, p));
+      mine.set(c.id, this.put(c.id, p, c.length));
+    }
+    // The holds go to the entries still cached; an entry evicted meanwhile has no use for its own.
+    all.then(
+      () => {
+        for (const [id, h] of holds) {
+          const e = mine.get(id);
+          if (e && this.cache.get(id) === e) e.hold = h;
+          else h.release();
+        }
+      },
+      () => undefined,
+    );
+    return all;
+  }
+
+  private put(id: string, p: Promise<Uint8Array>, length: number): CachedChunk {
+    const e: CachedChunk = { p, length };
+    this.cache.set(id, e);
     this.bytes += length;
     while (this.bytes > this.maxBytes && this.cache.size > 1) {
-      const [oldest, old] = this.cache.entries().next().value as [string, { length: number }];
+      const [oldest, old] = this.cache.entries().next().value as [string, CachedChunk];
       this.cache.delete(oldest);
       this.bytes -= old.length;
+      old.hold?.release();
     }
+    return e;
   }
 
   /**
    * Bytes [offset, offset+length) of a stored file (shorter at its end), as views of its chunks
-   * in order. With `ra`, a read that
+   * in order, good until the current task ends (a caller that keeps them longer takes a hold on
+   * them, see buffer-lease.ts). With `ra`, a read that
    * starts where the previous one ended counts as sequential and prefetches the next chunks in
    * the background, up to `maxAhead` bytes. Chunks fetched from packs go to the host's chunk
    * cache unless `keep` is false (the caller writes them to a whole-file copy).
@@ -248,16 +278,31 @@ export class ChunkReader {
         }
       }
     }
-    const parts = await Promise.all(Array.from({ length: last - lo + 1 }, (_, k) => this.get(chunks[lo + k]!)));
-    return parts.map((p, k) => {
-      const cs = s[lo + k]!;
-      return p.subarray(Math.max(offset, cs) - cs, Math.min(end, cs + chunks[lo + k]!.length) - cs);
-    });
+    // Each chunk is held from the task it is here in until this read answers: the cache may
+    // evict it meanwhile (for this read's own readahead, or another's), while later chunks come.
+    const held: BufferHold[] = [];
+    const keepIt = (data: Uint8Array): Uint8Array => {
+      const h = hold(data);
+      if (h) held.push(h);
+      return data;
+    };
+    try {
+      const parts = await Promise.all(Array.from({ length: last - lo + 1 }, (_, k) => this.get(chunks[lo + k]!).then(keepIt)));
+      return parts.map((p, k) => {
+        const cs = s[lo + k]!;
+        return p.subarray(Math.max(offset, cs) - cs, Math.min(end, cs + chunks[lo + k]!.length) - cs);
+      });
+    } finally {
+      // The caller has the views until this task ends: a buffer goes back in a later one.
+      for (const h of held) h.release();
+    }
   }
 
-  /** Like `readv`, in one buffer. */
+  /** Like `readv`, in one buffer, which is the caller's for good. */
   async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array> {
-    return concat(await this.readv(chunks, size, offset, length, ra));
+    const parts = await this.readv(chunks, size, offset, length, ra);
+    if (parts.length === 1) pin(parts[0]!);
+    return concat(parts);
   }
 
   private get(c: ChunkRef): Promise<Uint8Array> {
@@ -267,10 +312,7 @@ export class ChunkReader {
       this.cache.set(c.id, hit);
       return hit.p;
     }
-    const p = this.store.readChunks([c]).then((m) => m.get(c.id)!);
-    p.catch(() => this.drop(c.id, p));
-    this.put(c.id, p, c.length);
-    return p;
+    return this.load([c], true).then((m) => m.get(c.id)!);
   }
 
   private drop(id: string, p: Promise<Uint8Array>): void {
@@ -278,6 +320,7 @@ export class ChunkReader {
     if (cur && cur.p === p) {
       this.cache.delete(id);
       this.bytes -= cur.length;
+      cur.hold?.release();
     }
   }
 }
@@ -972,12 +1015,17 @@ export class MountedVolume implements MountFs {
     });
   }
 
-  /** Up to `length` bytes at `position` of an open file. */
+  /** Up to `length` bytes at `position` of an open file; the caller's for good. */
   async read(fh: number, length: number, position: number): Promise<Uint8Array> {
-    return concat(await this.readv(fh, length, position));
+    const parts = await this.readv(fh, length, position);
+    if (parts.length === 1) pin(parts[0]!);
+    return concat(parts);
   }
 
-  /** The bytes `read` gives, as consecutive pieces (views of the chunks read, not a copy). */
+  /**
+   * The bytes `read` gives, as consecutive pieces (views of the chunks read, not a copy), good
+   * until the current task ends: the caller writes them out at once.
+   */
   async readv(fh: number, length: number, position: number): Promise<Uint8Array[]> {
     const h = this.handle(fh);
     if (h.kind === "control" || h.kind === "version") return [await this.control.read(h, length, position)];
