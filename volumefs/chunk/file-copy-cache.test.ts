@@ -166,6 +166,34 @@ describe("FileCopyCache", () => {
     expect(plain.directBytes).toBe(0);
   });
 
+  it("keeps a copy a reader gave in order with one gap filled last, byte-exact; a copy given up partway keeps nothing, and takes no more", async () => {
+    const d = dir();
+    const cache = new FileCopyCache({ dir: d, maxBytes: 64 * MiB });
+    const data = randomBytes(10 * MiB + 123);
+    const piece = 128 * 1024;
+    const gap = 4 * MiB;
+    const key = FileCopyCache.key(["e".repeat(64)]);
+    const fill = cache.startFill(key, data.length)!;
+    for (let o = 0; o < data.length; o += piece) {
+      if (o === gap) continue;
+      expect(fill.write(o, [data.subarray(o, Math.min(o + 7, data.length)), data.subarray(Math.min(o + 7, data.length), Math.min(o + piece, data.length))])).toBe(true);
+    }
+    expect(fill.whole).toBe(false);
+    expect(fill.write(gap, [data.subarray(gap, gap + piece)])).toBe(true);
+    expect(fill.whole).toBe(true);
+    expect(readAll((await settle(cache, key))!, data.length + 4096).equals(data)).toBe(true);
+    expect(fill.directBytes).toBe(takesDirect(cache.dir) ? data.length : 0);
+
+    const other = FileCopyCache.key(["9".repeat(64)]);
+    const partway = cache.startFill(other, data.length)!;
+    for (let o = 0; o < 3 * MiB + piece; o += piece) partway.write(o, [data.subarray(o, o + piece)]);
+    partway.abandon();
+    expect(partway.write(3 * MiB + piece, [data.subarray(3 * MiB + piece, 3 * MiB + 2 * piece)])).toBe(false);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(cache.open(other)).toBeUndefined();
+    expect(readdirSync(join(root(d), "tmp"))).toEqual([]);
+  });
+
   it("reads a whole copy through a CopyReader, and gives nothing for bytes past its end or after close", async () => {
     const cache = new FileCopyCache({ dir: dir(), maxBytes: 64 * MiB });
     const data = randomBytes(2 * MiB + 5);
