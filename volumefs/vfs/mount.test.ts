@@ -77,7 +77,7 @@ async function kernelWrittenLog() {
   const names = (): string[] => fs.readdirSync(data);
   const fh = await m.create("/log", 0o644, O_WRONLY | O_CREAT);
   const fd = (await m.backingFd(fh))!;
-  return { open, m, names, fh, fd };
+  return { open, repo, m, names, fh, fd };
 }
 
 async function code(p: Promise<unknown>): Promise<string | undefined> {
@@ -605,6 +605,36 @@ describe("MountedVolume", () => {
       await m2.close();
     } finally {
       fs.closeSync(fd);
+    }
+  });
+
+  it("shows the other writer's file where a sync took theirs over a file a program writes through its backing file, also after a remount, and says it again only where the sync kept ours", async () => {
+    for (const [policy, theirPath, shows] of [
+      ["theirs", "log", "theirs\n"],
+      ["ours", "log", "ours 1\nours 2\nours 3\n"],
+      ["theirs", "other", "ours 1\nours 2\nours 3\n"],
+    ] as const) {
+      const { open, repo, m, fh, fd } = await kernelWrittenLog();
+      try {
+        fs.writeSync(fd, "ours 1\n");
+        await m.sync();
+        fs.writeSync(fd, "ours 2\n");
+        await commitElsewhere(repo, { [theirPath]: "theirs\n" });
+        const r = await m.sync({ onConflict: policy });
+        expect(r.conflicts).toEqual(theirPath === "log" ? ["log"] : []);
+        fs.writeSync(fd, "ours 3\n");
+        expect((await readAll(m, "/log")).toString()).toBe(shows);
+        await m.release(fh);
+        await m.close();
+        // The journal says the same to the next mount, and its next sync keeps it.
+        const m2 = await open();
+        expect((await readAll(m2, "/log")).toString()).toBe(shows);
+        await m2.sync();
+        expect(Buffer.from(await repo.snapshot(await repo.resolve("v")).readFile("log")).toString()).toBe(shows);
+        await m2.close();
+      } finally {
+        fs.closeSync(fd);
+      }
     }
   });
 

@@ -143,6 +143,20 @@ function concat(parts: Uint8Array[]): Uint8Array {
   return parts.length === 0 ? new Uint8Array(0) : Buffer.concat(parts);
 }
 
+/** A name a sync's freeze said again over the version it made (see freezeNode). */
+interface Restated {
+  segs: string[];
+  /** The content the name shows, which a program writes through a backing file. */
+  live: StagedContent;
+  /** The copy of it the sync stored. */
+  copy: StagedContent;
+}
+
+/** Whether two chunk lists name the same bytes. */
+function sameChunks(a: readonly ChunkRef[], b: readonly ChunkRef[]): boolean {
+  return a.length === b.length && a.every((c, i) => c.id === b[i]!.id);
+}
+
 interface CachedChunk {
   p: Promise<Uint8Array>;
   length: number;
@@ -346,7 +360,7 @@ function entriesShareBytes(a: StagedEntry | undefined, b: StagedEntry | undefine
   const y = bytesOf(b);
   if (x === undefined || y === undefined) return false;
   if (x === y) return true;
-  return Array.isArray(x) && Array.isArray(y) && x.length === y.length && x.every((c, i) => c.id === y[i]!.id);
+  return Array.isArray(x) && Array.isArray(y) && sameChunks(x, y);
 }
 
 /**
@@ -639,6 +653,13 @@ export class MountedVolume implements MountFs {
       case "rm":
         unname(await ov.remove(op.p.split("/"), { recursive: true }));
         return;
+      case "drop": {
+        // The version's own entry shows again (see unstateTheirs).
+        const segs = op.p.split("/");
+        unname(await ov.lookup(segs).catch(() => undefined));
+        ov.drop(segs);
+        return;
+      }
       case "mv":
         unname(await ov.rename(op.p.split("/"), op.d.split("/")));
         return;
@@ -1455,11 +1476,12 @@ export class MountedVolume implements MountFs {
       const contents = new Set<StagedContent>();
       const clone = this.repo.stage(this.base);
       const snapshots = new Map<string, StagedContent>();
-      clone.root = this.freezeNode(this.overlay.root, contents, [], snapshots);
+      const restated: Restated[] = [];
+      clone.root = this.freezeNode(this.overlay.root, contents, [], snapshots, restated);
       const token = randomBytes(12).toString("hex");
       staging.writeManifest({ ...staging.manifest, syncing: { token, upTo } }, true);
       // The new layer's lines so far are the freeze's own (live files re-stated over the version).
-      return { upTo, clone, contents: [...contents], token, base: this.base, snapshots: [...snapshots.values()], lines: staging.appended };
+      return { upTo, clone, contents: [...contents], token, base: this.base, snapshots: [...snapshots.values()], restated, lines: staging.appended };
     });
     if (!frozen) return { version: this.base?.id ?? null, changed: false, conflicts: [], rebased: false };
     let res: { version: VersionRecord | null; changed: boolean; conflicts: string[] };
@@ -1516,6 +1538,7 @@ export class MountedVolume implements MountFs {
       // The replay counts the names of the contents again (the stored ones are plain files now).
       for (const c of this.contents.values()) c.names = 1;
       for (const l of staging.readLayers()) if (l.layer > frozen.upTo) for (const op of l.ops) await this.replayOp(next, op, "rebase");
+      await this.unstateTheirs(next, frozen.restated);
       const was = this.overlay;
       this.base = res.version;
       this.overlay = next;
@@ -1548,7 +1571,7 @@ export class MountedVolume implements MountFs {
    * name keeps the live content, which the new journal layer says again (a `cow` line with `x`),
    * so that it shows over the version the sync makes.
    */
-  private freezeNode(n: OverlayNode, frozen: Set<StagedContent>, segs: string[], snapshots: Map<string, StagedContent>): OverlayNode {
+  private freezeNode(n: OverlayNode, frozen: Set<StagedContent>, segs: string[], snapshots: Map<string, StagedContent>, restated: Restated[]): OverlayNode {
     const out: OverlayNode = {};
     if (n.replace === null) out.replace = null;
     else if (n.replace !== undefined) {
@@ -1566,6 +1589,7 @@ export class MountedVolume implements MountFs {
           snapshots.set(live.id, copy);
         }
         this.journal({ o: "cow", p: segs.join("/"), c: c.id, x: 1 });
+        restated.push({ segs, live: c, copy });
         c = copy;
       }
       if (c) {
@@ -1581,9 +1605,30 @@ export class MountedVolume implements MountFs {
     if (n.mtime !== undefined) out.mtime = n.mtime;
     if (n.children) {
       out.children = new Map();
-      for (const [k, child] of n.children) out.children.set(k, this.freezeNode(child, frozen, [...segs, k], snapshots));
+      for (const [k, child] of n.children) out.children.set(k, this.freezeNode(child, frozen, [...segs, k], snapshots, restated));
     }
     return out;
+  }
+
+  /**
+   * The names a sync's freeze said again over the version it made (files open for kernel writes,
+   * see freezeNode) where that version does not hold the copy the sync took of them: the sync
+   * took the other writer's file there (the "theirs" policy). Those names show the version's
+   * file, as any other path the policy gave to theirs; the open file writes on unnamed, as after
+   * a reload that discards it. A `drop` line says so to a later replay of the journal.
+   */
+  private async unstateTheirs(next: Overlay, restated: readonly Restated[]): Promise<void> {
+    for (const r of restated) {
+      const stored = await next.base.lookupSegments(r.segs).catch(() => undefined);
+      const ours = r.copy.uploaded?.chunks;
+      const kept = stored?.kind === "file" && ours !== undefined && sameChunks((stored as FileEntry).chunks, ours);
+      if (kept) continue;
+      const cur = await next.lookup(r.segs).catch(() => undefined);
+      if (!cur || contentOf(cur) !== r.live) continue;
+      const op: JournalOp = { o: "drop", p: r.segs.join("/"), t: Date.now() };
+      this.journal(op);
+      await this.apply(next, op, "rebase");
+    }
   }
 
   /**

@@ -57,6 +57,8 @@ export type JournalOp =
   | { o: "tr"; c: string; s: number; t: number }
   | { o: "mkdir"; p: string; m: number; t: number; u?: number; g?: number }
   | { o: "rm"; p: string; t?: number }
+  /** The change at `p` goes and the base's entry shows again (a sync took the other writer's file there). */
+  | { o: "drop"; p: string; t?: number }
   | { o: "mv"; p: string; d: string; t?: number }
   | { o: "sym"; p: string; target: string; t: number; u?: number; g?: number }
   | { o: "link"; p: string; d: string; t?: number }
