@@ -638,6 +638,38 @@ describe("MountedVolume", () => {
     }
   });
 
+  it("decides the same when the mount ends after such a sync committed and before it took the version in: the next mount shows their file and nothing staged", async () => {
+    const { open, repo, m, fh, fd } = await kernelWrittenLog();
+    try {
+      fs.writeSync(fd, "ours 1\n");
+      await m.sync();
+      fs.writeSync(fd, "ours 2\n");
+      // Another change of ours, so that the sync commits a version of its own.
+      await writeFile(m, "/mine", "mine");
+      await commitElsewhere(repo, { log: "theirs\n" });
+      // Fault injection: the mount dies right after the commit (its settle never reads the journal).
+      const staging = (m as unknown as { staging: { readLayers: () => unknown } }).staging;
+      staging.readLayers = () => {
+        throw new Error("the mount died here");
+      };
+      await expect(m.sync({ onConflict: "theirs" })).rejects.toThrow("the mount died here");
+      expect(Buffer.from(await repo.snapshot(await repo.resolve("v")).readFile("log")).toString()).toBe("theirs\n");
+      await m.close();
+      const m2 = await open();
+      expect((await readAll(m2, "/log")).toString()).toBe("theirs\n");
+      expect((await readAll(m2, "/mine")).toString()).toBe("mine");
+      expect((await m2.status()).staged).toEqual({ added: [], modified: [], removed: [] });
+      await m2.close();
+      // Said again by the journal to the mount after.
+      const m3 = await open();
+      expect((await readAll(m3, "/log")).toString()).toBe("theirs\n");
+      await m3.close();
+      void fh;
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
   it("lets a read-only handle read on what it opened when a reload removes its file or discards its staged bytes", async () => {
     const { open, repo } = await setup();
     const m = await open();

@@ -36,7 +36,8 @@ import { isPending, Overlay, type OverlayNode, type PendingContent, type Pending
 import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
 import type { Repository } from "./repo.js";
 import { StagedContent, StagingDir, type JournalOp, type Lower } from "./staging.js";
-import { EMPTY_TREE, type ChunkRef, type DirEntry, type FileEntry } from "./tree.js";
+import { EMPTY_TREE, type ChunkRef, type DirEntry, type Entry, type FileEntry } from "./tree.js";
+import type { Snapshot } from "./snapshot.js";
 
 /** Options of MountedVolume.open. */
 export interface MountedVolumeOptions {
@@ -146,10 +147,14 @@ function concat(parts: Uint8Array[]): Uint8Array {
 /** A name a sync's freeze said again over the version it made (see freezeNode). */
 interface Restated {
   segs: string[];
-  /** The content the name shows, which a program writes through a backing file. */
-  live: StagedContent;
-  /** The copy of it the sync stored. */
-  copy: StagedContent;
+  /** The id of the content the name shows, which a program writes through a backing file. */
+  live: string;
+}
+
+/** Whether two entries of versions are the same file, or both absent. */
+function sameFile(a: Entry | undefined, b: Entry | undefined): boolean {
+  if (!a || !b) return !a && !b;
+  return a.kind === "file" && b.kind === "file" && sameChunks((a as FileEntry).chunks, (b as FileEntry).chunks);
 }
 
 /** Whether two chunk lists name the same bytes. */
@@ -455,12 +460,20 @@ export class MountedVolume implements MountFs {
       return;
     }
     let base = m.base ? await this.repo.version(m.base) : null;
+    /** A sync that committed but was not taken in: the names its freeze said again, and its base. */
+    let settled: { restated: Restated[]; base: VersionRecord | null } | undefined;
     if (m.syncing) {
       const committed = await this.findSynced(m.syncing.token, m.base);
       if (committed) {
+        settled = { restated: [], base };
         const scratch = this.repo.stage(base);
         for (const l of layers) if (l.layer <= m.syncing.upTo) for (const op of l.ops) await this.replayOp(scratch, op, "recover");
         layers = layers.filter((l) => l.layer > m.syncing!.upTo);
+        // The freeze's own lines open the first layer after it.
+        for (const op of layers[0]?.ops ?? []) {
+          if (op.o !== "cow" || !op.x) break;
+          settled.restated.push({ segs: op.p.split("/"), live: op.c });
+        }
         base = committed;
         m = { v: 1, base: committed.id, first: m.syncing.upTo + 1 };
       } else m = { v: 1, base: m.base, first: m.first };
@@ -470,6 +483,7 @@ export class MountedVolume implements MountFs {
     }
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
+    if (settled) await this.unstateTheirs(this.overlay, settled.restated, base, base?.parents[0] ?? null, settled.base);
     const live = this.reachable();
     staging.recycleDataLater(staging.listData().filter((id) => !live.has(id)).map((id) => ({ id })));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
@@ -1538,7 +1552,8 @@ export class MountedVolume implements MountFs {
       // The replay counts the names of the contents again (the stored ones are plain files now).
       for (const c of this.contents.values()) c.names = 1;
       for (const l of staging.readLayers()) if (l.layer > frozen.upTo) for (const op of l.ops) await this.replayOp(next, op, "rebase");
-      await this.unstateTheirs(next, frozen.restated);
+      const onto = res.changed ? (res.version?.parents[0] ?? null) : (res.version?.id ?? null);
+      await this.unstateTheirs(next, frozen.restated, res.version, onto, frozen.base);
       const was = this.overlay;
       this.base = res.version;
       this.overlay = next;
@@ -1589,7 +1604,7 @@ export class MountedVolume implements MountFs {
           snapshots.set(live.id, copy);
         }
         this.journal({ o: "cow", p: segs.join("/"), c: c.id, x: 1 });
-        restated.push({ segs, live: c, copy });
+        restated.push({ segs, live: c.id });
         c = copy;
       }
       if (c) {
@@ -1612,22 +1627,28 @@ export class MountedVolume implements MountFs {
 
   /**
    * The names a sync's freeze said again over the version it made (files open for kernel writes,
-   * see freezeNode) where that version does not hold the copy the sync took of them: the sync
-   * took the other writer's file there (the "theirs" policy). Those names show the version's
-   * file, as any other path the policy gave to theirs; the open file writes on unnamed, as after
-   * a reload that discards it. A `drop` line says so to a later replay of the journal.
+   * see freezeNode), where that version took the other writer's file (the "theirs" policy):
+   * those names show the version's file, as any other path the policy gave to theirs, and the
+   * open file writes on unnamed, as after a reload that discards it. A `drop` line says so to a
+   * later replay. Told from the versions alone (so that a mount that finds the sync committed
+   * but not taken in decides the same): the head the sync went onto (`onto`: the parent of the
+   * version it made, or that head itself when theirs left nothing of ours to commit) changed the
+   * file since `base`, and the version the mount takes holds that head's file.
    */
-  private async unstateTheirs(next: Overlay, restated: readonly Restated[]): Promise<void> {
+  private async unstateTheirs(ov: Overlay, restated: readonly Restated[], version: VersionRecord | null, onto: string | null, base: VersionRecord | null): Promise<void> {
+    if (restated.length === 0 || !version || onto === (base?.id ?? null)) return;
+    const mine = this.repo.snapshot(version);
+    const theirs = this.repo.snapshot(onto ? await this.repo.version(onto) : null);
+    const before = this.repo.snapshot(base);
+    const at = (s: Snapshot, segs: string[]) => s.lookupSegments(segs).catch(() => undefined);
     for (const r of restated) {
-      const stored = await next.base.lookupSegments(r.segs).catch(() => undefined);
-      const ours = r.copy.uploaded?.chunks;
-      const kept = stored?.kind === "file" && ours !== undefined && sameChunks((stored as FileEntry).chunks, ours);
-      if (kept) continue;
-      const cur = await next.lookup(r.segs).catch(() => undefined);
-      if (!cur || contentOf(cur) !== r.live) continue;
+      const head = await at(theirs, r.segs);
+      if (!sameFile(await at(mine, r.segs), head) || sameFile(head, await at(before, r.segs))) continue;
+      const cur = await ov.lookup(r.segs).catch(() => undefined);
+      if (!cur || contentOf(cur)?.id !== r.live) continue;
       const op: JournalOp = { o: "drop", p: r.segs.join("/"), t: Date.now() };
       this.journal(op);
-      await this.apply(next, op, "rebase");
+      await this.apply(ov, op, "rebase");
     }
   }
 
