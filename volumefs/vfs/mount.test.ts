@@ -638,6 +638,40 @@ describe("MountedVolume", () => {
     }
   });
 
+  it("keeps the file a program writes when the other writer made the same bytes, and shows their symlink where theirs won with one", async () => {
+    {
+      const { repo, m, fh, fd } = await kernelWrittenLog();
+      fs.writeSync(fd, "base\n");
+      await m.sync();
+      await commitElsewhere(repo, { log: "same\n" });
+      fs.writeSync(fd, "same\n", 0);
+      expect((await m.sync({ onConflict: "ours" })).conflicts).toEqual(["log"]);
+      fs.writeSync(fd, "and after\n", 5);
+      expect((await readAll(m, "/log")).toString()).toBe("same\nand after\n");
+      await m.release(fh);
+      fs.closeSync(fd);
+      await m.sync();
+      expect(Buffer.from(await repo.snapshot(await repo.resolve("v")).readFile("log")).toString()).toBe("same\nand after\n");
+      await m.close();
+    }
+    {
+      const { repo, m, fh, fd } = await kernelWrittenLog();
+      fs.writeSync(fd, "ours 1\n");
+      await m.sync();
+      fs.writeSync(fd, "ours 2\n");
+      const next = repo.stage(await repo.resolve("v"));
+      await next.put(["log"], { kind: "symlink", name: "log", mode: 0o777, mtime: 1, target: "elsewhere" });
+      await repo.sync("v", await repo.resolve("v"), next);
+      expect((await m.sync({ onConflict: "theirs" })).conflicts).toEqual(["log"]);
+      expect(await m.readlink("/log")).toBe("elsewhere");
+      await m.release(fh);
+      fs.closeSync(fd);
+      await m.sync();
+      expect((await repo.snapshot(await repo.resolve("v")).lookupSegments(["log"]))?.kind).toBe("symlink");
+      await m.close();
+    }
+  });
+
   it("decides the same when the mount ends after such a sync committed and before it took the version in: the next mount shows their file and nothing staged", async () => {
     const { open, repo, m, fh, fd } = await kernelWrittenLog();
     try {

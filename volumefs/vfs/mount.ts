@@ -24,7 +24,7 @@
  * bytes is for a sync that finds such a file still open for writing (see freezeNode).
  */
 import { randomBytes } from "node:crypto";
-import { constants, openSync } from "node:fs";
+import { closeSync, constants, fstatSync, openSync, readSync } from "node:fs";
 import { hostname } from "node:os";
 import { DEFAULT_CHUNK_PARAMS, FileCopyCache, type ChunkParams, type ChunkStore, type CopyFill, type CopyReader } from "../chunk/index.js";
 import { VolumeError } from "../errors.js";
@@ -36,8 +36,7 @@ import { isPending, Overlay, type OverlayNode, type PendingContent, type Pending
 import { NAME_MAX, RESERVED_NAME, splitPath } from "./paths.js";
 import type { Repository } from "./repo.js";
 import { StagedContent, StagingDir, type JournalOp, type Lower } from "./staging.js";
-import { EMPTY_TREE, type ChunkRef, type DirEntry, type Entry, type FileEntry } from "./tree.js";
-import type { Snapshot } from "./snapshot.js";
+import { EMPTY_TREE, type ChunkRef, type DirEntry, type FileEntry } from "./tree.js";
 
 /** Options of MountedVolume.open. */
 export interface MountedVolumeOptions {
@@ -149,13 +148,13 @@ interface Restated {
   segs: string[];
   /** The id of the content the name shows, which a program writes through a backing file. */
   live: string;
+  /** The id of the copy of it the sync stored, and (in the sync itself) the chunks it stored. */
+  copy?: string;
+  stored?: readonly ChunkRef[];
 }
 
-/** Whether two entries of versions are the same file, or both absent. */
-function sameFile(a: Entry | undefined, b: Entry | undefined): boolean {
-  if (!a || !b) return !a && !b;
-  return a.kind === "file" && b.kind === "file" && sameChunks((a as FileEntry).chunks, (b as FileEntry).chunks);
-}
+/** Bytes compared at a time when a mount checks a copy's data file against a stored file. */
+const COMPARE_BLOCK = 4 * 2 ** 20;
 
 /** Whether two chunk lists name the same bytes. */
 function sameChunks(a: readonly ChunkRef[], b: readonly ChunkRef[]): boolean {
@@ -460,19 +459,19 @@ export class MountedVolume implements MountFs {
       return;
     }
     let base = m.base ? await this.repo.version(m.base) : null;
-    /** A sync that committed but was not taken in: the names its freeze said again, and its base. */
-    let settled: { restated: Restated[]; base: VersionRecord | null } | undefined;
+    /** A sync that committed but was not taken in: the names its freeze said again. */
+    let restated: Restated[] | undefined;
     if (m.syncing) {
       const committed = await this.findSynced(m.syncing.token, m.base);
       if (committed) {
-        settled = { restated: [], base };
+        restated = [];
         const scratch = this.repo.stage(base);
         for (const l of layers) if (l.layer <= m.syncing.upTo) for (const op of l.ops) await this.replayOp(scratch, op, "recover");
         layers = layers.filter((l) => l.layer > m.syncing!.upTo);
         // The freeze's own lines open the first layer after it.
         for (const op of layers[0]?.ops ?? []) {
           if (op.o !== "cow" || !op.x) break;
-          settled.restated.push({ segs: op.p.split("/"), live: op.c });
+          restated.push({ segs: op.p.split("/"), live: op.c, copy: op.s });
         }
         base = committed;
         m = { v: 1, base: committed.id, first: m.syncing.upTo + 1 };
@@ -483,7 +482,7 @@ export class MountedVolume implements MountFs {
     }
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
-    if (settled) await this.unstateTheirs(this.overlay, settled.restated, base, base?.parents[0] ?? null, settled.base);
+    if (restated) await this.unstateTheirs(this.overlay, restated, base);
     const live = this.reachable();
     staging.recycleDataLater(staging.listData().filter((id) => !live.has(id)).map((id) => ({ id })));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
@@ -1552,8 +1551,8 @@ export class MountedVolume implements MountFs {
       // The replay counts the names of the contents again (the stored ones are plain files now).
       for (const c of this.contents.values()) c.names = 1;
       for (const l of staging.readLayers()) if (l.layer > frozen.upTo) for (const op of l.ops) await this.replayOp(next, op, "rebase");
-      const onto = res.changed ? (res.version?.parents[0] ?? null) : (res.version?.id ?? null);
-      await this.unstateTheirs(next, frozen.restated, res.version, onto, frozen.base);
+      for (const r of frozen.restated) r.stored = this.contents.get(r.copy!)?.uploaded?.chunks;
+      await this.unstateTheirs(next, frozen.restated, res.version);
       const was = this.overlay;
       this.base = res.version;
       this.overlay = next;
@@ -1603,8 +1602,8 @@ export class MountedVolume implements MountFs {
           frozen.add(copy);
           snapshots.set(live.id, copy);
         }
-        this.journal({ o: "cow", p: segs.join("/"), c: c.id, x: 1 });
-        restated.push({ segs, live: c.id });
+        this.journal({ o: "cow", p: segs.join("/"), c: c.id, x: 1, s: copy.id });
+        restated.push({ segs, live: c.id, copy: copy.id });
         c = copy;
       }
       if (c) {
@@ -1627,28 +1626,50 @@ export class MountedVolume implements MountFs {
 
   /**
    * The names a sync's freeze said again over the version it made (files open for kernel writes,
-   * see freezeNode), where that version took the other writer's file (the "theirs" policy):
-   * those names show the version's file, as any other path the policy gave to theirs, and the
-   * open file writes on unnamed, as after a reload that discards it. A `drop` line says so to a
-   * later replay. Told from the versions alone (so that a mount that finds the sync committed
-   * but not taken in decides the same): the head the sync went onto (`onto`: the parent of the
-   * version it made, or that head itself when theirs left nothing of ours to commit) changed the
-   * file since `base`, and the version the mount takes holds that head's file.
+   * see freezeNode), where that version does not hold the copy the sync stored of the file: the
+   * sync took the other writer's entry there (the "theirs" policy). Those names show the
+   * version's entry, as any other path the policy gave to theirs, and the open file writes on
+   * unnamed, as after a reload that discards it. A `drop` line says so to a later replay.
    */
-  private async unstateTheirs(ov: Overlay, restated: readonly Restated[], version: VersionRecord | null, onto: string | null, base: VersionRecord | null): Promise<void> {
-    if (restated.length === 0 || !version || onto === (base?.id ?? null)) return;
-    const mine = this.repo.snapshot(version);
-    const theirs = this.repo.snapshot(onto ? await this.repo.version(onto) : null);
-    const before = this.repo.snapshot(base);
-    const at = (s: Snapshot, segs: string[]) => s.lookupSegments(segs).catch(() => undefined);
+  private async unstateTheirs(ov: Overlay, restated: readonly Restated[], version: VersionRecord | null): Promise<void> {
+    if (restated.length === 0 || !version) return;
+    const snap = this.repo.snapshot(version);
     for (const r of restated) {
-      const head = await at(theirs, r.segs);
-      if (!sameFile(await at(mine, r.segs), head) || sameFile(head, await at(before, r.segs))) continue;
+      const entry = await snap.lookupSegments(r.segs).catch(() => undefined);
+      if (entry?.kind === "file" && (await this.holdsCopy(entry as FileEntry, r)) !== false) continue;
       const cur = await ov.lookup(r.segs).catch(() => undefined);
       if (!cur || contentOf(cur)?.id !== r.live) continue;
       const op: JournalOp = { o: "drop", p: r.segs.join("/"), t: Date.now() };
       this.journal(op);
       await this.apply(ov, op, "rebase");
+    }
+  }
+
+  /**
+   * Whether a version's `file` is the copy a sync stored for `r`: by its chunks in the sync
+   * itself, else (a mount taking in a sync that committed before its mount ended) by the copy's
+   * data file, byte for byte. Undefined when it cannot be told (the copy's file is gone).
+   */
+  private async holdsCopy(file: FileEntry, r: Restated): Promise<boolean | undefined> {
+    if (r.stored) return sameChunks(file.chunks, r.stored);
+    if (!r.copy || !this.staging) return undefined;
+    let fd: number;
+    try {
+      fd = openSync(this.staging.dataPath(r.copy), constants.O_RDONLY);
+    } catch {
+      return undefined;
+    }
+    try {
+      if (fstatSync(fd).size !== file.size) return false;
+      const buf = Buffer.allocUnsafe(Math.min(COMPARE_BLOCK, file.size));
+      for (let at = 0; at < file.size; at += COMPARE_BLOCK) {
+        const n = Math.min(COMPARE_BLOCK, file.size - at);
+        const stored = await this.repo.chunks.readRange(file.chunks, at, n);
+        if (readSync(fd, buf, 0, n, at) !== n || !buf.subarray(0, n).equals(stored)) return false;
+      }
+      return true;
+    } finally {
+      closeSync(fd);
     }
   }
 

@@ -51,7 +51,8 @@ import type { ChunkRef } from "./tree.js";
 /** One metadata operation of the journal. Paths are normalized (no leading slash). */
 export type JournalOp =
   | { o: "create"; p: string; c: string; m: number; t: number; u?: number; g?: number; x?: 1 }
-  | { o: "cow"; p: string; c: string; f?: string; x?: 1 }
+  /** With `x`: a direct content said again over a sync's version; `s` then names the copy that sync stored of it. */
+  | { o: "cow"; p: string; c: string; f?: string; x?: 1; s?: string }
   | { o: "w"; c: string; at: number; n: number; t: number; d?: string }
   | { o: "m"; c: string }
   | { o: "tr"; c: string; s: number; t: number }
