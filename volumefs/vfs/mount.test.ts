@@ -672,7 +672,7 @@ describe("MountedVolume", () => {
     }
   });
 
-  it("decides the same when the mount ends after such a sync committed and before it took the version in: the next mount shows their file and nothing staged", async () => {
+  it("decides the same when the mount ends after such a sync committed and before it took the version in: the next mount that can read the store shows their file and nothing staged", async () => {
     const { open, repo, m, fh, fd } = await kernelWrittenLog();
     try {
       fs.writeSync(fd, "ours 1\n");
@@ -689,6 +689,16 @@ describe("MountedVolume", () => {
       await expect(m.sync({ onConflict: "theirs" })).rejects.toThrow("the mount died here");
       expect(Buffer.from(await repo.snapshot(await repo.resolve("v")).readFile("log")).toString()).toBe("theirs\n");
       await m.close();
+      // Fault injection: the store fails the next mount's lookup of the file. That mount does not
+      // open (it cannot decide); the one after decides.
+      const snapshot = repo.snapshot.bind(repo);
+      repo.snapshot = (v) => {
+        const snap = snapshot(v);
+        snap.lookupSegments = () => Promise.reject(new VolumeError("STORE_UNREACHABLE", "the store is down"));
+        return snap;
+      };
+      await expect(open()).rejects.toMatchObject({ code: "STORE_UNREACHABLE" });
+      repo.snapshot = snapshot;
       const m2 = await open();
       expect((await readAll(m2, "/log")).toString()).toBe("theirs\n");
       expect((await readAll(m2, "/mine")).toString()).toBe("mine");

@@ -476,13 +476,17 @@ export class MountedVolume implements MountFs {
         base = committed;
         m = { v: 1, base: committed.id, first: m.syncing.upTo + 1 };
       } else m = { v: 1, base: m.base, first: m.first };
-      staging.writeManifest(m, true);
-      // Only once the manifest no longer needs them (as runSync does).
-      staging.dropLayers(m.first - 1);
     }
     this.setBase(base);
     for (const l of layers) for (const op of l.ops) await this.replayOp(this.overlay, op, "recover");
     if (restated) await this.unstateTheirs(this.overlay, restated, base);
+    if (m !== staging.manifest) {
+      // Only once the sync is taken in whole: a mount that fails before (the store down while
+      // unstateTheirs reads it) leaves the next one the same decision to make.
+      staging.writeManifest(m, true);
+      // Only once the manifest no longer needs them (as runSync does).
+      staging.dropLayers(m.first - 1);
+    }
     const live = this.reachable();
     staging.recycleDataLater(staging.listData().filter((id) => !live.has(id)).map((id) => ({ id })));
     for (const id of [...this.contents.keys()]) if (!live.has(id)) this.contents.delete(id);
@@ -1530,11 +1534,15 @@ export class MountedVolume implements MountFs {
         release = undefined;
         for (const c of frozen.contents) c.resetUpload();
         if (committed === null) staging.settleSync();
-        // The copies of files still open for writing: the next sync copies them again.
-        await this.exclusive(async () => {
-          staging.recycleDataLater(frozen.snapshots.map((c) => ({ id: c.id, size: c.size })));
-          for (const c of frozen.snapshots) this.contents.delete(c.id);
-        });
+        // The copies of files still open for writing: the next sync copies them again. Unless
+        // this one may have committed: whoever settles it then compares them with what it stored
+        // (see holdsCopy); they go with the other unreachable data files after that.
+        if (committed === null) {
+          await this.exclusive(async () => {
+            staging.recycleDataLater(frozen.snapshots.map((c) => ({ id: c.id, size: c.size })));
+            for (const c of frozen.snapshots) this.contents.delete(c.id);
+          });
+        }
         throw err;
       }
       res = { version: committed, changed: true, conflicts: [] as string[] };
@@ -1635,7 +1643,9 @@ export class MountedVolume implements MountFs {
     if (restated.length === 0 || !version) return;
     const snap = this.repo.snapshot(version);
     for (const r of restated) {
-      const entry = await snap.lookupSegments(r.segs).catch(() => undefined);
+      // A lookup that fails (the store down) fails the sync's settle, or the mount: neither
+      // decides on what it could not read.
+      const entry = await snap.lookupSegments(r.segs);
       if (entry?.kind === "file" && (await this.holdsCopy(entry as FileEntry, r)) !== false) continue;
       const cur = await ov.lookup(r.segs).catch(() => undefined);
       if (!cur || contentOf(cur)?.id !== r.live) continue;
@@ -1646,18 +1656,20 @@ export class MountedVolume implements MountFs {
   }
 
   /**
-   * Whether a version's `file` is the copy a sync stored for `r`: by its chunks in the sync
-   * itself, else (a mount taking in a sync that committed before its mount ended) by the copy's
-   * data file, byte for byte. Undefined when it cannot be told (the copy's file is gone).
+   * Whether a version's `file` is the copy a sync stored for `r` (or the same bytes): by its
+   * chunks in the sync itself, else by the copy's data file, byte for byte (a mount taking in a
+   * sync that committed before its mount ended; or the same bytes chunked otherwise, by another
+   * writer). Undefined when it cannot be told (the copy's file is gone): the name then stays.
    */
   private async holdsCopy(file: FileEntry, r: Restated): Promise<boolean | undefined> {
-    if (r.stored) return sameChunks(file.chunks, r.stored);
-    if (!r.copy || !this.staging) return undefined;
+    if (r.stored && sameChunks(file.chunks, r.stored)) return true;
+    if (r.stored && r.stored.reduce((n, c) => n + c.length, 0) !== file.size) return false;
+    if (!r.copy || !this.staging) return r.stored ? false : undefined;
     let fd: number;
     try {
       fd = openSync(this.staging.dataPath(r.copy), constants.O_RDONLY);
     } catch {
-      return undefined;
+      return r.stored ? false : undefined;
     }
     try {
       if (fstatSync(fd).size !== file.size) return false;
