@@ -638,7 +638,7 @@ describe("MountedVolume", () => {
     }
   });
 
-  it("keeps the file a program writes when the other writer made the same bytes, and shows their symlink where theirs won with one", async () => {
+  it("keeps the file a program writes when the other writer made the same bytes, and shows their symlink, or their file in place of its directory, where theirs won with one", async () => {
     {
       const { repo, m, fh, fd } = await kernelWrittenLog();
       fs.writeSync(fd, "base\n");
@@ -669,6 +669,30 @@ describe("MountedVolume", () => {
       await m.sync();
       expect((await repo.snapshot(await repo.resolve("v")).lookupSegments(["log"]))?.kind).toBe("symlink");
       await m.close();
+    }
+    {
+      // Theirs put a file where the open file's directory was.
+      const { open, repo } = await setup();
+      const m = await open();
+      m.kernelWrites();
+      await m.mkdir("/d", 0o755);
+      const fh = await m.create("/d/log", 0o644, O_WRONLY | O_CREAT);
+      const fd = (await m.backingFd(fh))!;
+      fs.writeSync(fd, "ours 1\n");
+      await m.sync();
+      fs.writeSync(fd, "ours 2\n");
+      const next = repo.stage(await repo.resolve("v"));
+      await next.remove(["d"], { recursive: true });
+      await next.put(["d"], { kind: "file", name: "d", mode: 0o644, mtime: 1, size: 2, pending: { kind: "bytes", data: Buffer.from("D\n") } });
+      await repo.sync("v", await repo.resolve("v"), next);
+      await m.sync({ onConflict: "theirs" });
+      expect((await readAll(m, "/d")).toString()).toBe("D\n");
+      await m.release(fh);
+      fs.closeSync(fd);
+      await m.close();
+      const m2 = await open();
+      expect((await readAll(m2, "/d")).toString()).toBe("D\n");
+      await m2.close();
     }
   });
 

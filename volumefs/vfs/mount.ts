@@ -1644,8 +1644,11 @@ export class MountedVolume implements MountFs {
     const snap = this.repo.snapshot(version);
     for (const r of restated) {
       // A lookup that fails (the store down) fails the sync's settle, or the mount: neither
-      // decides on what it could not read.
-      const entry = await snap.lookupSegments(r.segs);
+      // decides on what it could not read. A path through their file is no entry.
+      const entry = await snap.lookupSegments(r.segs).catch((err: unknown) => {
+        if (err instanceof VolumeError && err.code === "NOT_A_DIRECTORY") return undefined;
+        throw err;
+      });
       if (entry?.kind === "file" && (await this.holdsCopy(entry as FileEntry, r)) !== false) continue;
       const cur = await ov.lookup(r.segs).catch(() => undefined);
       if (!cur || contentOf(cur)?.id !== r.live) continue;
