@@ -137,9 +137,15 @@ const O_ACCMODE = 3;
 const XATTR_CREATE = 1;
 const XATTR_REPLACE = 2;
 
-/** The pieces joined into one buffer (the piece itself when there is one). */
-function concat(parts: Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
+/**
+ * The pieces of a read joined into one buffer the caller keeps for good: the piece itself when
+ * there is one (its buffer, if leased, then pinned: see buffer-lease.ts), else a new buffer.
+ */
+function joined(parts: Uint8Array[]): Uint8Array {
+  if (parts.length === 1) {
+    pin(parts[0]!);
+    return parts[0]!;
+  }
   return parts.length === 0 ? new Uint8Array(0) : Buffer.concat(parts);
 }
 
@@ -318,9 +324,7 @@ export class ChunkReader {
 
   /** Like `readv`, in one buffer, which is the caller's for good. */
   async read(chunks: readonly ChunkRef[], size: number, offset: number, length: number, ra?: ReadAhead): Promise<Uint8Array> {
-    const parts = await this.readv(chunks, size, offset, length, ra);
-    if (parts.length === 1) pin(parts[0]!);
-    return concat(parts);
+    return joined(await this.readv(chunks, size, offset, length, ra));
   }
 
   private get(c: ChunkRef): Promise<Uint8Array> {
@@ -1055,9 +1059,7 @@ export class MountedVolume implements MountFs {
 
   /** Up to `length` bytes at `position` of an open file; the caller's for good. */
   async read(fh: number, length: number, position: number): Promise<Uint8Array> {
-    const parts = await this.readv(fh, length, position);
-    if (parts.length === 1) pin(parts[0]!);
-    return concat(parts);
+    return joined(await this.readv(fh, length, position));
   }
 
   /**

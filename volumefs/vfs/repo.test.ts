@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { SqliteMetadataStore } from "../../metadata/index.js";
+import { SqliteMetadataStore, type VersionRecord } from "../../metadata/index.js";
 import { MemoryObjectStore, withFaults, transientError, type ObjectStore } from "../object/index.js";
 import { VolumeError } from "../errors.js";
 import { Repository } from "./repo.js";
@@ -16,6 +16,15 @@ async function put(o: Overlay, path: string, text: string): Promise<void> {
   const data = Buffer.from(text);
   const segs = w(path);
   await o.put(segs, { kind: "file", name: segs.at(-1)!, mode: 0o644, mtime: 1000, size: data.length, pending: { kind: "bytes", data } });
+}
+
+/** A repository whose volume "v" has one version (what `fill` puts), and our staged change over it. */
+async function ourSide(fill: (o: Overlay) => Promise<void>): Promise<{ repo: Repository; base: VersionRecord | null; mine: Overlay }> {
+  const repo = makeRepo();
+  await repo.createVolume("v");
+  await commit(repo, "v", fill);
+  const base = await repo.resolve("v");
+  return { repo, base, mine: repo.stage(base) };
 }
 
 async function commit(repo: Repository, vol: string, fn: (o: Overlay) => Promise<void>, opts = {}) {
@@ -183,11 +192,7 @@ describe("Repository", () => {
   });
 
   it("rebases onto a moved head when paths do not collide", async () => {
-    const repo = makeRepo();
-    await repo.createVolume("v");
-    await commit(repo, "v", (o) => put(o, "base.txt", "base"));
-    const base = await repo.resolve("v");
-    const mine = repo.stage(base);
+    const { repo, base, mine } = await ourSide((o) => put(o, "base.txt", "base"));
     await put(mine, "out/mine.txt", "mine");
     await commit(repo, "v", (o) => put(o, "out/theirs.txt", "theirs"));
     const r = await repo.sync("v", base, mine);
@@ -200,11 +205,7 @@ describe("Repository", () => {
 
   it("settles a path changed on both sides by policy", async () => {
     for (const policy of ["fail", "ours", "theirs"] as const) {
-      const repo = makeRepo();
-      await repo.createVolume("v");
-      await commit(repo, "v", (o) => put(o, "f.txt", "base"));
-      const base = await repo.resolve("v");
-      const mine = repo.stage(base);
+      const { repo, base, mine } = await ourSide((o) => put(o, "f.txt", "base"));
       await put(mine, "f.txt", "mine");
       await put(mine, "other.txt", "other");
       await commit(repo, "v", (o) => put(o, "f.txt", "theirs"));
@@ -226,11 +227,7 @@ describe("Repository", () => {
 
   it("merges a directory both sides made: only the names both made in it are conflicts", async () => {
     for (const policy of ["fail", "ours", "theirs"] as const) {
-      const repo = makeRepo();
-      await repo.createVolume("v");
-      await commit(repo, "v", (o) => put(o, "base.txt", "base"));
-      const base = await repo.resolve("v");
-      const mine = repo.stage(base);
+      const { repo, base, mine } = await ourSide((o) => put(o, "base.txt", "base"));
       await mine.mkdir(w("results"));
       await put(mine, "results/mine.txt", "mine");
       await put(mine, "results/both.txt", policy === "fail" ? "same" : "mine");
@@ -258,11 +255,7 @@ describe("Repository", () => {
 
   it("takes their change of a path staged without a change (a hard link's source)", async () => {
     for (const policy of ["fail", "ours"] as const) {
-      const repo = makeRepo();
-      await repo.createVolume("v");
-      await commit(repo, "v", (o) => put(o, "src.txt", "old"));
-      const base = await repo.resolve("v");
-      const mine = repo.stage(base);
+      const { repo, base, mine } = await ourSide((o) => put(o, "src.txt", "old"));
       await put(mine, "src.txt", "old"); // what base has, to the byte and attribute
       await put(mine, "dst.txt", "old");
       await commit(repo, "v", (o) => put(o, "src.txt", "theirs"));
@@ -275,26 +268,18 @@ describe("Repository", () => {
 
   it("takes a directory both sides removed names of, as removed, and keeps ours a directory where they made a file", async () => {
     for (const policy of ["fail", "ours"] as const) {
-      const repo = makeRepo();
-      await repo.createVolume("v");
-      await commit(repo, "v", async (o) => {
+      const { repo, base, mine } = await ourSide(async (o) => {
         await put(o, "d/x", "x");
         await put(o, "d/y", "y");
         await put(o, "keep", "k");
       });
-      const base = await repo.resolve("v");
-      const mine = repo.stage(base);
       await mine.remove(w("d/x"));
       await commit(repo, "v", (o) => o.remove(w("d"), { recursive: true }));
       const r = await repo.sync("v", base, mine, { onConflict: policy });
       expect(r.conflicts).toEqual([]);
       expect(await repo.snapshot(await repo.resolve("v")).lookup("d")).toBeUndefined();
     }
-    const repo = makeRepo();
-    await repo.createVolume("v");
-    await commit(repo, "v", (o) => put(o, "d/x", "x"));
-    const base = await repo.resolve("v");
-    const mine = repo.stage(base);
+    const { repo, base, mine } = await ourSide((o) => put(o, "d/x", "x"));
     await put(mine, "d/y", "Y");
     await commit(repo, "v", async (o) => {
       await o.remove(w("d"), { recursive: true });
@@ -308,11 +293,7 @@ describe("Repository", () => {
   });
 
   it("sees a write under a directory removed by the other side as a conflict", async () => {
-    const repo = makeRepo();
-    await repo.createVolume("v");
-    await commit(repo, "v", (o) => put(o, "d/a.txt", "a"));
-    const base = await repo.resolve("v");
-    const mine = repo.stage(base);
+    const { repo, base, mine } = await ourSide((o) => put(o, "d/a.txt", "a"));
     await put(mine, "d/b.txt", "b");
     await commit(repo, "v", (o) => o.remove(w("d"), { recursive: true }));
     await expect(repo.sync("v", base, mine)).rejects.toMatchObject({ code: "CONFLICT" });
